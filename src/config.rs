@@ -1,0 +1,640 @@
+//! The one validated configuration of the service, read from the environment.
+//!
+//! Every variable is documented in `.env.example`. Loading never mutates the process environment;
+//! it reads through a lookup function so tests can feed a plain map.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use base64::Engine;
+use serde::Serialize;
+use url::Url;
+
+/// A value that must never reach a log, an error or a response.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("[redacted]")
+    }
+}
+
+/// Several secrets accepted at once, so a webhook secret can be rotated without downtime.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SecretList(Vec<Secret>);
+
+impl SecretList {
+    pub fn new(values: Vec<Secret>) -> Self {
+        Self(values)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    pub fn iter(&self) -> impl Iterator<Item = &Secret> {
+        self.0.iter()
+    }
+}
+
+impl fmt::Debug for SecretList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[{} redacted]", self.0.len())
+    }
+}
+
+impl Serialize for SecretList {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("[{} redacted]", self.0.len()))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Which of the agent service's two wire dialects to speak.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentDialect {
+    /// `POST /agents/{name}/run`, JSON in and out.
+    Run,
+    /// `POST /investigate`, answered with server-sent events.
+    Investigate,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Config {
+    pub listen_addr: SocketAddr,
+    pub request_timeout: Duration,
+    pub body_limit_bytes: usize,
+    pub shutdown_grace: Duration,
+    pub log_level: String,
+    pub log_format: LogFormat,
+
+    pub database: DatabaseConfig,
+    pub neighbours: NeighbourConfig,
+    pub kubernetes: KubernetesConfig,
+    pub auth: AuthConfig,
+    pub provisioning: ProvisioningConfig,
+    pub webhooks: WebhookConfig,
+    pub agent_runs: AgentRunConfig,
+
+    pub internal_admin_token: Option<Secret>,
+    pub internal_token: Option<Secret>,
+    /// AES-256-GCM key that seals one-time team tokens at rest until they are handed out.
+    pub secrets_key: Option<SecretKey>,
+}
+
+#[derive(Clone, Serialize)]
+pub struct SecretKey(#[serde(skip)] pub [u8; 32]);
+
+impl fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DatabaseConfig {
+    /// The connection URL with any password replaced, safe to print.
+    pub display_url: String,
+    #[serde(skip)]
+    pub url: Secret,
+    pub pool_size: u32,
+    pub acquire_timeout: Duration,
+    /// Connections reserved for advisory locks, outside the request pool's budget.
+    pub lock_pool_size: u32,
+    pub auto_migrate: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct NeighbourConfig {
+    pub config_service_url: Url,
+    pub agent_api_url: Url,
+    pub ai_pipeline_api_url: Url,
+    pub timeout: Duration,
+    pub agent_dialect: AgentDialect,
+    pub investigate_auth_token: Option<Secret>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct KubernetesConfig {
+    pub namespace: String,
+    pub ai_pipeline_image: String,
+    pub ai_pipeline_service_account: String,
+    pub dependency_service_image: String,
+    pub agent_image: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct AuthConfig {
+    pub cache_ttl: Duration,
+    pub cache_capacity: usize,
+    pub require_admin_star: bool,
+    pub permissions: RequiredPermissions,
+}
+
+/// The permission each admin capability needs when `admin:*` is not required.
+#[derive(Clone, Debug, Serialize)]
+pub struct RequiredPermissions {
+    pub provision: String,
+    pub provision_read: String,
+    pub deprovision: String,
+    pub agent_run: String,
+    pub webhooks_read: String,
+    pub webhooks_replay: String,
+    pub audit_read: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ProvisioningConfig {
+    pub lock_timeout: Duration,
+    pub wait: Duration,
+    pub step_max_attempts: u32,
+    pub step_max_elapsed: Duration,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    pub resume_interval: Duration,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SourceConfig {
+    pub secrets: SecretList,
+    pub body_limit_bytes: usize,
+    pub rate_limit_per_minute: u32,
+    pub rate_limit_burst: u32,
+    pub agent_timeout: Duration,
+    pub agent_max_turns: u32,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct WebhookConfig {
+    pub slack: SourceConfig,
+    pub github: SourceConfig,
+    pub pagerduty: SourceConfig,
+    pub incidentio: SourceConfig,
+    pub replay_window: Duration,
+    pub dispatch_workers: usize,
+    pub dispatch_max_attempts: u32,
+    pub dispatch_max_age: Duration,
+    pub dispatch_lease: Duration,
+    pub dispatch_poll_interval: Duration,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    pub retention_days: u32,
+    pub dedupe_days: u32,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct AgentRunConfig {
+    pub max_timeout: Duration,
+    pub default_timeout: Duration,
+    pub max_turns: u32,
+    pub default_max_turns: u32,
+}
+
+/// Why the environment was refused; always names the variable.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{var} is required: {hint}")]
+    Missing { var: &'static str, hint: &'static str },
+    #[error("{var} is invalid: {reason}")]
+    Invalid { var: String, reason: String },
+}
+
+fn invalid(var: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        var: var.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Reads variables through a lookup so tests never touch the process environment.
+struct Env<'a> {
+    lookup: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Env<'_> {
+    fn raw(&self, var: &str) -> Option<String> {
+        (self.lookup)(var)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn string(&self, var: &str, default: &str) -> String {
+        self.raw(var).unwrap_or_else(|| default.to_string())
+    }
+
+    fn parse<T: FromStr>(&self, var: &str, default: T) -> Result<T, ConfigError>
+    where
+        T::Err: fmt::Display,
+    {
+        match self.raw(var) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|e: T::Err| invalid(var, format!("cannot parse {v:?}: {e}"))),
+        }
+    }
+
+    fn bounded_u64(&self, var: &str, default: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
+        let value = self.parse(var, default)?;
+        if !(min..=max).contains(&value) {
+            return Err(invalid(var, format!("must be between {min} and {max}, got {value}")));
+        }
+        Ok(value)
+    }
+
+    fn seconds(&self, var: &str, default: u64, min: u64, max: u64) -> Result<Duration, ConfigError> {
+        self.bounded_u64(var, default, min, max).map(Duration::from_secs)
+    }
+
+    fn millis(&self, var: &str, default: u64, min: u64, max: u64) -> Result<Duration, ConfigError> {
+        self.bounded_u64(var, default, min, max).map(Duration::from_millis)
+    }
+
+    fn count(&self, var: &str, default: u64, min: u64, max: u64) -> Result<u32, ConfigError> {
+        // max is always well inside u32 at the call sites.
+        self.bounded_u64(var, default, min, max).map(|v| v as u32)
+    }
+
+    fn bool(&self, var: &str, default: bool) -> Result<bool, ConfigError> {
+        match self.raw(var).map(|v| v.to_ascii_lowercase()) {
+            None => Ok(default),
+            Some(v) => match v.as_str() {
+                "1" | "true" | "yes" | "on" => Ok(true),
+                "0" | "false" | "no" | "off" => Ok(false),
+                _ => Err(invalid(var, format!("expected true/false or 1/0, got {v:?}"))),
+            },
+        }
+    }
+
+    fn secret(&self, var: &str) -> Option<Secret> {
+        self.raw(var).map(Secret::new)
+    }
+
+    fn secret_list(&self, var: &str) -> SecretList {
+        SecretList::new(
+            self.raw(var)
+                .unwrap_or_default()
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(Secret::new)
+                .collect(),
+        )
+    }
+
+    fn url(&self, var: &'static str) -> Result<Url, ConfigError> {
+        let raw = self.raw(var).ok_or(ConfigError::Missing {
+            var,
+            hint: "set it to the neighbour's base URL, e.g. http://config-service:8080",
+        })?;
+        let url = Url::parse(&raw).map_err(|e| invalid(var, format!("not a URL: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(invalid(var, "must be an http(s) URL with a host"));
+        }
+        Ok(url)
+    }
+}
+
+const MIB: u64 = 1024 * 1024;
+
+impl Config {
+    /// Loads from the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let vars: HashMap<String, String> = std::env::vars().collect();
+        Self::from_lookup(&|k| vars.get(k).cloned())
+    }
+
+    /// Loads from a map; the test-friendly entry point.
+    pub fn from_map(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        Self::from_lookup(&|k| vars.get(k).cloned())
+    }
+
+    pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let env = Env { lookup };
+
+        let listen_addr = env.parse("ORCHESTRATOR_LISTEN_ADDR", SocketAddr::from(([0, 0, 0, 0], 8080)))?;
+        let log_format = match env.string("LOG_FORMAT", "text").to_ascii_lowercase().as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => return Err(invalid("LOG_FORMAT", format!("expected text or json, got {other:?}"))),
+        };
+
+        let database = database_config(&env)?;
+        let neighbours = NeighbourConfig {
+            config_service_url: env.url("CONFIG_SERVICE_URL")?,
+            agent_api_url: env.url("AGENT_API_URL")?,
+            ai_pipeline_api_url: env.url("AI_PIPELINE_API_URL")?,
+            timeout: env.seconds("ORCHESTRATOR_NEIGHBOUR_TIMEOUT_SECONDS", 10, 1, 300)?,
+            agent_dialect: match env
+                .string("ORCHESTRATOR_AGENT_DIALECT", "run")
+                .to_ascii_lowercase()
+                .as_str()
+            {
+                "run" => AgentDialect::Run,
+                "investigate" => AgentDialect::Investigate,
+                other => {
+                    return Err(invalid(
+                        "ORCHESTRATOR_AGENT_DIALECT",
+                        format!("expected run or investigate, got {other:?}"),
+                    ))
+                }
+            },
+            investigate_auth_token: env.secret("INVESTIGATE_AUTH_TOKEN"),
+        };
+
+        let namespace = env.string("K8S_NAMESPACE", "incidentfox");
+        if !is_dns_label(&namespace) {
+            return Err(invalid(
+                "K8S_NAMESPACE",
+                "must be a DNS-1123 label (lower case, digits, '-', at most 63)",
+            ));
+        }
+        let kubernetes = KubernetesConfig {
+            namespace,
+            ai_pipeline_image: env.string("AI_PIPELINE_IMAGE", "incidentfox/ai-pipeline:latest"),
+            ai_pipeline_service_account: env.string("AI_PIPELINE_SERVICE_ACCOUNT", "ai-pipeline"),
+            dependency_service_image: env.string("DEPENDENCY_SERVICE_IMAGE", "incidentfox/dependency-service:latest"),
+            agent_image: env.string("AGENT_IMAGE", "incidentfox/agent:latest"),
+        };
+
+        let permission = |var: &str, default: &str| env.string(var, default);
+        let auth = AuthConfig {
+            cache_ttl: env.seconds("ORCHESTRATOR_ADMIN_AUTH_CACHE_TTL_SECONDS", 15, 0, 3600)?,
+            cache_capacity: env.bounded_u64("ORCHESTRATOR_ADMIN_AUTH_CACHE_SIZE", 10_000, 1, 1_000_000)? as usize,
+            require_admin_star: env.bool("ORCHESTRATOR_REQUIRE_ADMIN_STAR", true)?,
+            permissions: RequiredPermissions {
+                provision: permission("ORCHESTRATOR_REQUIRED_PERMISSION_PROVISION", "admin:provision"),
+                provision_read: permission(
+                    "ORCHESTRATOR_REQUIRED_PERMISSION_PROVISION_READ",
+                    "admin:provision:read",
+                ),
+                deprovision: permission("ORCHESTRATOR_REQUIRED_PERMISSION_DEPROVISION", "admin:deprovision"),
+                agent_run: permission("ORCHESTRATOR_REQUIRED_PERMISSION_AGENT_RUN", "admin:agent:run"),
+                webhooks_read: permission("ORCHESTRATOR_REQUIRED_PERMISSION_WEBHOOKS_READ", "admin:webhooks:read"),
+                webhooks_replay: permission(
+                    "ORCHESTRATOR_REQUIRED_PERMISSION_WEBHOOKS_REPLAY",
+                    "admin:webhooks:replay",
+                ),
+                audit_read: permission("ORCHESTRATOR_REQUIRED_PERMISSION_AUDIT_READ", "admin:audit:read"),
+            },
+        };
+
+        let provisioning = ProvisioningConfig {
+            lock_timeout: env.seconds("ORCHESTRATOR_PROVISION_LOCK_TIMEOUT_SECONDS", 10, 0, 300)?,
+            wait: env.seconds("ORCHESTRATOR_PROVISION_WAIT_SECONDS", 30, 0, 300)?,
+            step_max_attempts: env.count("ORCHESTRATOR_PROVISION_STEP_MAX_ATTEMPTS", 5, 1, 50)?,
+            step_max_elapsed: env.seconds("ORCHESTRATOR_PROVISION_STEP_MAX_ELAPSED_SECONDS", 60, 1, 3600)?,
+            retry_initial: env.millis("ORCHESTRATOR_PROVISION_RETRY_INITIAL_MS", 200, 1, 60_000)?,
+            retry_max: env.millis("ORCHESTRATOR_PROVISION_RETRY_MAX_MS", 5_000, 1, 600_000)?,
+            resume_interval: env.millis("ORCHESTRATOR_PROVISION_RESUME_INTERVAL_MS", 5_000, 50, 600_000)?,
+        };
+
+        let source = |name: &str,
+                      secret_var: &str,
+                      body_default: u64,
+                      timeout_default: u64|
+         -> Result<SourceConfig, ConfigError> {
+            let upper = name.to_ascii_uppercase();
+            Ok(SourceConfig {
+                secrets: env.secret_list(secret_var),
+                body_limit_bytes: env.bounded_u64(
+                    &format!("ORCHESTRATOR_{upper}_BODY_LIMIT_BYTES"),
+                    body_default,
+                    1024,
+                    64 * MIB,
+                )? as usize,
+                rate_limit_per_minute: env.count(
+                    &format!("ORCHESTRATOR_{upper}_RATE_LIMIT_PER_MINUTE"),
+                    600,
+                    1,
+                    1_000_000,
+                )?,
+                rate_limit_burst: env.count(&format!("ORCHESTRATOR_{upper}_RATE_LIMIT_BURST"), 60, 1, 1_000_000)?,
+                agent_timeout: env.seconds(
+                    &format!("ORCHESTRATOR_{upper}_AGENT_TIMEOUT_SECONDS"),
+                    timeout_default,
+                    1,
+                    3600,
+                )?,
+                agent_max_turns: env.count(&format!("ORCHESTRATOR_{upper}_MAX_TURNS"), 50, 1, 1000)?,
+            })
+        };
+        let webhooks = WebhookConfig {
+            slack: source("slack", "SLACK_SIGNING_SECRET", MIB, 300)?,
+            // GitHub documents payloads up to 25 MB.
+            github: source("github", "GITHUB_WEBHOOK_SECRET", 25 * MIB, 600)?,
+            pagerduty: source("pagerduty", "PAGERDUTY_WEBHOOK_SECRET", MIB, 600)?,
+            incidentio: source("incidentio", "INCIDENTIO_WEBHOOK_SECRET", MIB, 600)?,
+            replay_window: env.seconds("ORCHESTRATOR_WEBHOOK_REPLAY_WINDOW_SECONDS", 300, 1, 3600)?,
+            dispatch_workers: env.bounded_u64("ORCHESTRATOR_DISPATCH_WORKERS", 8, 1, 256)? as usize,
+            dispatch_max_attempts: env.count("ORCHESTRATOR_DISPATCH_MAX_ATTEMPTS", 8, 1, 100)?,
+            dispatch_max_age: env.seconds("ORCHESTRATOR_DISPATCH_MAX_AGE_SECONDS", 86_400, 60, 30 * 86_400)?,
+            dispatch_lease: env.seconds("ORCHESTRATOR_DISPATCH_LEASE_SECONDS", 60, 5, 3600)?,
+            dispatch_poll_interval: env.millis("ORCHESTRATOR_DISPATCH_POLL_INTERVAL_MS", 2_000, 10, 600_000)?,
+            retry_initial: env.millis("ORCHESTRATOR_DISPATCH_RETRY_INITIAL_MS", 1_000, 1, 3_600_000)?,
+            retry_max: env.millis("ORCHESTRATOR_DISPATCH_RETRY_MAX_MS", 300_000, 1, 86_400_000)?,
+            retention_days: env.count("ORCHESTRATOR_WEBHOOK_RETENTION_DAYS", 14, 1, 3650)?,
+            dedupe_days: env.count("ORCHESTRATOR_WEBHOOK_DEDUPE_DAYS", 7, 7, 3650)?,
+        };
+
+        let agent_runs = AgentRunConfig {
+            max_timeout: env.seconds("ORCHESTRATOR_AGENT_RUN_MAX_TIMEOUT_SECONDS", 900, 1, 3600)?,
+            default_timeout: env.seconds("ORCHESTRATOR_AGENT_RUN_DEFAULT_TIMEOUT_SECONDS", 300, 1, 3600)?,
+            max_turns: env.count("ORCHESTRATOR_AGENT_RUN_MAX_TURNS", 100, 1, 1000)?,
+            default_max_turns: env.count("ORCHESTRATOR_AGENT_RUN_DEFAULT_MAX_TURNS", 30, 1, 1000)?,
+        };
+        if agent_runs.default_timeout > agent_runs.max_timeout {
+            return Err(invalid(
+                "ORCHESTRATOR_AGENT_RUN_DEFAULT_TIMEOUT_SECONDS",
+                "must not exceed ORCHESTRATOR_AGENT_RUN_MAX_TIMEOUT_SECONDS",
+            ));
+        }
+
+        let secrets_key = match env.raw("ORCHESTRATOR_SECRETS_KEY") {
+            None => None,
+            Some(raw) => Some(parse_secrets_key(&raw)?),
+        };
+
+        Ok(Config {
+            listen_addr,
+            request_timeout: env.seconds("ORCHESTRATOR_REQUEST_TIMEOUT_SECONDS", 60, 1, 3600)?,
+            body_limit_bytes: env.bounded_u64("ORCHESTRATOR_BODY_LIMIT_BYTES", MIB, 1024, 64 * MIB)? as usize,
+            shutdown_grace: env.seconds("ORCHESTRATOR_SHUTDOWN_GRACE_SECONDS", 20, 0, 600)?,
+            log_level: env
+                .raw("RUST_LOG")
+                .or_else(|| env.raw("LOG_LEVEL"))
+                .unwrap_or_else(|| "info".into()),
+            log_format,
+            database,
+            neighbours,
+            kubernetes,
+            auth,
+            provisioning,
+            webhooks,
+            agent_runs,
+            internal_admin_token: env.secret("ORCHESTRATOR_INTERNAL_ADMIN_TOKEN"),
+            internal_token: env.secret("ORCHESTRATOR_INTERNAL_TOKEN"),
+            secrets_key,
+        })
+    }
+
+    /// The effective configuration as JSON with every secret redacted, for `check-config`.
+    pub fn redacted_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_else(|e| serde_json::json!({"error": e.to_string()}))
+    }
+}
+
+fn parse_secrets_key(raw: &str) -> Result<SecretKey, ConfigError> {
+    let bytes = base64::engine::general_purpose::STANDARD.decode(raw).map_err(|_| {
+        invalid(
+            "ORCHESTRATOR_SECRETS_KEY",
+            "must be base64 of 32 random bytes (openssl rand -base64 32)",
+        )
+    })?;
+    let key: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| invalid("ORCHESTRATOR_SECRETS_KEY", "must decode to exactly 32 bytes"))?;
+    Ok(SecretKey(key))
+}
+
+fn database_config(env: &Env<'_>) -> Result<DatabaseConfig, ConfigError> {
+    let url = match env.raw("DATABASE_URL") {
+        Some(url) => url,
+        None => {
+            let host = env.raw("DB_HOST").ok_or(ConfigError::Missing {
+                var: "DATABASE_URL",
+                hint: "set DATABASE_URL, or DB_HOST with DB_PORT/DB_NAME/DB_USER/DB_PASSWORD",
+            })?;
+            let port: u16 = env.parse("DB_PORT", 5432)?;
+            let name = env.string("DB_NAME", "orchestrator");
+            let user = env.string("DB_USER", "postgres");
+            let mut url = Url::parse("postgres://localhost/").map_err(|e| invalid("DB_HOST", e.to_string()))?;
+            url.set_host(Some(&host))
+                .map_err(|e| invalid("DB_HOST", e.to_string()))?;
+            let _ = url.set_port(Some(port));
+            url.set_path(&name);
+            let _ = url.set_username(&user);
+            if let Some(password) = env.raw("DB_PASSWORD") {
+                let _ = url.set_password(Some(&password));
+            }
+            url.to_string()
+        }
+    };
+    let parsed = Url::parse(&url).map_err(|_| invalid("DATABASE_URL", "not a valid URL"))?;
+    if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+        return Err(invalid("DATABASE_URL", "must start with postgres:// or postgresql://"));
+    }
+    let mut display = parsed.clone();
+    if display.password().is_some() {
+        let _ = display.set_password(Some("redacted"));
+    }
+    Ok(DatabaseConfig {
+        display_url: display.to_string(),
+        url: Secret::new(url),
+        pool_size: env.count("ORCHESTRATOR_DB_POOL_SIZE", 10, 1, 500)?,
+        acquire_timeout: env.seconds("ORCHESTRATOR_DB_ACQUIRE_TIMEOUT_SECONDS", 5, 1, 300)?,
+        lock_pool_size: env.count("ORCHESTRATOR_LOCK_POOL_SIZE", 8, 1, 500)?,
+        auto_migrate: env.bool("ORCHESTRATOR_AUTO_CREATE_TABLES", false)?,
+    })
+}
+
+/// DNS-1123 label: what Kubernetes accepts for namespaces and Service names.
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> HashMap<String, String> {
+        [
+            ("DATABASE_URL", "postgres://u:hunter2@localhost:5432/orch"),
+            ("CONFIG_SERVICE_URL", "http://config:8080"),
+            ("AGENT_API_URL", "http://agent:8000"),
+            ("AI_PIPELINE_API_URL", "http://pipeline:8000"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    #[test]
+    fn defaults_load_and_secrets_never_print() {
+        let mut vars = base();
+        vars.insert("SLACK_SIGNING_SECRET".into(), "s3cret-one, s3cret-two".into());
+        vars.insert("ORCHESTRATOR_INTERNAL_TOKEN".into(), "internal-s3cret".into());
+        let config = Config::from_map(&vars).unwrap();
+        assert_eq!(config.kubernetes.namespace, "incidentfox");
+        assert_eq!(config.webhooks.slack.secrets.iter().count(), 2);
+        let printed = format!("{config:?} {}", config.redacted_json());
+        for secret in ["hunter2", "s3cret-one", "s3cret-two", "internal-s3cret"] {
+            assert!(!printed.contains(secret), "{secret} leaked: {printed}");
+        }
+    }
+
+    #[test]
+    fn missing_and_malformed_values_name_the_variable() {
+        let mut vars = base();
+        vars.remove("CONFIG_SERVICE_URL");
+        let err = Config::from_map(&vars).unwrap_err().to_string();
+        assert!(err.contains("CONFIG_SERVICE_URL"), "{err}");
+
+        let mut vars = base();
+        vars.insert("ORCHESTRATOR_DB_POOL_SIZE".into(), "lots".into());
+        let err = Config::from_map(&vars).unwrap_err().to_string();
+        assert!(err.contains("ORCHESTRATOR_DB_POOL_SIZE"), "{err}");
+
+        let mut vars = base();
+        vars.insert("ORCHESTRATOR_SECRETS_KEY".into(), "c2hvcnQ=".into());
+        let err = Config::from_map(&vars).unwrap_err().to_string();
+        assert!(
+            err.contains("ORCHESTRATOR_SECRETS_KEY") && !err.contains("c2hvcnQ"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn database_url_is_built_from_parts() {
+        let mut vars = base();
+        vars.remove("DATABASE_URL");
+        vars.insert("DB_HOST".into(), "db.internal".into());
+        vars.insert("DB_PASSWORD".into(), "p@ss/word".into());
+        let config = Config::from_map(&vars).unwrap();
+        assert!(config
+            .database
+            .url
+            .expose()
+            .starts_with("postgres://postgres:p%40ss%2Fword@db.internal:5432/orchestrator"));
+        assert!(!config.database.display_url.contains("p%40ss"));
+    }
+}

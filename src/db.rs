@@ -1,0 +1,57 @@
+//! The Postgres pools and the embedded migrations.
+
+use std::str::FromStr;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+use crate::config::DatabaseConfig;
+
+pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+fn connect_options(config: &DatabaseConfig) -> Result<PgConnectOptions, sqlx::Error> {
+    Ok(PgConnectOptions::from_str(config.url.expose())?.application_name("orchestrator"))
+}
+
+/// The request pool. Lazy, so the service starts (and answers `/health` with 503) while the
+/// database is still coming up.
+pub fn request_pool(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
+    Ok(PgPoolOptions::new()
+        .max_connections(config.pool_size)
+        .acquire_timeout(config.acquire_timeout)
+        .connect_lazy_with(connect_options(config)?))
+}
+
+/// Connections that hold session-level advisory locks for the length of a provisioning run.
+/// Separate from the request pool so long-held locks can never starve request handling.
+pub fn lock_pool(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
+    Ok(PgPoolOptions::new()
+        .max_connections(config.lock_pool_size)
+        .acquire_timeout(config.acquire_timeout)
+        // A lock connection must be a real server session: never reuse one whose unlock failed.
+        .test_before_acquire(true)
+        .connect_lazy_with(connect_options(config)?))
+}
+
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}
+
+/// The newest migration this binary knows about.
+pub fn latest_migration() -> i64 {
+    MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
+/// Whether every migration this binary embeds has been applied to the database.
+pub async fn migrations_applied(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    let applied: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+        .fetch_one(pool)
+        .await
+        .or_else(|e| match &e {
+            // No migrations table yet: nothing has been applied.
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01") => Ok(None),
+            _ => Err(e),
+        })?;
+    Ok(applied.unwrap_or(0) >= latest_migration())
+}

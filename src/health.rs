@@ -1,0 +1,82 @@
+//! Liveness, readiness and metrics endpoints, outside the traced API group.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::app::AppState;
+use crate::db;
+
+/// A health probe must answer quickly even when the database hangs.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct HealthStatus {
+    /// `ok` or `unavailable`.
+    status: &'static str,
+}
+
+fn unavailable(code: &str, detail: &str) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"status": "unavailable", "code": code, "detail": detail})),
+    )
+        .into_response()
+}
+
+async fn database_answers(state: &AppState) -> bool {
+    let ping = sqlx::query("SELECT 1").execute(&state.db);
+    matches!(tokio::time::timeout(PROBE_TIMEOUT, ping).await, Ok(Ok(_)))
+}
+
+/// Liveness: the process serves and its database answers.
+#[utoipa::path(get, path = "/health", tag = "operations",
+    responses((status = 200, body = HealthStatus), (status = 503, description = "database unreachable")))]
+pub async fn health(State(state): State<AppState>) -> Response {
+    if database_answers(&state).await {
+        Json(HealthStatus { status: "ok" }).into_response()
+    } else {
+        unavailable("database_unavailable", "the database does not answer")
+    }
+}
+
+/// Readiness: the database answers and every migration this binary embeds is applied.
+#[utoipa::path(get, path = "/ready", tag = "operations",
+    responses((status = 200, body = HealthStatus), (status = 503, description = "not ready")))]
+pub async fn ready(State(state): State<AppState>) -> Response {
+    if state.is_shutting_down() {
+        return unavailable("shutting_down", "the service is shutting down");
+    }
+    match tokio::time::timeout(PROBE_TIMEOUT, db::migrations_applied(&state.db)).await {
+        Ok(Ok(true)) => Json(HealthStatus { status: "ok" }).into_response(),
+        Ok(Ok(false)) => unavailable(
+            "migrations_pending",
+            "database migrations are not applied; run `orchestrator migrate`",
+        ),
+        _ => unavailable("database_unavailable", "the database does not answer"),
+    }
+}
+
+/// Prometheus text exposition.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        state.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,87 @@
+//! One provisioning run at a time per team, across replicas: a session-level Postgres advisory
+//! lock held on a dedicated connection for the whole run. If the process dies, Postgres drops
+//! the connection and with it the lock, which is how another replica knows to resume the run.
+//!
+//! Needs a direct or session-pooled connection: behind a transaction-pooling proxy the unlock
+//! could land on another server session and strand the lock.
+
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use sqlx::pool::PoolConnection;
+use sqlx::{PgPool, Postgres};
+
+/// Separates our keys from any other advisory lock user of the same database.
+const NAMESPACE: &str = "incidentfox-orchestrator/provisioning";
+
+pub fn lock_key(org: &str, team: &str) -> i64 {
+    let digest = Sha256::digest(format!("{NAMESPACE}\u{0}{org}\u{0}{team}").as_bytes());
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(bytes)
+}
+
+pub struct TeamLock {
+    conn: Option<PoolConnection<Postgres>>,
+    key: i64,
+}
+
+impl TeamLock {
+    /// Tries once, without waiting. The connection is returned to the pool when the lock is busy,
+    /// so waiting requests never hold lock connections.
+    pub async fn try_acquire(pool: &PgPool, org: &str, team: &str) -> Result<Option<TeamLock>, sqlx::Error> {
+        let key = lock_key(org, team);
+        let mut conn = pool.acquire().await?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(key)
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok(locked.then_some(TeamLock { conn: Some(conn), key }))
+    }
+
+    /// Tries until `timeout`, backing off from 5 ms to 100 ms between tries.
+    pub async fn acquire_within(
+        pool: &PgPool,
+        org: &str,
+        team: &str,
+        timeout: Duration,
+    ) -> Result<Option<TeamLock>, sqlx::Error> {
+        let deadline = Instant::now() + timeout;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            if let Some(lock) = Self::try_acquire(pool, org, team).await? {
+                return Ok(Some(lock));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    /// Releases the lock. If the unlock fails the connection is closed instead, which releases
+    /// the lock on the server all the same.
+    pub async fn release(mut self) {
+        if let Some(mut conn) = self.conn.take() {
+            let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
+                .bind(self.key)
+                .execute(&mut *conn)
+                .await;
+            if unlocked.is_err() {
+                let _ = conn.detach();
+            }
+        }
+    }
+}
+
+impl Drop for TeamLock {
+    fn drop(&mut self) {
+        // Dropped without release (a panic or an aborted task): never put a connection that may
+        // still hold the lock back in the pool. Closing it releases the lock.
+        if let Some(conn) = self.conn.take() {
+            drop(conn.detach());
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! The provision request: parsed by hand from JSON so that every problem is a 422 naming its
+//! field, and normalised so the same request always hashes the same (idempotency).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use super::cron;
+use crate::error::ApiError;
+
+/// Routing keys the config service understands, as the plural list names a team's config uses.
+pub const ROUTING_KEYS: &[&str] = &[
+    "slack_channel_ids",
+    "slack_workspace_ids",
+    "github_repos",
+    "pagerduty_service_ids",
+    "incidentio_team_ids",
+    "incidentio_alert_source_ids",
+    "teams_channel_ids",
+    "google_chat_space_ids",
+    "coralogix_team_names",
+    "services",
+];
+
+const MAX_ID_LEN: usize = 128;
+const MAX_ROUTING_VALUES: usize = 200;
+const MAX_ROUTING_VALUE_LEN: usize = 256;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeploymentMode {
+    Shared,
+    Dedicated,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProvisionRequest {
+    pub org_id: String,
+    pub team_node_id: String,
+    pub routing: BTreeMap<String, Vec<String>>,
+    pub idempotency_key: Option<String>,
+    pub pipeline_schedule: Option<String>,
+    pub create_pipeline_schedule: bool,
+    pub deployment_mode: DeploymentMode,
+    pub rollback_on_failure: bool,
+}
+
+impl ProvisionRequest {
+    pub fn wants_schedule(&self) -> bool {
+        self.pipeline_schedule.is_some() || self.create_pipeline_schedule
+    }
+
+    /// The hash that tells a replay (same key, same request) from key reuse.
+    pub fn hash(&self) -> String {
+        let mut normalised = self.clone();
+        normalised.idempotency_key = None;
+        let bytes = serde_json::to_vec(&normalised).unwrap_or_default();
+        hex::encode(Sha256::digest(bytes))
+    }
+
+    pub fn parse(body: &Value) -> Result<Self, ApiError> {
+        let object = body
+            .as_object()
+            .ok_or_else(|| ApiError::unprocessable("invalid_body", "the request body must be a JSON object"))?;
+        let org_id = identifier(object, "org_id")?;
+        let team_node_id = identifier(object, "team_node_id")?;
+
+        let mut routing: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        if let Some(ids) = object.get("slack_channel_ids").filter(|v| !v.is_null()) {
+            merge_values(
+                &mut routing,
+                "slack_channel_ids",
+                string_list(ids, "slack_channel_ids")?,
+            );
+        }
+        match object.get("routing") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(map)) => {
+                for (key, value) in map {
+                    let field = format!("routing.{key}");
+                    if !ROUTING_KEYS.contains(&key.as_str()) {
+                        return Err(ApiError::invalid_field(
+                            &field,
+                            format!("unknown routing key; expected one of {}", ROUTING_KEYS.join(", ")),
+                        ));
+                    }
+                    if !value.is_null() {
+                        merge_values(&mut routing, key, string_list(value, &field)?);
+                    }
+                }
+            }
+            Some(_) => return Err(ApiError::invalid_field("routing", "must be an object of routing lists")),
+        }
+
+        let idempotency_key = optional_string(object, "idempotency_key")?;
+        if let Some(key) = &idempotency_key {
+            if key.is_empty() || key.chars().count() > MAX_ID_LEN || key.chars().any(char::is_control) {
+                return Err(ApiError::invalid_field(
+                    "idempotency_key",
+                    "must be 1 to 128 printable characters",
+                ));
+            }
+        }
+        let pipeline_schedule = optional_string(object, "pipeline_schedule")?.map(|s| s.trim().to_string());
+        if let Some(schedule) = &pipeline_schedule {
+            cron::validate(schedule).map_err(|e| ApiError::invalid_field("pipeline_schedule", e))?;
+        }
+        let deployment_mode = match optional_string(object, "deployment_mode")?.as_deref() {
+            None | Some("shared") => DeploymentMode::Shared,
+            Some("dedicated") => DeploymentMode::Dedicated,
+            Some(_) => {
+                return Err(ApiError::invalid_field(
+                    "deployment_mode",
+                    "must be \"shared\" or \"dedicated\"",
+                ))
+            }
+        };
+        Ok(Self {
+            org_id,
+            team_node_id,
+            routing,
+            idempotency_key,
+            pipeline_schedule,
+            create_pipeline_schedule: optional_bool(object, "create_pipeline_schedule")?.unwrap_or(false),
+            deployment_mode,
+            rollback_on_failure: optional_bool(object, "rollback_on_failure")?.unwrap_or(false),
+        })
+    }
+}
+
+/// Ids become URL segments, label values and object names: a conservative character set.
+pub fn validate_identifier(field: &str, value: &str) -> Result<(), ApiError> {
+    let valid = !value.is_empty()
+        && value.len() <= MAX_ID_LEN
+        && value.as_bytes()[0].is_ascii_alphanumeric()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::invalid_field(
+            field,
+            "must be 1 to 128 characters of letters, digits, '-', '_' or '.', starting with a letter or digit",
+        ))
+    }
+}
+
+fn identifier(object: &Map<String, Value>, field: &str) -> Result<String, ApiError> {
+    let value = optional_string(object, field)?.ok_or_else(|| ApiError::invalid_field(field, "is required"))?;
+    validate_identifier(field, &value)?;
+    Ok(value)
+}
+
+fn optional_string(object: &Map<String, Value>, field: &str) -> Result<Option<String>, ApiError> {
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(ApiError::invalid_field(field, "must be a string")),
+    }
+}
+
+fn optional_bool(object: &Map<String, Value>, field: &str) -> Result<Option<bool>, ApiError> {
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(ApiError::invalid_field(field, "must be true or false")),
+    }
+}
+
+/// A list of strings, or a single string.
+fn string_list(value: &Value, field: &str) -> Result<Vec<String>, ApiError> {
+    let items: Vec<&Value> = match value {
+        Value::Array(items) => items.iter().collect(),
+        Value::String(_) => vec![value],
+        _ => return Err(ApiError::invalid_field(field, "must be a list of strings")),
+    };
+    if items.len() > MAX_ROUTING_VALUES {
+        return Err(ApiError::invalid_field(
+            field,
+            format!("at most {MAX_ROUTING_VALUES} values"),
+        ));
+    }
+    items
+        .into_iter()
+        .map(|item| match item {
+            Value::String(s)
+                if !s.trim().is_empty() && s.len() <= MAX_ROUTING_VALUE_LEN && !s.chars().any(char::is_control) =>
+            {
+                Ok(s.trim().to_string())
+            }
+            _ => Err(ApiError::invalid_field(
+                field,
+                "each value must be a non-empty string of at most 256 characters",
+            )),
+        })
+        .collect()
+}
+
+fn merge_values(routing: &mut BTreeMap<String, Vec<String>>, key: &str, values: Vec<String>) {
+    let list = routing.entry(key.to_string()).or_default();
+    for value in values {
+        if !list.contains(&value) {
+            list.push(value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn field_of(err: ApiError) -> String {
+        err.extra
+            .get("field")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    #[test]
+    fn parses_and_normalises() {
+        let request = ProvisionRequest::parse(&json!({
+            "org_id": "acme", "team_node_id": "sre", "slack_channel_ids": ["C1"],
+            "routing": {"slack_channel_ids": ["C1", "C2"], "github_repos": "acme/api"},
+            "pipeline_schedule": "0 3 * * *", "deployment_mode": "dedicated", "extra": 1
+        }))
+        .unwrap();
+        assert_eq!(request.routing["slack_channel_ids"], vec!["C1", "C2"]);
+        assert_eq!(request.routing["github_repos"], vec!["acme/api"]);
+        assert_eq!(request.deployment_mode, DeploymentMode::Dedicated);
+        assert!(request.wants_schedule());
+    }
+
+    #[test]
+    fn the_key_does_not_change_the_hash_but_the_request_does() {
+        let a = ProvisionRequest::parse(&json!({"org_id": "acme", "team_node_id": "sre", "idempotency_key": "k1"}))
+            .unwrap();
+        let b = ProvisionRequest::parse(&json!({"org_id": "acme", "team_node_id": "sre", "idempotency_key": "k2"}))
+            .unwrap();
+        let c = ProvisionRequest::parse(
+            &json!({"org_id": "acme", "team_node_id": "sre", "create_pipeline_schedule": true}),
+        )
+        .unwrap();
+        assert_eq!(a.hash(), b.hash());
+        assert_ne!(a.hash(), c.hash());
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        let cases = [
+            (json!({"team_node_id": "sre"}), "org_id"),
+            (json!({"org_id": "acme", "team_node_id": ""}), "team_node_id"),
+            (
+                json!({"org_id": "acme", "team_node_id": "x".repeat(129)}),
+                "team_node_id",
+            ),
+            (json!({"org_id": "acme", "team_node_id": "a/b"}), "team_node_id"),
+            (
+                json!({"org_id": "acme", "team_node_id": "sre", "pipeline_schedule": "61 * * * *"}),
+                "pipeline_schedule",
+            ),
+            (
+                json!({"org_id": "acme", "team_node_id": "sre", "deployment_mode": "solo"}),
+                "deployment_mode",
+            ),
+            (
+                json!({"org_id": "acme", "team_node_id": "sre", "idempotency_key": "k".repeat(129)}),
+                "idempotency_key",
+            ),
+            (
+                json!({"org_id": "acme", "team_node_id": "sre", "routing": {"fax_numbers": ["1"]}}),
+                "routing.fax_numbers",
+            ),
+            (
+                json!({"org_id": "acme", "team_node_id": "sre", "slack_channel_ids": [1]}),
+                "slack_channel_ids",
+            ),
+            (
+                json!({"org_id": "acme", "team_node_id": "sre", "rollback_on_failure": "yes"}),
+                "rollback_on_failure",
+            ),
+        ];
+        for (body, field) in cases {
+            let err = ProvisionRequest::parse(&body).unwrap_err();
+            assert_eq!(err.status, 422, "{body}");
+            assert_eq!(field_of(err), field, "{body}");
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! The SQL of `provisioning_runs` and `provisioning_steps`. Functions take an executor so a
+//! caller can put a state change and its audit row in one transaction.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::types::Json;
+use sqlx::{PgConnection, PgExecutor, Postgres, QueryBuilder};
+use uuid::Uuid;
+
+use super::request::ProvisionRequest;
+
+pub const STEP_NAMES: [&str; 5] = [
+    "config_patch",
+    "team_token",
+    "pipeline_bootstrap",
+    "pipeline_cronjob",
+    "dedicated_agent",
+];
+
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct RunRow {
+    pub id: Uuid,
+    pub org_id: String,
+    pub team_node_id: String,
+    pub status: String,
+    pub request: Json<ProvisionRequest>,
+    pub request_hash: String,
+    pub idempotency_key: Option<String>,
+    pub current_step: Option<String>,
+    pub error: Option<Value>,
+    pub team_token_held: bool,
+    pub team_token_delivered: bool,
+    pub actor_subject: String,
+    pub actor_email: Option<String>,
+    pub executions: i32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl RunRow {
+    pub fn is_final(&self) -> bool {
+        self.status != "running"
+    }
+}
+
+#[derive(Clone, Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct StepRow {
+    #[serde(skip)]
+    pub run_id: Uuid,
+    #[serde(skip)]
+    pub position: i16,
+    pub name: String,
+    /// pending, running, succeeded, failed, skipped or rolled_back.
+    pub status: String,
+    pub attempts: i32,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub duration_ms: Option<i64>,
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    pub error: Option<Value>,
+}
+
+const RUN_COLUMNS: &str =
+    "id, org_id, team_node_id, status, request, request_hash, idempotency_key, current_step, error,
+    sealed_team_token IS NOT NULL AS team_token_held, team_token_delivered, actor_subject, actor_email, executions,
+    created_at, updated_at, finished_at";
+
+pub struct NewRun<'a> {
+    pub id: Uuid,
+    pub request: &'a ProvisionRequest,
+    pub actor_subject: &'a str,
+    pub actor_email: Option<&'a str>,
+}
+
+/// Inserts the run with all its steps; the steps that do not apply are `skipped` from the start.
+/// `None` when a run with the same idempotency key already exists (a concurrent twin won).
+pub async fn insert_run(conn: &mut PgConnection, new: NewRun<'_>) -> Result<Option<Uuid>, sqlx::Error> {
+    let request = new.request;
+    let inserted: Option<Uuid> = sqlx::query_scalar(
+        "INSERT INTO provisioning_runs (id, org_id, team_node_id, status, request, request_hash, idempotency_key, actor_subject, actor_email)
+         VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8)
+         ON CONFLICT (org_id, team_node_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+         RETURNING id",
+    )
+    .bind(new.id)
+    .bind(&request.org_id)
+    .bind(&request.team_node_id)
+    .bind(Json(request))
+    .bind(request.hash())
+    .bind(&request.idempotency_key)
+    .bind(new.actor_subject)
+    .bind(new.actor_email)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(id) = inserted else { return Ok(None) };
+
+    let applies = [
+        true,
+        true,
+        true,
+        request.wants_schedule(),
+        request.deployment_mode == super::request::DeploymentMode::Dedicated,
+    ];
+    let positions: Vec<i16> = (0..STEP_NAMES.len() as i16).collect();
+    let names: Vec<&str> = STEP_NAMES.to_vec();
+    let statuses: Vec<&str> = applies.iter().map(|a| if *a { "pending" } else { "skipped" }).collect();
+    sqlx::query(
+        "INSERT INTO provisioning_steps (run_id, position, name, status)
+         SELECT $1, * FROM UNNEST($2::smallint[], $3::text[], $4::text[])",
+    )
+    .bind(id)
+    .bind(&positions)
+    .bind(&names)
+    .bind(&statuses)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Some(id))
+}
+
+pub async fn get_run(executor: impl PgExecutor<'_>, id: Uuid) -> Result<Option<RunRow>, sqlx::Error> {
+    sqlx::query_as(&format!("SELECT {RUN_COLUMNS} FROM provisioning_runs WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(executor)
+        .await
+}
+
+pub async fn find_by_idempotency_key(
+    executor: impl PgExecutor<'_>,
+    org: &str,
+    team: &str,
+    key: &str,
+) -> Result<Option<RunRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {RUN_COLUMNS} FROM provisioning_runs WHERE org_id = $1 AND team_node_id = $2 AND idempotency_key = $3"
+    ))
+    .bind(org)
+    .bind(team)
+    .bind(key)
+    .fetch_optional(executor)
+    .await
+}
+
+/// The newest run still going for a team: what a busy team's 409 points at.
+pub async fn running_run_for_team(
+    executor: impl PgExecutor<'_>,
+    org: &str,
+    team: &str,
+) -> Result<Option<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT id FROM provisioning_runs WHERE org_id = $1 AND team_node_id = $2 AND status = 'running'
+         ORDER BY created_at DESC LIMIT 1",
+    )
+    .bind(org)
+    .bind(team)
+    .fetch_optional(executor)
+    .await
+}
+
+pub async fn steps(executor: impl PgExecutor<'_>, run_id: Uuid) -> Result<Vec<StepRow>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM provisioning_steps WHERE run_id = $1 ORDER BY position")
+        .bind(run_id)
+        .fetch_all(executor)
+        .await
+}
+
+pub async fn step_started(executor: impl PgExecutor<'_>, run_id: Uuid, position: i16) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "WITH step AS (
+             UPDATE provisioning_steps SET status = 'running', started_at = now(), finished_at = NULL, duration_ms = NULL, error = NULL
+             WHERE run_id = $1 AND position = $2 RETURNING name)
+         UPDATE provisioning_runs SET current_step = (SELECT name FROM step), updated_at = now() WHERE id = $1",
+    )
+    .bind(run_id)
+    .bind(position)
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
+pub async fn step_attempt(
+    executor: impl PgExecutor<'_>,
+    run_id: Uuid,
+    position: i16,
+    attempts: i32,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE provisioning_steps SET attempts = $3 WHERE run_id = $1 AND position = $2")
+        .bind(run_id)
+        .bind(position)
+        .bind(attempts)
+        .execute(executor)
+        .await?;
+    Ok(())
+}
+
+/// Records a step's end; the run's `updated_at` doubles as its heartbeat.
+pub async fn step_finished(
+    conn: &mut PgConnection,
+    run_id: Uuid,
+    position: i16,
+    status: &str,
+    attempts: i32,
+    result: Option<&Value>,
+    error: Option<&Value>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "WITH step AS (
+             UPDATE provisioning_steps
+             SET status = $3, attempts = $4, finished_at = now(),
+                 duration_ms = (EXTRACT(EPOCH FROM (now() - coalesce(started_at, now()))) * 1000)::bigint,
+                 result = coalesce($5, result), error = $6
+             WHERE run_id = $1 AND position = $2 RETURNING 1)
+         UPDATE provisioning_runs SET updated_at = now() WHERE id = $1 AND EXISTS (SELECT 1 FROM step)",
+    )
+    .bind(run_id)
+    .bind(position)
+    .bind(status)
+    .bind(attempts)
+    .bind(result)
+    .bind(error)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn seal_team_token(executor: impl PgExecutor<'_>, run_id: Uuid, sealed: &[u8]) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE provisioning_runs SET sealed_team_token = $2, team_token_delivered = FALSE WHERE id = $1")
+        .bind(run_id)
+        .bind(sealed)
+        .execute(executor)
+        .await?;
+    Ok(())
+}
+
+/// Takes the sealed team token out of the run: at most one caller ever gets it.
+pub async fn take_team_token(executor: impl PgExecutor<'_>, run_id: Uuid) -> Result<Option<Vec<u8>>, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE provisioning_runs r SET sealed_team_token = NULL, team_token_delivered = TRUE
+         FROM (SELECT id, sealed_team_token FROM provisioning_runs WHERE id = $1 AND sealed_team_token IS NOT NULL FOR UPDATE) old
+         WHERE r.id = old.id RETURNING old.sealed_team_token",
+    )
+    .bind(run_id)
+    .fetch_optional(executor)
+    .await
+}
+
+pub async fn erase_team_token(executor: impl PgExecutor<'_>, run_id: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE provisioning_runs SET sealed_team_token = NULL WHERE id = $1")
+        .bind(run_id)
+        .execute(executor)
+        .await?;
+    Ok(())
+}
+
+pub async fn finish_run(
+    executor: impl PgExecutor<'_>,
+    run_id: Uuid,
+    status: &str,
+    error: Option<&Value>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE provisioning_runs SET status = $2, error = $3, current_step = CASE WHEN $2 = 'succeeded' THEN NULL ELSE current_step END,
+         updated_at = now(), finished_at = now() WHERE id = $1",
+    )
+    .bind(run_id)
+    .bind(status)
+    .bind(error)
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
+pub async fn mark_step_rolled_back(
+    executor: impl PgExecutor<'_>,
+    run_id: Uuid,
+    position: i16,
+    note: &Value,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE provisioning_steps SET status = 'rolled_back', result = coalesce(result, '{}'::jsonb) || jsonb_build_object('rollback', $3::jsonb)
+         WHERE run_id = $1 AND position = $2",
+    )
+    .bind(run_id)
+    .bind(position)
+    .bind(note)
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
+/// Puts a failed run back to running from its failed step. `false` if it was not failed.
+pub async fn reopen_failed_run(conn: &mut PgConnection, run_id: Uuid) -> Result<bool, sqlx::Error> {
+    let reopened = sqlx::query(
+        "UPDATE provisioning_runs SET status = 'running', error = NULL, finished_at = NULL, executions = executions + 1, updated_at = now()
+         WHERE id = $1 AND status = 'failed'",
+    )
+    .bind(run_id)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected()
+        == 1;
+    if reopened {
+        sqlx::query(
+            "UPDATE provisioning_steps SET status = 'pending', error = NULL WHERE run_id = $1 AND status = 'failed'",
+        )
+        .bind(run_id)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(reopened)
+}
+
+pub async fn count_execution(executor: impl PgExecutor<'_>, run_id: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE provisioning_runs SET executions = executions + 1, updated_at = now() WHERE id = $1")
+        .bind(run_id)
+        .execute(executor)
+        .await?;
+    Ok(())
+}
+
+/// Runs still marked running and not touched for `idle_seconds`: candidates for resumption.
+pub async fn stale_running_runs(
+    executor: impl PgExecutor<'_>,
+    idle_seconds: f64,
+    limit: i64,
+) -> Result<Vec<(Uuid, String, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, org_id, team_node_id FROM provisioning_runs
+         WHERE status = 'running' AND updated_at < now() - make_interval(secs => $1)
+         ORDER BY updated_at LIMIT $2",
+    )
+    .bind(idle_seconds)
+    .bind(limit)
+    .fetch_all(executor)
+    .await
+}
+
+pub struct RunFilter {
+    pub org_id: Option<String>,
+    pub team_node_id: Option<String>,
+    pub status: Option<String>,
+    pub before: Option<(DateTime<Utc>, Uuid)>,
+    pub limit: i64,
+}
+
+pub async fn list_runs(executor: impl PgExecutor<'_>, filter: &RunFilter) -> Result<Vec<RunRow>, sqlx::Error> {
+    let mut sql = QueryBuilder::<Postgres>::new(format!("SELECT {RUN_COLUMNS} FROM provisioning_runs WHERE TRUE"));
+    if let Some(org) = &filter.org_id {
+        sql.push(" AND org_id = ").push_bind(org);
+    }
+    if let Some(team) = &filter.team_node_id {
+        sql.push(" AND team_node_id = ").push_bind(team);
+    }
+    if let Some(status) = &filter.status {
+        sql.push(" AND status = ").push_bind(status);
+    }
+    if let Some((at, id)) = filter.before {
+        sql.push(" AND (created_at, id) < (")
+            .push_bind(at)
+            .push(", ")
+            .push_bind(id)
+            .push(")");
+    }
+    sql.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+        .push_bind(filter.limit);
+    sql.build_query_as().fetch_all(executor).await
+}

@@ -1,0 +1,155 @@
+//! The service foundation: health, readiness, request ids, the error shape, metrics, OpenAPI,
+//! configuration errors at start-up, and the stand-ins' Kubernetes contract.
+
+use std::process::Command;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn health_and_ready_answer_ok_with_a_migrated_database() {
+    let app = TestApp::spawn().await;
+    let response = app.get("/health").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(json_of(response).await, serde_json::json!({"status": "ok"}));
+    assert_eq!(app.get("/ready").await.status(), 200);
+}
+
+#[tokio::test]
+async fn health_is_503_not_500_when_the_database_is_unreachable() {
+    let app = TestApp::spawn_with(|env| {
+        // Nothing listens on port 1.
+        env.insert("DATABASE_URL".into(), "postgres://postgres@127.0.0.1:1/none".into());
+        env.insert("ORCHESTRATOR_DB_ACQUIRE_TIMEOUT_SECONDS".into(), "1".into());
+    })
+    .await;
+    for path in ["/health", "/ready"] {
+        let response = app.get(path).await;
+        assert_eq!(response.status(), 503, "{path}");
+        let body = json_of(response).await;
+        assert_eq!(body["code"], "database_unavailable", "{path}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn ready_is_503_until_migrations_are_applied() {
+    let app = TestApp::spawn().await;
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = (SELECT max(version) FROM _sqlx_migrations)")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let response = app.get("/ready").await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(json_of(response).await["code"], "migrations_pending");
+    assert_eq!(
+        app.get("/health").await.status(),
+        200,
+        "liveness does not depend on migrations"
+    );
+}
+
+#[tokio::test]
+async fn request_id_is_echoed_or_generated_and_appears_in_errors() {
+    let app = TestApp::spawn().await;
+    let response = app
+        .client
+        .get(app.at("/no/such/route"))
+        .header("X-Request-Id", "req-abc-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "req-abc-123");
+    assert_eq!(response.status(), 404);
+    let body = json_of(response).await;
+    assert_eq!(body["request_id"], "req-abc-123");
+    assert_eq!(body["code"], "not_found");
+    assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()));
+
+    let response = app.get("/health").await;
+    let generated = response.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert!(uuid::Uuid::parse_str(&generated).is_ok(), "generated id {generated:?}");
+}
+
+#[tokio::test]
+async fn wrong_method_is_a_json_405() {
+    let app = TestApp::spawn().await;
+    let response = app.client.post(app.at("/health")).send().await.unwrap();
+    assert_eq!(response.status(), 405);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let body = json_of(response).await;
+    assert_eq!(body["code"], "method_not_allowed");
+    assert!(body["request_id"].as_str().is_some_and(|id| !id.is_empty()));
+}
+
+#[tokio::test]
+async fn unknown_paths_share_one_metrics_series() {
+    let app = TestApp::spawn().await;
+    let requests = (0..1000).map(|i| app.client.get(app.at(&format!("/unknown/{i}"))).send());
+    for response in futures::future::join_all(requests).await {
+        assert_eq!(response.unwrap().status(), 404);
+    }
+    app.get("/health").await;
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    let series: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("http_requests_total{"))
+        .collect();
+    assert!(
+        series
+            .iter()
+            .any(|l| l.contains(r#"route="unmatched""#) && l.ends_with(" 1000")),
+        "{series:#?}"
+    );
+    assert!(series.iter().any(|l| l.contains(r#"route="/health""#)), "{series:#?}");
+    assert!(series.len() < 10, "unknown paths must not create series: {series:#?}");
+    assert!(metrics.contains("http_request_duration_seconds_bucket"));
+    assert!(metrics.contains("process_resident_memory_bytes"));
+}
+
+#[tokio::test]
+async fn openapi_document_is_served_and_lists_every_endpoint() {
+    let app = TestApp::spawn().await;
+    let response = app.get("/openapi.json").await;
+    assert_eq!(response.status(), 200);
+    let doc = json_of(response).await;
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = doc["paths"].as_object().unwrap();
+    for path in ["/health", "/ready", "/metrics", "/openapi.json"] {
+        assert!(paths.contains_key(path), "{path} missing from the OpenAPI document");
+    }
+}
+
+#[tokio::test]
+async fn check_config_names_the_bad_variable_and_hides_secrets() {
+    let binary = env!("CARGO_BIN_EXE_orchestrator");
+    let output = Command::new(binary)
+        .arg("check-config")
+        .env_clear()
+        .env("DATABASE_URL", "postgres://u:topsecretpw@localhost/x")
+        .env("CONFIG_SERVICE_URL", "http://config")
+        .env("AGENT_API_URL", "not a url")
+        .env("AI_PIPELINE_API_URL", "http://pipeline")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("AGENT_API_URL"), "{stderr}");
+
+    let output = Command::new(binary)
+        .arg("check-config")
+        .env_clear()
+        .env("DATABASE_URL", "postgres://u:topsecretpw@localhost/x")
+        .env("CONFIG_SERVICE_URL", "http://config")
+        .env("AGENT_API_URL", "http://agent")
+        .env("AI_PIPELINE_API_URL", "http://pipeline")
+        .env("GITHUB_WEBHOOK_SECRET", "gh-secret-value")
+        .env("ORCHESTRATOR_INTERNAL_ADMIN_TOKEN", "admin-token-value")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let printed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(printed["kubernetes"]["namespace"], "incidentfox");
+    for secret in ["topsecretpw", "gh-secret-value", "admin-token-value"] {
+        assert!(!stdout.contains(secret), "{secret} printed");
+    }
+}

@@ -1,0 +1,7 @@
+//! One integration-test binary (link once): every test starts the real application on a random
+//! port against its own database and the in-process stand-ins.
+
+mod foundation;
+mod helpers;
+mod provisioning;
+mod standins;
