@@ -4,7 +4,7 @@
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::CronJob;
 use k8s_openapi::api::core::v1::Service;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::{Api, Resource};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -18,12 +18,16 @@ pub const MANAGED_BY: &str = "incidentfox-orchestrator";
 pub const CRONJOB_NAME_LIMIT: usize = 52;
 pub const DNS_LABEL_LIMIT: usize = 63;
 
-/// Every (API group, resource, verb) the service uses. The Helm chart's Role grants exactly
+/// The verbs `KubeClient` uses: server-side apply is `patch`, rollback is `delete`. Nothing
+/// else is called, so nothing else is granted.
+pub const VERBS: &[&str] = &["delete", "patch"];
+
+/// Every (API group, resource, verbs) the service uses. The Helm chart's Role grants exactly
 /// these; a test compares the two.
 pub const RBAC_RULES: &[(&str, &str, &[&str])] = &[
-    ("batch", "cronjobs", &["delete", "get", "list", "patch"]),
-    ("apps", "deployments", &["delete", "get", "list", "patch"]),
-    ("", "services", &["delete", "get", "list", "patch"]),
+    ("batch", "cronjobs", VERBS),
+    ("apps", "deployments", VERBS),
+    ("", "services", VERBS),
 ];
 
 /// Lower case, `_` and `.` (and anything else a DNS label refuses) become `-`.
@@ -89,14 +93,6 @@ fn owner_labels(org: &str, team: &str) -> serde_json::Map<String, Value> {
     labels.insert("incidentfox.io/org-id".into(), label_value(org).into());
     labels.insert("incidentfox.io/team-node-id".into(), label_value(team).into());
     labels
-}
-
-pub fn team_selector(org: &str, team: &str) -> String {
-    format!(
-        "app.kubernetes.io/managed-by={MANAGED_BY},incidentfox.io/org-id={},incidentfox.io/team-node-id={}",
-        label_value(org),
-        label_value(team)
-    )
 }
 
 fn team_env(org: &str, team: &str, config_service_url: &str) -> Value {
@@ -282,27 +278,6 @@ impl KubeClient {
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
             Err(e) => Err(e),
         }
-    }
-
-    pub async fn get<K>(&self, name: &str) -> Result<Option<K>, kube::Error>
-    where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug,
-        <K as Resource>::DynamicType: Default,
-    {
-        self.api::<K>().get_opt(name).await
-    }
-
-    /// Names of the objects of one kind this service owns for a team.
-    pub async fn list_team_objects<K>(&self, org: &str, team: &str) -> Result<Vec<String>, kube::Error>
-    where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug,
-        <K as Resource>::DynamicType: Default,
-    {
-        let list = self
-            .api::<K>()
-            .list(&ListParams::default().labels(&team_selector(org, team)))
-            .await?;
-        Ok(list.items.iter().filter_map(|o| o.meta().name.clone()).collect())
     }
 }
 
