@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::AdminVerifier;
+use crate::clients::agent::AgentClient;
 use crate::clients::ai_pipeline::AiPipelineClient;
 use crate::clients::config_service::ConfigServiceClient;
 use crate::clients::kubernetes::KubeClient;
@@ -22,6 +23,8 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::provisioning::sealing::Sealer;
 use crate::provisioning::workflow::{Provisioning, RunRegistry};
+use crate::webhooks::dispatch::DispatchCaches;
+use crate::webhooks::ingress::RateLimits;
 use crate::{db, http};
 
 /// Cheap-to-clone handles shared by every handler and background task.
@@ -35,7 +38,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub config_service: ConfigServiceClient,
     pub ai_pipeline: AiPipelineClient,
+    pub agent: AgentClient,
     pub admin_verifier: AdminVerifier,
+    pub webhook_rate_limits: RateLimits,
+    pub dispatch_caches: DispatchCaches,
     pub provisioning: Provisioning,
     shutting_down: Arc<AtomicBool>,
 }
@@ -104,7 +110,14 @@ impl Application {
         };
         let config_service = ConfigServiceClient::new(transport.clone(), config.neighbours.config_service_url.clone());
         let ai_pipeline = AiPipelineClient::new(transport.clone(), config.neighbours.ai_pipeline_api_url.clone());
+        let agent = AgentClient::new(
+            transport.clone(),
+            config.neighbours.agent_api_url.clone(),
+            config.neighbours.agent_dialect,
+            config.neighbours.investigate_auth_token.clone(),
+        );
         let admin_verifier = AdminVerifier::new(config_service.clone(), &config.auth);
+        let webhook_rate_limits = RateLimits::new(&config.webhooks);
         let sealer = match &config.secrets_key {
             Some(key) => Sealer::new(&key.0),
             None => {
@@ -134,7 +147,10 @@ impl Application {
             metrics,
             config_service,
             ai_pipeline,
+            agent,
             admin_verifier,
+            webhook_rate_limits,
+            dispatch_caches: DispatchCaches::default(),
             provisioning,
             shutting_down: Arc::new(AtomicBool::new(false)),
         };

@@ -461,6 +461,29 @@ impl Config {
             dedupe_days: env.count("ORCHESTRATOR_WEBHOOK_DEDUPE_DAYS", 7, 7, 3650)?,
         };
 
+        use crate::webhooks::signature::{secret_is_usable, Source};
+        for (source, secrets, var) in [
+            (Source::Slack, &webhooks.slack.secrets, "SLACK_SIGNING_SECRET"),
+            (Source::GitHub, &webhooks.github.secrets, "GITHUB_WEBHOOK_SECRET"),
+            (
+                Source::PagerDuty,
+                &webhooks.pagerduty.secrets,
+                "PAGERDUTY_WEBHOOK_SECRET",
+            ),
+            (
+                Source::IncidentIo,
+                &webhooks.incidentio.secrets,
+                "INCIDENTIO_WEBHOOK_SECRET",
+            ),
+        ] {
+            if secrets.iter().any(|secret| !secret_is_usable(source, secret)) {
+                return Err(invalid(
+                    var,
+                    "a value cannot be used as a signing key (Incident.io secrets are whsec_ + base64)",
+                ));
+            }
+        }
+
         let agent_runs = AgentRunConfig {
             max_timeout: env.seconds("ORCHESTRATOR_AGENT_RUN_MAX_TIMEOUT_SECONDS", 900, 1, 3600)?,
             default_timeout: env.seconds("ORCHESTRATOR_AGENT_RUN_DEFAULT_TIMEOUT_SECONDS", 300, 1, 3600)?,

@@ -4,6 +4,7 @@
 //! real application on a random port against their own database.
 #![forbid(unsafe_code)]
 
+pub mod agent_runs;
 pub mod app;
 pub mod audit;
 pub mod auth;
@@ -20,6 +21,7 @@ pub mod pagination;
 pub mod provisioning;
 pub mod retry;
 pub mod telemetry;
+pub mod webhooks;
 
 pub use app::{AppState, Application, Overrides};
 pub use config::Config;

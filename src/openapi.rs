@@ -14,6 +14,12 @@ use crate::app::AppState;
         crate::provisioning::api::provision_team, crate::provisioning::api::get_run,
         crate::provisioning::api::list_runs, crate::provisioning::api::retry_run,
         crate::audit::list_audit,
+        crate::webhooks::ingress::slack_events, crate::webhooks::ingress::slack_interactions,
+        crate::webhooks::ingress::github, crate::webhooks::ingress::pagerduty, crate::webhooks::ingress::incidentio,
+        crate::webhooks::admin::list_events, crate::webhooks::admin::get_event,
+        crate::webhooks::admin::replay_event, crate::webhooks::admin::replay_matching,
+        crate::webhooks::internal::slack_trigger,
+        crate::agent_runs::api::run_agent,
     ),
     components(schemas(crate::health::HealthStatus, ErrorBody)),
     modifiers(&SecuritySchemes),
@@ -21,6 +27,8 @@ use crate::app::AppState;
         (name = "operations", description = "Health, readiness, metrics and this document."),
         (name = "provisioning", description = "Durable team provisioning runs."),
         (name = "audit", description = "The audit trail."),
+        (name = "agents", description = "Admin-triggered agent runs through the proxy."),
+        (name = "webhooks", description = "Verified webhook ingress and the operator view of the inbox."),
     )
 )]
 pub struct ApiDoc;

@@ -1,6 +1,7 @@
 //! One small client per neighbour, around the shared `reqwest::Client`. Clients do not retry:
 //! the workflow that knows whether a call is safe to repeat decides, using `is_transient`.
 
+pub mod agent;
 pub mod ai_pipeline;
 pub mod config_service;
 pub mod kubernetes;

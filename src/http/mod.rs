@@ -17,7 +17,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::app::AppState;
 use crate::error::{self, REQUEST_ID_HEADER};
-use crate::{audit, health, openapi, provisioning};
+use crate::{agent_runs, audit, health, openapi, provisioning, webhooks};
 
 /// The matched route template, carried from the routing layer out to the metrics layer.
 #[derive(Clone)]
@@ -34,6 +34,8 @@ pub fn router(state: AppState) -> Router {
         .merge(openapi::router())
         .merge(provisioning::router())
         .merge(audit::router())
+        .merge(webhooks::ingress_router(&state.config.webhooks))
+        .merge(webhooks::admin_router())
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             state.config.request_timeout,
@@ -42,6 +44,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(health::router())
         .merge(api)
+        .merge(agent_runs::router(&state.config))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .route_layer(middleware::from_fn(record_route))
@@ -66,6 +69,8 @@ pub fn router(state: AppState) -> Router {
 /// Starts every background task of every capability.
 pub fn spawn_background(state: &AppState, stop: &CancellationToken, tasks: &mut JoinSet<()>) {
     tasks.spawn(provisioning::workflow::resume_orphans(state.clone(), stop.clone()));
+    tasks.spawn(webhooks::dispatch::run(state.clone(), stop.clone()));
+    tasks.spawn(webhooks::dispatch::housekeeping(state.clone(), stop.clone()));
 }
 
 fn make_span(request: &Request) -> tracing::Span {

@@ -113,7 +113,28 @@ async fn openapi_document_is_served_and_lists_every_endpoint() {
     let doc = json_of(response).await;
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
     let paths = doc["paths"].as_object().unwrap();
-    for path in ["/health", "/ready", "/metrics", "/openapi.json"] {
+    for path in [
+        "/health",
+        "/ready",
+        "/metrics",
+        "/openapi.json",
+        "/api/v1/admin/provision/team",
+        "/api/v1/admin/provision/runs",
+        "/api/v1/admin/provision/runs/{id}",
+        "/api/v1/admin/provision/runs/{id}/retry",
+        "/api/v1/admin/audit",
+        "/webhooks/slack/events",
+        "/webhooks/slack/interactions",
+        "/webhooks/github",
+        "/webhooks/pagerduty",
+        "/webhooks/incidentio",
+        "/api/v1/admin/webhooks/events",
+        "/api/v1/admin/webhooks/events/{id}",
+        "/api/v1/admin/webhooks/events/{id}/replay",
+        "/api/v1/admin/webhooks/replay",
+        "/api/v1/internal/slack/trigger",
+        "/api/v1/admin/agents/run",
+    ] {
         assert!(paths.contains_key(path), "{path} missing from the OpenAPI document");
     }
 }
@@ -152,4 +173,116 @@ async fn check_config_names_the_bad_variable_and_hides_secrets() {
     for secret in ["topsecretpw", "gh-secret-value", "admin-token-value"] {
         assert!(!stdout.contains(secret), "{secret} printed");
     }
+}
+
+/// The chart's Role grants exactly the verbs the code uses (one shared list in the code).
+#[test]
+fn the_role_grants_exactly_the_verbs_the_code_uses() {
+    let role = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kubernetes/role.yaml")).unwrap();
+    let mut granted = Vec::new();
+    let mut group = String::new();
+    let mut resource = String::new();
+    for line in role.lines().map(str::trim) {
+        let list = |l: &str| -> Vec<String> {
+            let inner = l
+                .split_once('[')
+                .and_then(|(_, r)| r.split_once(']'))
+                .map(|(i, _)| i)
+                .unwrap_or("");
+            inner
+                .split(',')
+                .map(|v| v.trim().trim_matches('"').to_string())
+                .filter(|v| !v.is_empty() || inner.contains("\"\""))
+                .collect()
+        };
+        if let Some(rest) = line.strip_prefix("- apiGroups:") {
+            group = list(rest).first().cloned().unwrap_or_default();
+        } else if let Some(rest) = line.strip_prefix("resources:") {
+            resource = list(rest).join(",");
+        } else if let Some(rest) = line.strip_prefix("verbs:") {
+            granted.push((group.clone(), resource.clone(), list(rest)));
+        }
+    }
+    let used: Vec<(String, String, Vec<String>)> = orchestrator::clients::kubernetes::RBAC_RULES
+        .iter()
+        .map(|(g, r, verbs)| {
+            (
+                g.to_string(),
+                r.to_string(),
+                verbs.iter().map(|v| v.to_string()).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        granted, used,
+        "deploy/kubernetes/role.yaml (rendered from the chart) must match RBAC_RULES"
+    );
+}
+
+/// Every metric the Grafana dashboard queries exists in /metrics after a short exercise.
+#[tokio::test]
+async fn every_dashboard_metric_is_exported_after_a_short_exercise() {
+    use orchestrator::config::{Secret, SecretList};
+    use orchestrator::webhooks::signature::{signed_headers, Source};
+    let app = TestApp::spawn().await;
+    app.stack.config_service.state().set_team_config(
+        "acme",
+        "sre",
+        serde_json::json!({"routing": {"github_repos": ["acme/api"]}}),
+    );
+    // A provisioning run, a failing one, a webhook accepted and one rejected, an agent run.
+    let provision = |team: &str| {
+        app.client
+            .post(app.at("/api/v1/admin/provision/team"))
+            .bearer_auth(SUPER_ADMIN)
+            .json(&serde_json::json!({"org_id": "acme", "team_node_id": team, "create_pipeline_schedule": true}))
+            .send()
+    };
+    assert_eq!(provision("dash").await.unwrap().status(), 200);
+    let body = serde_json::json!({"action": "opened", "pull_request": {"number": 1, "title": "t"}, "repository": {"full_name": "acme/api"}, "sender": {"login": "a"}}).to_string();
+    let secrets = SecretList::new(vec![Secret::new(GITHUB_SECRET)]);
+    let mut request = app
+        .client
+        .post(app.at("/webhooks/github"))
+        .header("X-GitHub-Event", "pull_request")
+        .body(body.clone());
+    for (name, value) in signed_headers(
+        Source::GitHub,
+        &secrets,
+        body.as_bytes(),
+        chrono::Utc::now().timestamp(),
+        "dash-1",
+    )
+    .unwrap()
+    {
+        request = request.header(name, value);
+    }
+    assert_eq!(request.send().await.unwrap().status(), 200);
+    app.client
+        .post(app.at("/webhooks/github"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let metrics = eventually(30, "dispatch metrics", || async {
+        let text = app.get("/metrics").await.text().await.unwrap();
+        (text.contains("webhook_dispatch_latency_seconds_bucket") && text.contains("webhook_inbox_events"))
+            .then_some(text)
+    })
+    .await;
+    let wanted = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grafana/METRICS.txt")).unwrap();
+    let missing: Vec<&str> = wanted
+        .lines()
+        .map(str::trim)
+        .filter(|name| !name.is_empty() && *name != "up")
+        .filter(|name| {
+            !metrics
+                .lines()
+                .any(|line| line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} ")))
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries metrics the service does not export: {missing:?}"
+    );
 }

@@ -12,6 +12,11 @@ use tokio::sync::oneshot;
 pub const SUPER_ADMIN: &str = "dev-super-admin";
 pub const INTERNAL_ADMIN: &str = "dev-internal-admin";
 pub const INTERNAL_TOKEN: &str = "test-internal-token";
+pub const SLACK_SECRET: &str = "test-slack-secret";
+pub const GITHUB_SECRET: &str = "test-github-secret";
+pub const PAGERDUTY_SECRET: &str = "test-pagerduty-secret";
+/// `whsec_` + base64("test-incidentio-secret").
+pub const INCIDENTIO_SECRET: &str = "whsec_dGVzdC1pbmNpZGVudGlvLXNlY3JldA==";
 /// base64 of 32 zero bytes: a fixed key for tests only.
 pub const SECRETS_KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
 
@@ -66,6 +71,14 @@ pub fn base_env(db_url: &str, stack: &Devstack) -> HashMap<String, String> {
         ("ORCHESTRATOR_INTERNAL_TOKEN", INTERNAL_TOKEN.into()),
         ("ORCHESTRATOR_SECRETS_KEY", SECRETS_KEY.into()),
         ("ORCHESTRATOR_SHUTDOWN_GRACE_SECONDS", "5".into()),
+        ("SLACK_SIGNING_SECRET", SLACK_SECRET.into()),
+        ("GITHUB_WEBHOOK_SECRET", GITHUB_SECRET.into()),
+        ("PAGERDUTY_WEBHOOK_SECRET", PAGERDUTY_SECRET.into()),
+        ("INCIDENTIO_WEBHOOK_SECRET", INCIDENTIO_SECRET.into()),
+        // Fast dispatch retries so failure tests finish quickly.
+        ("ORCHESTRATOR_DISPATCH_RETRY_INITIAL_MS", "10".into()),
+        ("ORCHESTRATOR_DISPATCH_RETRY_MAX_MS", "50".into()),
+        ("ORCHESTRATOR_DISPATCH_POLL_INTERVAL_MS", "100".into()),
         ("RUST_LOG", std::env::var("TEST_LOG").unwrap_or_else(|_| "off".into())),
     ]
     .into_iter()

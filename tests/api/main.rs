@@ -1,7 +1,9 @@
 //! One integration-test binary (link once): every test starts the real application on a random
 //! port against its own database and the in-process stand-ins.
 
+mod agent_runs;
 mod foundation;
 mod helpers;
 mod provisioning;
 mod standins;
+mod webhooks;

@@ -1,0 +1,57 @@
+-- The webhook inbox. An event is stored here, in the same statement that records its delivery id,
+-- before the source gets its 200: nothing acknowledged is ever lost. Dispatch workers on every
+-- replica claim events with FOR UPDATE SKIP LOCKED and a lease, so a worker that dies mid-dispatch
+-- only delays its event until the lease expires.
+-- Bounded waits: a migration must never queue behind (or hold up) live traffic indefinitely.
+SET LOCAL lock_timeout = '5s';
+SET LOCAL statement_timeout = '60s';
+
+CREATE TABLE webhook_events (
+    id UUID PRIMARY KEY,
+    source TEXT NOT NULL,
+    -- The provider's event type (Slack event type, X-GitHub-Event, PagerDuty event_type, ...).
+    kind TEXT NOT NULL,
+    delivery_id TEXT NOT NULL,
+    -- Headers that matter for dispatch and operators; never a signature or a credential.
+    headers JSONB NOT NULL DEFAULT '{}'::jsonb,
+    -- The raw body as verified; NULL once purged by retention.
+    body BYTEA,
+    received_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    status TEXT NOT NULL DEFAULT 'pending'
+        CHECK (status IN ('pending', 'processing', 'delivered', 'skipped', 'unrouted', 'dead_letter')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    lease_owner UUID,
+    lease_until TIMESTAMPTZ,
+    -- Thread, issue or incident: events sharing it are dispatched one at a time, in order.
+    ordering_key TEXT,
+    last_error TEXT,
+    skip_reason TEXT,
+    org_id TEXT,
+    team_node_id TEXT,
+    correlation_id TEXT,
+    agent_result JSONB,
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    finished_at TIMESTAMPTZ
+);
+
+-- What the workers claim: due events, oldest first.
+CREATE INDEX webhook_events_due_idx ON webhook_events (next_attempt_at) WHERE status IN ('pending', 'processing');
+-- The in-order check looks for earlier unfinished events with the same ordering key.
+CREATE INDEX webhook_events_ordering_idx ON webhook_events (ordering_key, received_at)
+    WHERE status IN ('pending', 'processing');
+-- The operator views list newest first, by source and status.
+CREATE INDEX webhook_events_received_idx ON webhook_events (received_at DESC, id DESC);
+CREATE INDEX webhook_events_status_idx ON webhook_events (status, received_at DESC);
+CREATE INDEX webhook_events_org_idx ON webhook_events (org_id, received_at DESC);
+
+-- Delivery ids seen, kept at least a week after their event is purged, so a provider's late retry
+-- is still recognised as a duplicate.
+CREATE TABLE webhook_deliveries (
+    source TEXT NOT NULL,
+    delivery_id TEXT NOT NULL,
+    event_id UUID NOT NULL,
+    received_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (source, delivery_id)
+);
+CREATE INDEX webhook_deliveries_received_idx ON webhook_deliveries (received_at);

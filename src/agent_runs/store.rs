@@ -1,0 +1,58 @@
+//! The SQL of `agent_runs`.
+
+use serde_json::Value;
+use sqlx::PgExecutor;
+use uuid::Uuid;
+
+pub struct NewRun<'a> {
+    pub id: Uuid,
+    pub correlation_id: Uuid,
+    pub org_id: &'a str,
+    pub team_node_id: &'a str,
+    pub agent_name: &'a str,
+    pub actor_subject: &'a str,
+    pub actor_email: Option<&'a str>,
+    pub streaming: bool,
+}
+
+pub async fn open(executor: impl PgExecutor<'_>, run: &NewRun<'_>) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO agent_runs (id, correlation_id, org_id, team_node_id, agent_name, trigger_source, actor_subject, actor_email, status, streaming)
+         VALUES ($1, $2, $3, $4, $5, 'admin', $6, $7, 'running', $8)",
+    )
+    .bind(run.id)
+    .bind(run.correlation_id)
+    .bind(run.org_id)
+    .bind(run.team_node_id)
+    .bind(run.agent_name)
+    .bind(run.actor_subject)
+    .bind(run.actor_email)
+    .bind(run.streaming)
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
+/// Closes a run once; a second close changes nothing.
+pub async fn close(
+    executor: impl PgExecutor<'_>,
+    id: Uuid,
+    status: &str,
+    duration_ms: i64,
+    summary: Option<&Value>,
+    error: Option<&Value>,
+) -> Result<bool, sqlx::Error> {
+    Ok(sqlx::query(
+        "UPDATE agent_runs SET status = $2, finished_at = now(), duration_ms = $3, summary = $4, error = $5
+         WHERE id = $1 AND status = 'running'",
+    )
+    .bind(id)
+    .bind(status)
+    .bind(duration_ms)
+    .bind(summary)
+    .bind(error)
+    .execute(executor)
+    .await?
+    .rows_affected()
+        == 1)
+}

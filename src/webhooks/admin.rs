@@ -1,0 +1,294 @@
+//! The operator surface: list and inspect inbox events, replay one or a filtered batch.
+
+use axum::extract::State;
+use axum::Json;
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::signature::Source;
+use super::store::{self, EventFilter, EventRow};
+use crate::app::AppState;
+use crate::audit::{self, AuditEntry};
+use crate::auth::{Admin, Capability};
+use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult};
+use crate::pagination;
+
+const STATUSES: [&str; 6] = [
+    "pending",
+    "processing",
+    "delivered",
+    "skipped",
+    "unrouted",
+    "dead_letter",
+];
+const REPLAY_MAX: i64 = 1000;
+
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct EventQuery {
+    source: Option<String>,
+    status: Option<String>,
+    since: Option<DateTime<Utc>>,
+    org_id: Option<String>,
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct EventPage {
+    items: Vec<EventRow>,
+    next_cursor: Option<String>,
+}
+
+fn valid_source(source: Option<String>) -> ApiResult<Option<String>> {
+    match source {
+        None => Ok(None),
+        Some(s) => Source::parse(&s)
+            .map(|s| Some(s.as_str().to_string()))
+            .ok_or_else(|| ApiError::invalid_field("source", "must be slack, github, pagerduty or incidentio")),
+    }
+}
+
+fn valid_status(status: Option<String>) -> ApiResult<Option<String>> {
+    match status {
+        Some(s) if !STATUSES.contains(&s.as_str()) => Err(ApiError::invalid_field(
+            "status",
+            format!("must be one of {}", STATUSES.join(", ")),
+        )),
+        other => Ok(other),
+    }
+}
+
+/// Inbox events, newest first; an org admin sees events routed to its org only.
+#[utoipa::path(get, path = "/api/v1/admin/webhooks/events", tag = "webhooks", security(("admin_token" = [])), params(EventQuery),
+    responses((status = 200, body = EventPage), (status = 403, body = crate::openapi::ErrorBody), (status = 422, body = crate::openapi::ErrorBody)))]
+pub async fn list_events(
+    State(state): State<AppState>,
+    admin: Admin,
+    ApiQuery(query): ApiQuery<EventQuery>,
+) -> ApiResult<Json<EventPage>> {
+    admin.require(&state.config.auth, Capability::WebhooksRead)?;
+    let limit = pagination::limit(query.limit)?;
+    let before = match query.cursor.as_deref().map(pagination::decode).transpose()? {
+        Some((at, id)) => Some((
+            at,
+            id.parse::<Uuid>()
+                .map_err(|_| ApiError::invalid_field("cursor", "is not a cursor this service issued"))?,
+        )),
+        None => None,
+    };
+    let filter = EventFilter {
+        org_id: admin.scope_filter(query.org_id.as_deref())?,
+        source: valid_source(query.source)?,
+        status: valid_status(query.status)?,
+        since: query.since,
+        until: None,
+        before,
+        limit: limit + 1,
+    };
+    let mut items = store::list_events(&state.db, &filter).await?;
+    let next_cursor = if items.len() as i64 > limit {
+        items.truncate(limit as usize);
+        items.last().map(|e| pagination::encode(e.received_at, e.id))
+    } else {
+        None
+    };
+    Ok(Json(EventPage { items, next_cursor }))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct EventDetailQuery {
+    /// Include the raw body (base64, and as text when it is UTF-8).
+    include_body: Option<bool>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct EventDetail {
+    #[serde(flatten)]
+    event: EventRow,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body_base64: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body_text: Option<String>,
+}
+
+async fn visible_event(state: &AppState, admin: &Admin, id: Uuid) -> ApiResult<EventRow> {
+    let event = store::get_event(&state.db, id).await?;
+    match (event, admin.org_scope()) {
+        (Some(event), None) => Ok(event),
+        (Some(event), Some(org)) if event.org_id.as_deref() == Some(org) => Ok(event),
+        _ => Err(ApiError::not_found("event_not_found", "no such webhook event")),
+    }
+}
+
+/// One event: status, attempts, last error, routed team, agent correlation id (and the body on request).
+#[utoipa::path(get, path = "/api/v1/admin/webhooks/events/{id}", tag = "webhooks", security(("admin_token" = [])),
+    params(("id" = Uuid, Path, description = "event id"), EventDetailQuery),
+    responses((status = 200, body = EventDetail), (status = 404, body = crate::openapi::ErrorBody)))]
+pub async fn get_event(
+    State(state): State<AppState>,
+    admin: Admin,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiQuery(query): ApiQuery<EventDetailQuery>,
+) -> ApiResult<Json<EventDetail>> {
+    admin.require(&state.config.auth, Capability::WebhooksRead)?;
+    let event = visible_event(&state, &admin, id).await?;
+    let (mut body_base64, mut body_text) = (None, None);
+    if query.include_body == Some(true) {
+        if let Some(body) = store::get_body(&state.db, id).await? {
+            body_text = String::from_utf8(body.clone()).ok();
+            body_base64 = Some(base64::engine::general_purpose::STANDARD.encode(body));
+        }
+    }
+    Ok(Json(EventDetail {
+        event,
+        body_base64,
+        body_text,
+    }))
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ReplayReport {
+    /// How many events went back to the queue.
+    replayed: usize,
+    ids: Vec<Uuid>,
+    /// True when more events matched than `limit`.
+    truncated: bool,
+}
+
+async fn audit_replay(state: &AppState, admin: &Admin, ids: &[Uuid], detail: Value) -> Result<(), sqlx::Error> {
+    let mut tx = state.db.begin().await?;
+    for id in ids {
+        let mut entry = AuditEntry::new(admin.subject(), "webhook.replayed", "accepted");
+        entry.actor_email = admin.email();
+        entry.webhook_event_id = Some(*id);
+        entry.org_id = admin.org_scope();
+        entry.detail = detail.clone();
+        audit::record(&mut *tx, entry).await?;
+    }
+    store::notify(&mut *tx).await?;
+    tx.commit().await
+}
+
+/// Puts one finished event (delivered, skipped, unrouted or dead-lettered) back in the queue.
+#[utoipa::path(post, path = "/api/v1/admin/webhooks/events/{id}/replay", tag = "webhooks", security(("admin_token" = [])),
+    params(("id" = Uuid, Path, description = "event id")),
+    responses((status = 200, body = ReplayReport), (status = 404, body = crate::openapi::ErrorBody),
+        (status = 409, description = "the event is still pending or being dispatched", body = crate::openapi::ErrorBody)))]
+pub async fn replay_event(
+    State(state): State<AppState>,
+    admin: Admin,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<Json<ReplayReport>> {
+    admin.require(&state.config.auth, Capability::WebhooksReplay)?;
+    let event = visible_event(&state, &admin, id).await?;
+    let filter = EventFilter {
+        limit: 1,
+        ..Default::default()
+    };
+    let ids = store::replay(&state.db, &filter, Some(&[id])).await?;
+    if ids.is_empty() {
+        return Err(ApiError::conflict(
+            "event_not_replayable",
+            format!("the event is {}; only finished events can be replayed", event.status),
+        ));
+    }
+    audit_replay(
+        &state,
+        &admin,
+        &ids,
+        json!({"source": event.source, "previous_status": event.status}),
+    )
+    .await?;
+    Ok(Json(ReplayReport {
+        replayed: ids.len(),
+        ids,
+        truncated: false,
+    }))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+pub struct ReplayFilter {
+    source: Option<String>,
+    /// Defaults to dead_letter.
+    status: Option<String>,
+    since: Option<DateTime<Utc>>,
+    until: Option<DateTime<Utc>>,
+    org_id: Option<String>,
+    /// At most 1000 (default 100).
+    limit: Option<i64>,
+}
+
+/// Replays every finished event matching a filter (for example every dead-lettered GitHub event since a time), bounded.
+#[utoipa::path(post, path = "/api/v1/admin/webhooks/replay", tag = "webhooks", security(("admin_token" = [])),
+    request_body = ReplayFilter,
+    responses((status = 200, body = ReplayReport), (status = 403, body = crate::openapi::ErrorBody), (status = 422, body = crate::openapi::ErrorBody)))]
+pub async fn replay_matching(
+    State(state): State<AppState>,
+    admin: Admin,
+    ApiJson(body): ApiJson<ReplayFilter>,
+) -> ApiResult<Json<ReplayReport>> {
+    admin.require(&state.config.auth, Capability::WebhooksReplay)?;
+    let limit = match body.limit {
+        None => 100,
+        Some(n) if (1..=REPLAY_MAX).contains(&n) => n,
+        Some(_) => {
+            return Err(ApiError::invalid_field(
+                "limit",
+                format!("must be between 1 and {REPLAY_MAX}"),
+            ))
+        }
+    };
+    let status = valid_status(Some(body.status.unwrap_or_else(|| "dead_letter".into())))?;
+    if matches!(status.as_deref(), Some("pending" | "processing")) {
+        return Err(ApiError::invalid_field(
+            "status",
+            "only finished events can be replayed",
+        ));
+    }
+    let filter = EventFilter {
+        org_id: admin.scope_filter(body.org_id.as_deref())?,
+        source: valid_source(body.source)?,
+        status,
+        since: body.since,
+        until: body.until,
+        before: None,
+        limit: limit + 1,
+    };
+    let mut ids = store::replay(
+        &state.db,
+        &EventFilter {
+            limit,
+            ..filter.clone()
+        },
+        None,
+    )
+    .await?;
+    // One more matching event left means the batch was cut at the limit.
+    let truncated = !store::list_events(
+        &state.db,
+        &EventFilter {
+            limit: 1,
+            ..filter.clone()
+        },
+    )
+    .await?
+    .is_empty();
+    ids.sort();
+    if !ids.is_empty() {
+        audit_replay(
+            &state,
+            &admin,
+            &ids,
+            json!({"bulk": true, "source": filter.source, "status": filter.status}),
+        )
+        .await?;
+    }
+    Ok(Json(ReplayReport {
+        replayed: ids.len(),
+        ids,
+        truncated,
+    }))
+}

@@ -1,0 +1,556 @@
+//! Dispatch workers: claim inbox events, find the owning team, run its agent, record the outcome.
+//! Every replica runs one dispatcher; Postgres arbitrates (SKIP LOCKED claims with a lease).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde_json::{json, Value};
+use sqlx::postgres::PgListener;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::ingress::source_config;
+use super::signature::Source;
+use super::sources::{self, Plan, RunPlan};
+use super::store::{self, ClaimedEvent, Outcome};
+use crate::app::AppState;
+use crate::audit::{self, AuditEntry};
+use crate::clients::agent::{AgentError, AgentRequest};
+use crate::clients::config_service::RoutingMatch;
+use crate::config::Secret;
+use crate::retry::RetryPolicy;
+
+const ROUTING_TTL: Duration = Duration::from_secs(30);
+const TEAM_CONFIG_TTL: Duration = Duration::from_secs(60);
+/// An impersonation token is renewed this long before it expires.
+const TOKEN_MARGIN: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+const DEFAULT_AGENT: &str = "planner";
+
+/// Short-lived caches in front of the config service.
+#[derive(Clone, Default)]
+pub struct DispatchCaches {
+    routing: Arc<Mutex<HashMap<TeamKey, (RoutingMatch, Instant)>>>,
+    teams: Arc<Mutex<HashMap<TeamKey, TeamAccess>>>,
+}
+
+/// A pair of strings: (routing key, value) or (org, team).
+type TeamKey = (String, String);
+
+#[derive(Clone)]
+struct TeamAccess {
+    token: Secret,
+    token_expires: chrono::DateTime<Utc>,
+    config: Value,
+    config_fetched: Instant,
+}
+
+impl DispatchCaches {
+    fn routing(&self, key: &(String, String)) -> Option<RoutingMatch> {
+        let cache = self.routing.lock().unwrap_or_else(|p| p.into_inner());
+        cache
+            .get(key)
+            .filter(|(_, at)| at.elapsed() < ROUTING_TTL)
+            .map(|(m, _)| m.clone())
+    }
+    fn remember_routing(&self, key: (String, String), found: RoutingMatch) {
+        let mut cache = self.routing.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() > 10_000 {
+            cache.retain(|_, (_, at)| at.elapsed() < ROUTING_TTL);
+        }
+        cache.insert(key, (found, Instant::now()));
+    }
+    fn team(&self, key: &(String, String)) -> Option<TeamAccess> {
+        let cache = self.teams.lock().unwrap_or_else(|p| p.into_inner());
+        cache
+            .get(key)
+            .filter(|t| t.token_expires - TOKEN_MARGIN > Utc::now() && t.config_fetched.elapsed() < TEAM_CONFIG_TTL)
+            .cloned()
+    }
+    fn remember_team(&self, key: (String, String), access: TeamAccess) {
+        let mut cache = self.teams.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() > 10_000 {
+            cache.clear();
+        }
+        cache.insert(key, access);
+    }
+    fn forget_team(&self, key: &(String, String)) {
+        self.teams.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+    }
+}
+
+/// The dispatcher of this replica: claims as many events as it has free workers, wakes on
+/// NOTIFY, a finished event, or the poll interval.
+pub async fn run(state: AppState, stop: CancellationToken) {
+    let config = &state.config.webhooks;
+    let workers = Arc::new(Semaphore::new(config.dispatch_workers));
+    let wake = Arc::new(Notify::new());
+    let owner = Uuid::new_v4();
+    tokio::spawn(listen(state.clone(), wake.clone(), stop.clone()));
+    let lease_secs = config.dispatch_lease.as_secs_f64();
+
+    loop {
+        if stop.is_cancelled() {
+            break;
+        }
+        let free = workers.available_permits();
+        let mut claimed_all = false;
+        if free > 0 {
+            match store::claim(&state.db, owner, free as i64, lease_secs).await {
+                Ok(events) => {
+                    claimed_all = events.len() == free;
+                    for event in events {
+                        let Ok(permit) = workers.clone().acquire_owned().await else {
+                            break;
+                        };
+                        let state = state.clone();
+                        let wake = wake.clone();
+                        tokio::spawn(async move {
+                            process(&state, owner, event).await;
+                            drop(permit);
+                            wake.notify_one();
+                        });
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "claiming webhook events failed"),
+            }
+        }
+        if claimed_all {
+            // There may be more due right now.
+            tokio::task::yield_now().await;
+            continue;
+        }
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = wake.notified() => {}
+            () = tokio::time::sleep(config.dispatch_poll_interval) => {}
+        }
+    }
+    // Let running dispatches finish within the lease; what does not is taken over after it.
+    let total = config.dispatch_workers as u32;
+    let _ = tokio::time::timeout(Duration::from_secs(10), workers.acquire_many(total)).await;
+}
+
+/// LISTEN for new events; reconnects with a pause when the connection drops.
+async fn listen(state: AppState, wake: Arc<Notify>, stop: CancellationToken) {
+    loop {
+        let listener = async {
+            let mut listener = PgListener::connect_with(&state.db).await?;
+            listener.listen(store::NOTIFY_CHANNEL).await?;
+            loop {
+                listener.recv().await?;
+                wake.notify_one();
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), sqlx::Error>(())
+        };
+        tokio::select! {
+            () = stop.cancelled() => return,
+            result = listener => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "webhook LISTEN connection lost; polling until it is back");
+                }
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}
+
+/// The result of dispatching one event, before it is written.
+enum Result_ {
+    Delivered { org: String, team: String, result: Value },
+    Skipped(String),
+    Unrouted(String),
+    Failed(String),
+}
+
+async fn process(state: &AppState, owner: Uuid, event: ClaimedEvent) {
+    let Some(source) = Source::parse(&event.source) else {
+        tracing::error!(event_id = %event.id, source = %event.source, "event of an unknown source");
+        return;
+    };
+    let started = Instant::now();
+    let lease = state.config.webhooks.dispatch_lease;
+    // Renew the lease while the agent runs, so no other worker takes the event meanwhile.
+    let heartbeat = async {
+        loop {
+            tokio::time::sleep(lease / 3).await;
+            match store::renew_lease(&state.db, event.id, owner, lease.as_secs_f64()).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(event_id = %event.id, "lost the lease of an event being dispatched");
+                    return;
+                }
+                Err(e) => tracing::warn!(event_id = %event.id, error = %e, "renewing a lease failed"),
+            }
+        }
+    };
+    let result = tokio::select! {
+        result = dispatch(state, source, &event) => result,
+        () = heartbeat => Result_::Failed("lost the lease while dispatching".into()),
+    };
+    let label = source.as_str();
+    let correlation = event.id.to_string();
+    let write = match &result {
+        Result_::Delivered { org, team, result } => {
+            state
+                .metrics
+                .webhook_dispatch_attempts_total
+                .with_label_values(&[label, "delivered"])
+                .inc();
+            observe_latency(state, label, &event);
+            store::record_outcome(
+                &state.db,
+                event.id,
+                owner,
+                &Outcome {
+                    status: "delivered",
+                    next_attempt_at: None,
+                    last_error: None,
+                    skip_reason: None,
+                    org_id: Some(org),
+                    team_node_id: Some(team),
+                    correlation_id: Some(&correlation),
+                    agent_result: Some(result),
+                },
+            )
+            .await
+        }
+        Result_::Skipped(reason) | Result_::Unrouted(reason) => {
+            let (status, skip, error) = match &result {
+                Result_::Skipped(_) => ("skipped", Some(reason.as_str()), None),
+                _ => ("unrouted", None, Some(reason.as_str())),
+            };
+            state
+                .metrics
+                .webhook_dispatch_attempts_total
+                .with_label_values(&[label, status])
+                .inc();
+            observe_latency(state, label, &event);
+            store::record_outcome(
+                &state.db,
+                event.id,
+                owner,
+                &Outcome {
+                    status,
+                    next_attempt_at: None,
+                    last_error: error,
+                    skip_reason: skip,
+                    org_id: None,
+                    team_node_id: None,
+                    correlation_id: None,
+                    agent_result: None,
+                },
+            )
+            .await
+        }
+        Result_::Failed(error) => record_failure(state, owner, source, &event, error).await,
+    };
+    match write {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!(event_id = %event.id, "the event's lease moved on before its outcome was written"),
+        Err(e) => {
+            tracing::error!(event_id = %event.id, error = %e, "writing a dispatch outcome failed; the lease will expire and it is retried")
+        }
+    }
+    tracing::debug!(event_id = %event.id, source = label, elapsed_ms = started.elapsed().as_millis() as u64, "dispatched");
+}
+
+fn observe_latency(state: &AppState, source: &str, event: &ClaimedEvent) {
+    let age = (Utc::now() - event.received_at).num_milliseconds().max(0) as f64 / 1000.0;
+    state
+        .metrics
+        .webhook_dispatch_latency_seconds
+        .with_label_values(&[source])
+        .observe(age);
+}
+
+fn dispatch_policy(state: &AppState) -> RetryPolicy {
+    let c = &state.config.webhooks;
+    RetryPolicy {
+        initial: c.retry_initial,
+        multiplier: 2.0,
+        max_delay: c.retry_max,
+        max_attempts: c.dispatch_max_attempts,
+        max_elapsed: c.dispatch_max_age,
+    }
+}
+
+async fn record_failure(
+    state: &AppState,
+    owner: Uuid,
+    source: Source,
+    event: &ClaimedEvent,
+    error: &str,
+) -> Result<bool, sqlx::Error> {
+    let policy = dispatch_policy(state);
+    let attempts = event.attempts.max(1) as u32;
+    let delay = policy.delay(attempts, None);
+    let age = (Utc::now() - event.received_at).to_std().unwrap_or_default();
+    let label = source.as_str();
+    if policy.allows_another(attempts, age, delay) {
+        state
+            .metrics
+            .webhook_dispatch_attempts_total
+            .with_label_values(&[label, "retry"])
+            .inc();
+        tracing::info!(event_id = %event.id, source = label, attempts, delay_ms = delay.as_millis() as u64, %error, "dispatch failed; will retry");
+        let next = Utc::now() + chrono::TimeDelta::from_std(delay).unwrap_or_default();
+        return store::record_outcome(
+            &state.db,
+            event.id,
+            owner,
+            &Outcome {
+                status: "pending",
+                next_attempt_at: Some(next),
+                last_error: Some(error),
+                skip_reason: None,
+                org_id: None,
+                team_node_id: None,
+                correlation_id: None,
+                agent_result: None,
+            },
+        )
+        .await;
+    }
+    state
+        .metrics
+        .webhook_dispatch_attempts_total
+        .with_label_values(&[label, "dead_letter"])
+        .inc();
+    observe_latency(state, label, event);
+    tracing::error!(event_id = %event.id, source = label, attempts, %error, "dispatch gave up; event dead-lettered");
+    let mut tx = state.db.begin().await?;
+    let written = store::record_outcome(
+        &mut *tx,
+        event.id,
+        owner,
+        &Outcome {
+            status: "dead_letter",
+            next_attempt_at: None,
+            last_error: Some(error),
+            skip_reason: None,
+            org_id: None,
+            team_node_id: None,
+            correlation_id: None,
+            agent_result: None,
+        },
+    )
+    .await?;
+    if written {
+        let mut entry = AuditEntry::new("orchestrator", "webhook.dead_lettered", "dead_letter");
+        entry.webhook_event_id = Some(event.id);
+        entry.detail = json!({"source": label, "kind": event.kind, "attempts": attempts, "error": error});
+        audit::record(&mut *tx, entry).await?;
+    }
+    tx.commit().await?;
+    Ok(written)
+}
+
+async fn dispatch(state: &AppState, source: Source, event: &ClaimedEvent) -> Result_ {
+    let Some(body) = &event.body else {
+        return Result_::Skipped("the body was purged".into());
+    };
+    let run = match sources::plan(source, &event.kind, body) {
+        Plan::Skip(reason) => return Result_::Skipped(reason),
+        Plan::Feedback(feedback) => {
+            return match state.config_service.feedback(&feedback).await {
+                Ok(()) => Result_::Delivered {
+                    org: String::new(),
+                    team: String::new(),
+                    result: json!({"feedback": feedback["feedback"]}),
+                },
+                Err(e) => Result_::Failed(format!("forwarding feedback failed: {e}")),
+            };
+        }
+        Plan::Run(run) => run,
+    };
+    let owner = match route(state, &run).await {
+        Ok(Some(owner)) => owner,
+        Ok(None) => return Result_::Unrouted(format!("no team owns {}={}", run.routing_key, run.routing_value)),
+        Err(e) => return Result_::Failed(e),
+    };
+    let (org, team) = owner;
+    match run_agent(state, source, event, &run, &org, &team).await {
+        Ok(result) => Result_::Delivered { org, team, result },
+        Err(e) => Result_::Failed(e),
+    }
+}
+
+async fn route(state: &AppState, run: &RunPlan) -> Result<Option<(String, String)>, String> {
+    let key = (run.routing_key.to_string(), run.routing_value.clone());
+    let found = match state.dispatch_caches.routing(&key) {
+        Some(found) => found,
+        None => {
+            let mut identifiers = serde_json::Map::new();
+            identifiers.insert(run.routing_key.into(), Value::String(run.routing_value.clone()));
+            let found = state
+                .config_service
+                .routing_lookup(&identifiers)
+                .await
+                .map_err(|e| format!("routing lookup failed: {e}"))?;
+            state.dispatch_caches.remember_routing(key, found.clone());
+            found
+        }
+    };
+    Ok(match (found.found, found.org_id, found.team_node_id) {
+        (true, Some(org), Some(team)) => Some((org, team)),
+        _ => None,
+    })
+}
+
+async fn team_access(state: &AppState, org: &str, team: &str) -> Result<TeamAccess, String> {
+    let key = (org.to_string(), team.to_string());
+    if let Some(access) = state.dispatch_caches.team(&key) {
+        return Ok(access);
+    }
+    let admin = state
+        .config
+        .internal_admin_token
+        .as_ref()
+        .ok_or("ORCHESTRATOR_INTERNAL_ADMIN_TOKEN is not set: cannot act for a team")?;
+    let minted = state
+        .config_service
+        .impersonation_token(admin, org, team)
+        .await
+        .map_err(|e| format!("impersonation token: {e}"))?;
+    let config = state
+        .config_service
+        .config_me(&minted.token)
+        .await
+        .map_err(|e| format!("team config: {e}"))?;
+    let access = TeamAccess {
+        token: minted.token,
+        token_expires: minted
+            .expires_at
+            .unwrap_or_else(|| Utc::now() + chrono::TimeDelta::minutes(5)),
+        config,
+        config_fetched: Instant::now(),
+    };
+    state.dispatch_caches.remember_team(key, access.clone());
+    Ok(access)
+}
+
+async fn run_agent(
+    state: &AppState,
+    source: Source,
+    event: &ClaimedEvent,
+    run: &RunPlan,
+    org: &str,
+    team: &str,
+) -> Result<Value, String> {
+    let access = team_access(state, org, team).await?;
+    let agent_name = access
+        .config
+        .get("entrance_agent")
+        .and_then(Value::as_str)
+        .unwrap_or(DEFAULT_AGENT)
+        .to_string();
+    let dedicated = access
+        .config
+        .pointer("/agent/dedicated_service_url")
+        .and_then(Value::as_str)
+        .and_then(|u| url::Url::parse(u).ok());
+    let source_config = source_config(&state.config.webhooks, source);
+    let correlation = event.id.to_string();
+    let request = AgentRequest {
+        agent_name: &agent_name,
+        message: &run.message,
+        context: &run.context,
+        timeout: source_config.agent_timeout,
+        max_turns: source_config.agent_max_turns,
+        correlation_id: &correlation,
+        session_id: &run.session_id,
+        trigger_source: source.as_str(),
+        org_id: org,
+        team_id: team,
+        team_token: &access.token,
+        base_url: dedicated.as_ref(),
+    };
+    let started = Instant::now();
+    let result = state.agent.run(&request).await;
+    state
+        .metrics
+        .agent_run_duration_seconds
+        .with_label_values(&[source.as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(AgentError::Timeout(_)) => "timeout",
+        Err(AgentError::Failed(_)) => "failed",
+        Err(AgentError::Upstream(_)) => "upstream_error",
+    };
+    state
+        .metrics
+        .agent_runs_total
+        .with_label_values(&[source.as_str(), outcome])
+        .inc();
+    match result {
+        Ok(answer) => Ok(json!({
+            "success": answer.success,
+            "agent_name": agent_name,
+            "output": bounded(answer.output),
+        })),
+        Err(e) => {
+            if matches!(&e, AgentError::Upstream(n) if n.status() == Some(401) || n.status() == Some(403)) {
+                // The impersonation token may have been revoked: mint a new one next time.
+                state.dispatch_caches.forget_team(&(org.to_string(), team.to_string()));
+            }
+            Err(format!("agent run failed: {e}"))
+        }
+    }
+}
+
+fn bounded(value: Value) -> Value {
+    match value {
+        Value::String(s) => Value::String(crate::clients::truncate(&s, 4000)),
+        other if other.to_string().len() > 8000 => json!({"truncated": true}),
+        other => other,
+    }
+}
+
+/// Samples the inbox depth for the gauge and applies retention, on every replica (cheap, and
+/// idempotent).
+pub async fn housekeeping(state: AppState, stop: CancellationToken) {
+    const STATUSES: [&str; 6] = [
+        "pending",
+        "processing",
+        "delivered",
+        "skipped",
+        "unrouted",
+        "dead_letter",
+    ];
+    let mut ticks: u64 = 0;
+    loop {
+        match store::counts_by_status(&state.db).await {
+            Ok(counts) => {
+                for status in STATUSES {
+                    let n = counts.iter().find(|(s, _)| s == status).map_or(0, |(_, n)| *n);
+                    state.metrics.webhook_inbox_events.with_label_values(&[status]).set(n);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "sampling the inbox failed"),
+        }
+        if ticks % 240 == 0 {
+            let c = &state.config.webhooks;
+            match store::purge(&state.db, c.retention_days, c.dedupe_days.max(7)).await {
+                Ok((events, deliveries)) if events + deliveries > 0 => {
+                    tracing::info!(events, deliveries, "webhook retention purged old rows")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "webhook retention failed"),
+            }
+            state.webhook_rate_limits.shrink();
+        }
+        ticks += 1;
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(15)) => {}
+        }
+    }
+}

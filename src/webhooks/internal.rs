@@ -1,0 +1,131 @@
+//! `POST /api/v1/internal/slack/trigger`: the platform's own Slack bot hands over a message.
+//! It is not run inline: it goes into the same durable inbox as a verified Slack event and is
+//! dispatched the same way (routing by channel, impersonation, agent run, retries).
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use uuid::Uuid;
+
+use super::store::{self, Inserted};
+use crate::app::AppState;
+use crate::error::{ApiError, ApiJson, ApiResult};
+
+#[derive(Deserialize, utoipa::ToSchema)]
+pub struct SlackTrigger {
+    channel_id: String,
+    thread_ts: Option<String>,
+    event_ts: String,
+    user_id: String,
+    text: String,
+    team_id: Option<String>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct TriggerAccepted {
+    event_id: Uuid,
+    /// True when this channel and event_ts were already handed over; nothing new was queued.
+    duplicate: bool,
+}
+
+/// `Authorization: Bearer <token>` or `X-Internal-Token`, compared in constant time. With no
+/// token configured every call is refused.
+fn authenticate(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
+    let Some(expected) = &state.config.internal_token else {
+        return Err(ApiError::unauthorized(
+            "internal_auth_not_configured",
+            "ORCHESTRATOR_INTERNAL_TOKEN is not configured; internal calls are refused",
+        ));
+    };
+    let presented = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .or_else(|| headers.get("x-internal-token").and_then(|v| v.to_str().ok()))
+        .ok_or_else(|| ApiError::unauthorized("missing_token", "an internal token is required"))?;
+    if bool::from(presented.trim().as_bytes().ct_eq(expected.expose().as_bytes())) {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized(
+            "invalid_token",
+            "the internal token is not valid",
+        ))
+    }
+}
+
+fn required(field: &str, value: &str, max: usize) -> ApiResult<()> {
+    if value.trim().is_empty() || value.len() > max || value.chars().any(char::is_control) && field != "text" {
+        return Err(ApiError::invalid_field(
+            field,
+            format!("must be non-empty, at most {max} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+/// Queues a message from the platform's Slack bot for dispatch.
+#[utoipa::path(post, path = "/api/v1/internal/slack/trigger", tag = "webhooks", request_body = SlackTrigger,
+    security(("internal_token" = [])),
+    responses((status = 202, body = TriggerAccepted), (status = 401, body = crate::openapi::ErrorBody),
+        (status = 422, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
+pub async fn slack_trigger(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<SlackTrigger>,
+) -> ApiResult<Response> {
+    authenticate(&state, &headers)?;
+    required("channel_id", &body.channel_id, 64)?;
+    required("event_ts", &body.event_ts, 64)?;
+    required("user_id", &body.user_id, 64)?;
+    required("text", &body.text, 40_000)?;
+    let thread = body
+        .thread_ts
+        .clone()
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| body.event_ts.clone());
+    let stored = json!({
+        "channel_id": body.channel_id, "thread_ts": thread, "event_ts": body.event_ts,
+        "user_id": body.user_id, "text": body.text, "team_id": body.team_id,
+    });
+    let bytes = serde_json::to_vec(&stored).map_err(ApiError::internal)?;
+    let delivery_id = format!("trigger:{}:{}", body.channel_id, body.event_ts);
+    let ordering_key = format!("slack:{}:{thread}", body.channel_id);
+    let new = store::NewEvent {
+        id: Uuid::now_v7(),
+        source: "slack",
+        kind: "internal_trigger",
+        delivery_id: &delivery_id,
+        headers: &json!({}),
+        body: &bytes,
+        ordering_key: Some(&ordering_key),
+    };
+    let outcome = |o: &str| {
+        state
+            .metrics
+            .webhook_deliveries_total
+            .with_label_values(&["slack", o])
+            .inc()
+    };
+    let (event_id, duplicate) = match store::insert_event(&state.db, new).await {
+        Ok(Inserted::New(id)) => {
+            outcome("accepted");
+            (id, false)
+        }
+        Ok(Inserted::Duplicate(id)) => {
+            outcome("duplicate");
+            (id, true)
+        }
+        Err(e) => {
+            outcome("storage_error");
+            return Err(
+                ApiError::unavailable("storage_unavailable", "the trigger could not be stored; retry later")
+                    .with_source(e),
+            );
+        }
+    };
+    Ok((StatusCode::ACCEPTED, Json(TriggerAccepted { event_id, duplicate })).into_response())
+}

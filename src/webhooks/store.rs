@@ -1,0 +1,326 @@
+//! The SQL of the webhook inbox (`webhook_events`) and its dedupe keys (`webhook_deliveries`).
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::{PgExecutor, Postgres, QueryBuilder};
+use uuid::Uuid;
+
+/// Channel the ingress notifies so idle dispatchers wake at once.
+pub const NOTIFY_CHANNEL: &str = "webhook_inbox";
+
+pub struct NewEvent<'a> {
+    pub id: Uuid,
+    pub source: &'a str,
+    pub kind: &'a str,
+    pub delivery_id: &'a str,
+    pub headers: &'a Value,
+    pub body: &'a [u8],
+    pub ordering_key: Option<&'a str>,
+}
+
+pub enum Inserted {
+    New(Uuid),
+    /// The delivery id was seen before; the event it created.
+    Duplicate(Uuid),
+}
+
+/// Stores the event and its delivery id in one statement (one implicit transaction), and
+/// notifies the dispatchers on commit. A delivery id seen before stores nothing.
+pub async fn insert_event(executor: impl PgExecutor<'_> + Copy, new: NewEvent<'_>) -> Result<Inserted, sqlx::Error> {
+    let inserted: Option<Uuid> = sqlx::query_scalar(
+        "WITH delivery AS (
+             INSERT INTO webhook_deliveries (source, delivery_id, event_id) VALUES ($2, $4, $1)
+             ON CONFLICT DO NOTHING RETURNING event_id),
+         event AS (
+             INSERT INTO webhook_events (id, source, kind, delivery_id, headers, body, ordering_key)
+             SELECT $1, $2, $3, $4, $5, $6, $7 FROM delivery RETURNING id)
+         SELECT id FROM event, LATERAL (SELECT pg_notify('webhook_inbox', '')) AS wake",
+    )
+    .bind(new.id)
+    .bind(new.source)
+    .bind(new.kind)
+    .bind(new.delivery_id)
+    .bind(new.headers)
+    .bind(new.body)
+    .bind(new.ordering_key)
+    .fetch_optional(executor)
+    .await?;
+    match inserted {
+        Some(id) => Ok(Inserted::New(id)),
+        None => {
+            let existing: Option<Uuid> =
+                sqlx::query_scalar("SELECT event_id FROM webhook_deliveries WHERE source = $1 AND delivery_id = $2")
+                    .bind(new.source)
+                    .bind(new.delivery_id)
+                    .fetch_optional(executor)
+                    .await?;
+            Ok(Inserted::Duplicate(existing.unwrap_or(new.id)))
+        }
+    }
+}
+
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct ClaimedEvent {
+    pub id: Uuid,
+    pub source: String,
+    pub kind: String,
+    pub delivery_id: String,
+    pub headers: Value,
+    pub body: Option<Vec<u8>>,
+    pub received_at: DateTime<Utc>,
+    pub attempts: i32,
+    pub ordering_key: Option<String>,
+}
+
+/// Claims up to `limit` due events for `owner` with a lease. An event waits while an earlier
+/// event with the same ordering key is unfinished, which keeps a thread's events in order. An
+/// expired lease (its worker died) makes an event claimable again.
+pub async fn claim(
+    executor: impl PgExecutor<'_>,
+    owner: Uuid,
+    limit: i64,
+    lease_secs: f64,
+) -> Result<Vec<ClaimedEvent>, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE webhook_events e
+         SET status = 'processing', lease_owner = $1, lease_until = now() + make_interval(secs => $3),
+             attempts = e.attempts + 1, updated_at = now()
+         WHERE e.id IN (
+             SELECT c.id FROM webhook_events c
+             WHERE c.next_attempt_at <= now()
+               AND (c.status = 'pending' OR (c.status = 'processing' AND c.lease_until < now()))
+               AND NOT EXISTS (
+                   SELECT 1 FROM webhook_events p
+                   WHERE c.ordering_key IS NOT NULL AND p.ordering_key = c.ordering_key
+                     AND p.status IN ('pending', 'processing')
+                     AND (p.received_at, p.id) < (c.received_at, c.id))
+             ORDER BY c.next_attempt_at, c.received_at
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED)
+         RETURNING e.id, e.source, e.kind, e.delivery_id, e.headers, e.body, e.received_at, e.attempts, e.ordering_key",
+    )
+    .bind(owner)
+    .bind(limit)
+    .bind(lease_secs)
+    .fetch_all(executor)
+    .await
+}
+
+/// Extends a lease while the agent runs; `false` if the lease was lost.
+pub async fn renew_lease(
+    executor: impl PgExecutor<'_>,
+    id: Uuid,
+    owner: Uuid,
+    lease_secs: f64,
+) -> Result<bool, sqlx::Error> {
+    Ok(sqlx::query(
+        "UPDATE webhook_events SET lease_until = now() + make_interval(secs => $3)
+         WHERE id = $1 AND lease_owner = $2 AND status = 'processing'",
+    )
+    .bind(id)
+    .bind(owner)
+    .bind(lease_secs)
+    .execute(executor)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+/// The final or next state of a dispatched event. Only the lease owner may write it.
+pub struct Outcome<'a> {
+    pub status: &'a str,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub last_error: Option<&'a str>,
+    pub skip_reason: Option<&'a str>,
+    pub org_id: Option<&'a str>,
+    pub team_node_id: Option<&'a str>,
+    pub correlation_id: Option<&'a str>,
+    pub agent_result: Option<&'a Value>,
+}
+
+pub async fn record_outcome(
+    executor: impl PgExecutor<'_>,
+    id: Uuid,
+    owner: Uuid,
+    outcome: &Outcome<'_>,
+) -> Result<bool, sqlx::Error> {
+    let finished = outcome.status != "pending";
+    Ok(sqlx::query(
+        "UPDATE webhook_events SET status = $3, next_attempt_at = coalesce($4, next_attempt_at), last_error = $5,
+             skip_reason = $6, org_id = coalesce($7, org_id), team_node_id = coalesce($8, team_node_id),
+             correlation_id = coalesce($9, correlation_id), agent_result = coalesce($10, agent_result),
+             lease_owner = NULL, lease_until = NULL, updated_at = now(),
+             finished_at = CASE WHEN $11 THEN now() ELSE NULL END
+         WHERE id = $1 AND lease_owner = $2",
+    )
+    .bind(id)
+    .bind(owner)
+    .bind(outcome.status)
+    .bind(outcome.next_attempt_at)
+    .bind(outcome.last_error)
+    .bind(outcome.skip_reason)
+    .bind(outcome.org_id)
+    .bind(outcome.team_node_id)
+    .bind(outcome.correlation_id)
+    .bind(outcome.agent_result)
+    .bind(finished)
+    .execute(executor)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+#[derive(Clone, Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct EventRow {
+    pub id: Uuid,
+    pub source: String,
+    pub kind: String,
+    pub delivery_id: String,
+    #[schema(value_type = Object)]
+    pub headers: Value,
+    pub received_at: DateTime<Utc>,
+    /// pending, processing, delivered, skipped, unrouted or dead_letter.
+    pub status: String,
+    pub attempts: i32,
+    pub next_attempt_at: DateTime<Utc>,
+    pub ordering_key: Option<String>,
+    pub last_error: Option<String>,
+    pub skip_reason: Option<String>,
+    pub org_id: Option<String>,
+    pub team_node_id: Option<String>,
+    pub correlation_id: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub agent_result: Option<Value>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+const EVENT_COLUMNS: &str = "id, source, kind, delivery_id, headers, received_at, status, attempts, next_attempt_at,
+    ordering_key, last_error, skip_reason, org_id, team_node_id, correlation_id, agent_result, updated_at, finished_at";
+
+pub async fn get_event(executor: impl PgExecutor<'_>, id: Uuid) -> Result<Option<EventRow>, sqlx::Error> {
+    sqlx::query_as(&format!("SELECT {EVENT_COLUMNS} FROM webhook_events WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(executor)
+        .await
+}
+
+pub async fn get_body(executor: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Vec<u8>>, sqlx::Error> {
+    sqlx::query_scalar("SELECT body FROM webhook_events WHERE id = $1")
+        .bind(id)
+        .fetch_optional(executor)
+        .await
+        .map(Option::flatten)
+}
+
+#[derive(Clone, Default)]
+pub struct EventFilter {
+    /// Confines an org admin to events routed to its org.
+    pub org_id: Option<String>,
+    pub source: Option<String>,
+    pub status: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    pub before: Option<(DateTime<Utc>, Uuid)>,
+    pub limit: i64,
+}
+
+fn push_filter(sql: &mut QueryBuilder<'_, Postgres>, filter: &EventFilter) {
+    if let Some(org) = &filter.org_id {
+        sql.push(" AND org_id = ").push_bind(org.clone());
+    }
+    if let Some(source) = &filter.source {
+        sql.push(" AND source = ").push_bind(source.clone());
+    }
+    if let Some(status) = &filter.status {
+        sql.push(" AND status = ").push_bind(status.clone());
+    }
+    if let Some(since) = filter.since {
+        sql.push(" AND received_at >= ").push_bind(since);
+    }
+    if let Some(until) = filter.until {
+        sql.push(" AND received_at < ").push_bind(until);
+    }
+    if let Some((at, id)) = filter.before {
+        sql.push(" AND (received_at, id) < (")
+            .push_bind(at)
+            .push(", ")
+            .push_bind(id)
+            .push(")");
+    }
+}
+
+pub async fn list_events(executor: impl PgExecutor<'_>, filter: &EventFilter) -> Result<Vec<EventRow>, sqlx::Error> {
+    let mut sql = QueryBuilder::<Postgres>::new(format!("SELECT {EVENT_COLUMNS} FROM webhook_events WHERE TRUE"));
+    push_filter(&mut sql, filter);
+    sql.push(" ORDER BY received_at DESC, id DESC LIMIT ")
+        .push_bind(filter.limit);
+    sql.build_query_as().fetch_all(executor).await
+}
+
+/// Puts finished events back in the queue with a fresh attempt budget. Events still pending or
+/// processing are left alone. Returns the ids replayed.
+pub async fn replay(
+    executor: impl PgExecutor<'_>,
+    filter: &EventFilter,
+    ids: Option<&[Uuid]>,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    let mut sql = QueryBuilder::<Postgres>::new(
+        "WITH chosen AS (SELECT id FROM webhook_events WHERE status IN ('delivered', 'skipped', 'unrouted', 'dead_letter') AND body IS NOT NULL",
+    );
+    push_filter(&mut sql, filter);
+    if let Some(ids) = ids {
+        sql.push(" AND id = ANY(").push_bind(ids.to_vec()).push(")");
+    }
+    sql.push(" ORDER BY received_at LIMIT ").push_bind(filter.limit);
+    sql.push(
+        " FOR UPDATE SKIP LOCKED)
+         UPDATE webhook_events e SET status = 'pending', attempts = 0, next_attempt_at = now(), last_error = NULL,
+             skip_reason = NULL, finished_at = NULL, updated_at = now()
+         FROM chosen WHERE e.id = chosen.id
+         RETURNING e.id",
+    );
+    let ids: Vec<Uuid> = sql.build_query_scalar().fetch_all(executor).await?;
+    Ok(ids)
+}
+
+pub async fn notify(executor: impl PgExecutor<'_>) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify('webhook_inbox', '')")
+        .execute(executor)
+        .await?;
+    Ok(())
+}
+
+pub async fn counts_by_status(executor: impl PgExecutor<'_>) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as("SELECT status, count(*) FROM webhook_events GROUP BY status")
+        .fetch_all(executor)
+        .await
+}
+
+/// Retention: drops finished events older than `retention_days` (dead letters stay until an
+/// operator deals with them), then delivery ids older than `dedupe_days` whose event is gone.
+pub async fn purge(
+    executor: impl PgExecutor<'_> + Copy,
+    retention_days: u32,
+    dedupe_days: u32,
+) -> Result<(u64, u64), sqlx::Error> {
+    let events = sqlx::query(
+        "DELETE FROM webhook_events WHERE id IN (
+             SELECT id FROM webhook_events WHERE status IN ('delivered', 'skipped', 'unrouted')
+               AND finished_at < now() - make_interval(days => $1) LIMIT 10000)",
+    )
+    .bind(retention_days as i32)
+    .execute(executor)
+    .await?
+    .rows_affected();
+    let deliveries = sqlx::query(
+        "DELETE FROM webhook_deliveries d WHERE d.received_at < now() - make_interval(days => $1)
+           AND NOT EXISTS (SELECT 1 FROM webhook_events e WHERE e.id = d.event_id)",
+    )
+    .bind(dedupe_days as i32)
+    .execute(executor)
+    .await?
+    .rows_affected();
+    Ok((events, deliveries))
+}

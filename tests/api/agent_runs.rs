@@ -1,0 +1,407 @@
+//! The agent-run proxy and the internal Slack trigger.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+fn body(team: &str) -> Value {
+    json!({"org_id": "acme", "team_node_id": team, "agent_name": "planner", "message": "hello", "context": {"k": 1}, "timeout": 5})
+}
+
+async fn run(app: &TestApp, token: &str, body: &Value) -> reqwest::Response {
+    app.client
+        .post(app.at("/api/v1/admin/agents/run"))
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn agent_run_rows(app: &TestApp) -> Vec<(String, Option<Value>)> {
+    sqlx::query_as("SELECT status, error FROM agent_runs ORDER BY started_at")
+        .fetch_all(&app.db.pool)
+        .await
+        .unwrap()
+}
+
+fn team(app: &TestApp, name: &str) {
+    app.stack
+        .config_service
+        .state()
+        .set_team_config("acme", name, json!({}));
+}
+
+#[tokio::test]
+async fn runs_the_agent_with_a_minted_team_credential_and_audits_it() {
+    let app = TestApp::spawn().await;
+    team(&app, "sre");
+    let response = run(&app, SUPER_ADMIN, &body("sre")).await;
+    assert_eq!(response.status(), 200);
+    let answer = json_of(response).await;
+    assert_eq!(answer["team_node_id"], "sre");
+    assert_eq!(answer["agent_name"], "planner");
+    assert_eq!(answer["agent_result"]["success"], true);
+    assert_eq!(answer["agent_result"]["output"], "echo: hello");
+
+    let call = &app.stack.agent.calls_to("POST", "/agents/planner/run")[0];
+    let team_token = call.headers["x-incidentfox-team-token"].clone();
+    assert_ne!(team_token, SUPER_ADMIN, "the admin's token never reaches the agent");
+    assert_eq!(
+        call.headers["x-correlation-id"],
+        answer["correlation_id"].as_str().unwrap()
+    );
+    assert_eq!(call.body["context"], json!({"k": 1}));
+    assert!(
+        !answer.to_string().contains(&team_token),
+        "the team credential never reaches the caller"
+    );
+
+    let audit = app.stack.config_service.state().audit_runs();
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0]["run_id"], answer["run_id"]);
+    assert_eq!(audit[0]["status"], "succeeded");
+    assert_eq!(agent_run_rows(&app).await, vec![("succeeded".to_string(), None)]);
+}
+
+#[tokio::test]
+async fn a_dedicated_agent_is_called_at_its_own_url() {
+    let app = TestApp::spawn().await;
+    let dedicated = devstack::Devstack::start().await.unwrap();
+    app.stack.config_service.state().set_team_config(
+        "acme",
+        "vip",
+        json!({"agent": {"dedicated_service_url": dedicated.agent.url()}}),
+    );
+    assert_eq!(run(&app, SUPER_ADMIN, &body("vip")).await.status(), 200);
+    assert_eq!(dedicated.agent.calls_to("POST", "/agents/planner/run").len(), 1);
+    assert!(app.stack.agent.calls_to("POST", "/agents/").is_empty());
+}
+
+/// Reads server-sent events as (arrival time, event JSON) until the stream ends.
+async fn read_events(response: reqwest::Response) -> Vec<(Instant, Value)> {
+    let mut events = Vec::new();
+    let mut buffer = String::new();
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        buffer.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            for line in block.lines() {
+                if let Some(data) = line.strip_prefix("data:") {
+                    events.push((Instant::now(), serde_json::from_str(data.trim()).unwrap()));
+                }
+            }
+        }
+    }
+    events
+}
+
+#[tokio::test]
+async fn streaming_passes_progress_through_before_the_run_ends() {
+    let app = TestApp::spawn_with(|env| {
+        env.insert("ORCHESTRATOR_AGENT_DIALECT".into(), "investigate".into());
+    })
+    .await;
+    team(&app, "sre");
+    app.stack.agent.state().set_delay(Duration::from_millis(900));
+    let response = app
+        .client
+        .post(app.at("/api/v1/admin/agents/run"))
+        .bearer_auth(SUPER_ADMIN)
+        .header("Accept", "text/event-stream")
+        .json(&body("sre"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let events = read_events(response).await;
+    let kinds: Vec<&str> = events.iter().map(|(_, e)| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"thought"));
+    assert_eq!(kinds.last(), Some(&"result"));
+    let first = events.first().unwrap().0;
+    let last = events.last().unwrap().0;
+    assert!(
+        last - first >= Duration::from_millis(300),
+        "progress arrived before the end: {kinds:?}"
+    );
+    assert_eq!(events.last().unwrap().1["data"]["text"], "echo: hello");
+    let investigate = &app.stack.agent.calls_to("POST", "/investigate")[0];
+    assert_eq!(investigate.body["tenant_id"], "acme");
+    eventually(5, "the run to close", || async {
+        (agent_run_rows(&app).await == vec![("succeeded".to_string(), None)]).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_cancels_the_upstream_and_the_run_closes_as_failed() {
+    let app = TestApp::spawn_with(|env| {
+        env.insert("ORCHESTRATOR_AGENT_DIALECT".into(), "investigate".into());
+    })
+    .await;
+    team(&app, "sre");
+    app.stack.agent.state().set_delay(Duration::from_secs(3));
+    let response = app
+        .client
+        .post(app.at("/api/v1/admin/agents/run"))
+        .bearer_auth(SUPER_ADMIN)
+        .header("Accept", "text/event-stream")
+        .json(&body("sre"))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = response.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("thought"));
+    drop(stream);
+    eventually(10, "the upstream call to be cancelled", || async {
+        (app.stack.agent.state().runs_cancelled() == 1).then_some(())
+    })
+    .await;
+    let rows = eventually(10, "the run to close", || async {
+        let rows = agent_run_rows(&app).await;
+        (rows.first().is_some_and(|(status, _)| status == "failed")).then_some(rows)
+    })
+    .await;
+    assert_eq!(rows[0].1.as_ref().unwrap()["code"], "client_disconnected");
+    eventually(5, "the platform audit to close", || async {
+        let audit = app.stack.config_service.state().audit_runs();
+        (audit.first().is_some_and(|r| r["status"] == "failed")).then_some(())
+    })
+    .await;
+    assert_eq!(app.stack.agent.state().runs_completed(), 0);
+}
+
+#[tokio::test]
+async fn authorization_matrix() {
+    let app = TestApp::spawn().await;
+    team(&app, "sre");
+    let cases = [
+        ("not-a-token", 401, "invalid_token"),
+        ("dev-org-admin-globex", 403, "org_forbidden"),
+        ("dev-readonly-acme", 403, "missing_permission"),
+        ("dev-team-token", 403, "not_admin"),
+    ];
+    for (token, status, code) in cases {
+        let response = run(&app, token, &body("sre")).await;
+        assert_eq!(response.status(), status, "{token}");
+        assert_eq!(json_of(response).await["code"], code, "{token}");
+    }
+    assert_eq!(run(&app, "dev-org-admin-acme", &body("sre")).await.status(), 200);
+    let scoped = app
+        .another(|env| {
+            env.insert("ORCHESTRATOR_REQUIRE_ADMIN_STAR".into(), "0".into());
+        })
+        .await;
+    assert_eq!(run(&scoped, "dev-scoped-acme", &body("sre")).await.status(), 200);
+    assert!(
+        app.stack.agent.calls_to("POST", "/agents/").len() == 2,
+        "refused calls never reach the agent"
+    );
+}
+
+#[tokio::test]
+async fn every_failure_maps_to_a_clear_error_and_closes_the_run() {
+    let app = TestApp::spawn().await;
+    team(&app, "sre");
+    let config = &app.stack.config_service;
+
+    // Refusals before the run opens.
+    config
+        .faults()
+        .fail_next_matching(Some("POST"), "/impersonation-token", 1, 403);
+    let r = run(&app, SUPER_ADMIN, &body("sre")).await;
+    assert_eq!(
+        (r.status().as_u16(), json_of(r).await["code"].clone()),
+        (403, json!("impersonation_forbidden"))
+    );
+    let r = run(&app, SUPER_ADMIN, &body("ghost")).await;
+    assert_eq!(
+        (r.status().as_u16(), json_of(r).await["code"].clone()),
+        (404, json!("team_not_found"))
+    );
+    config
+        .faults()
+        .fail_next_matching(Some("POST"), "/impersonation-token", 1, 503);
+    let r = run(&app, SUPER_ADMIN, &body("sre")).await;
+    assert_eq!(
+        (r.status().as_u16(), json_of(r).await["code"].clone()),
+        (503, json!("config_service_unavailable"))
+    );
+    assert!(agent_run_rows(&app).await.is_empty());
+
+    // Failures after it opened: each closes the run as failed.
+    app.stack
+        .agent
+        .faults()
+        .fail_next_matching(Some("POST"), "/agents/", 1, 500);
+    let r = run(&app, SUPER_ADMIN, &body("sre")).await;
+    assert_eq!(
+        (r.status().as_u16(), json_of(r).await["code"].clone()),
+        (502, json!("agent_upstream_error"))
+    );
+    app.stack.agent.faults().drop_next(1);
+    let r = run(&app, SUPER_ADMIN, &body("sre")).await;
+    assert_eq!(
+        (r.status().as_u16(), json_of(r).await["code"].clone()),
+        (502, json!("agent_upstream_error"))
+    );
+    app.stack.agent.state().set_error_mode(Some("tool crashed".into()));
+    let r = run(&app, SUPER_ADMIN, &body("sre")).await;
+    assert_eq!(r.status(), 502);
+    let error = json_of(r).await;
+    assert_eq!(error["code"], "agent_error");
+    assert!(error["detail"].as_str().unwrap().contains("tool crashed"));
+    app.stack.agent.state().set_error_mode(None);
+    app.stack.agent.state().set_delay(Duration::from_secs(3));
+    let mut slow = body("sre");
+    slow["timeout"] = json!(1);
+    let r = run(&app, SUPER_ADMIN, &slow).await;
+    assert_eq!(
+        (r.status().as_u16(), json_of(r).await["code"].clone()),
+        (504, json!("agent_timeout"))
+    );
+
+    let rows = agent_run_rows(&app).await;
+    assert_eq!(rows.len(), 4);
+    assert!(rows.iter().all(|(status, _)| status == "failed"), "{rows:?}");
+    let audit = app.stack.config_service.state().audit_runs();
+    assert_eq!(audit.len(), 4);
+    assert!(audit.iter().all(|r| r["status"] == "failed"), "{audit:?}");
+}
+
+#[tokio::test]
+async fn every_bad_field_is_named() {
+    let app = TestApp::spawn().await;
+    let cases = [
+        (
+            json!({"team_node_id": "sre", "agent_name": "planner", "message": "x"}),
+            "org_id",
+        ),
+        (
+            json!({"org_id": "acme", "team_node_id": "a b", "agent_name": "planner", "message": "x"}),
+            "team_node_id",
+        ),
+        (
+            json!({"org_id": "acme", "team_node_id": "sre", "agent_name": "x".repeat(65), "message": "x"}),
+            "agent_name",
+        ),
+        (
+            json!({"org_id": "acme", "team_node_id": "sre", "agent_name": "planner", "message": ""}),
+            "message",
+        ),
+        (
+            json!({"org_id": "acme", "team_node_id": "sre", "agent_name": "planner", "message": "m".repeat(20_001)}),
+            "message",
+        ),
+        (
+            json!({"org_id": "acme", "team_node_id": "sre", "agent_name": "planner", "message": "x", "context": []}),
+            "context",
+        ),
+        (
+            json!({"org_id": "acme", "team_node_id": "sre", "agent_name": "planner", "message": "x", "timeout": 100_000}),
+            "timeout",
+        ),
+        (
+            json!({"org_id": "acme", "team_node_id": "sre", "agent_name": "planner", "message": "x", "max_turns": 0}),
+            "max_turns",
+        ),
+    ];
+    for (body, field) in cases {
+        let response = run(&app, SUPER_ADMIN, &body).await;
+        assert_eq!(response.status(), 422, "{field}");
+        assert_eq!(json_of(response).await["field"], field);
+    }
+}
+
+#[tokio::test]
+async fn the_internal_slack_trigger_goes_through_the_durable_inbox() {
+    let app = TestApp::spawn().await;
+    app.stack
+        .config_service
+        .state()
+        .set_team_config("acme", "sre", json!({"routing": {"slack_channel_ids": ["C5"]}}));
+    let trigger = json!({"channel_id": "C5", "thread_ts": "300.1", "event_ts": "300.2", "user_id": "U1", "text": "<@UBOT> check the queue"});
+    let url = app.at("/api/v1/internal/slack/trigger");
+    let unauthenticated = app.client.post(&url).json(&trigger).send().await.unwrap();
+    assert_eq!(unauthenticated.status(), 401);
+    let wrong = app
+        .client
+        .post(&url)
+        .bearer_auth("nope")
+        .json(&trigger)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json_of(wrong).await["code"], "invalid_token");
+    let accepted = app
+        .client
+        .post(&url)
+        .bearer_auth(INTERNAL_TOKEN)
+        .json(&trigger)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(accepted.status(), 202);
+    let accepted = json_of(accepted).await;
+    assert_eq!(accepted["duplicate"], false);
+    let again = json_of(
+        app.client
+            .post(&url)
+            .header("X-Internal-Token", INTERNAL_TOKEN)
+            .json(&trigger)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(again["duplicate"], true);
+    assert_eq!(again["event_id"], accepted["event_id"]);
+    let id = accepted["event_id"].as_str().unwrap().to_string();
+    let event = eventually(20, "the trigger to be delivered", || async {
+        let event = json_of(
+            app.client
+                .get(app.at(&format!("/api/v1/admin/webhooks/events/{id}")))
+                .bearer_auth(SUPER_ADMIN)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        (event["status"] == "delivered").then_some(event)
+    })
+    .await;
+    assert_eq!(event["team_node_id"], "sre");
+    let messages: Vec<Value> = app
+        .stack
+        .agent
+        .calls_to("POST", "/agents/")
+        .iter()
+        .map(|c| c.body["message"].clone())
+        .collect();
+    assert_eq!(messages, vec![json!("check the queue")]);
+
+    let unconfigured = app
+        .another(|env| {
+            env.remove("ORCHESTRATOR_INTERNAL_TOKEN");
+        })
+        .await;
+    let refused = unconfigured
+        .client
+        .post(unconfigured.at("/api/v1/internal/slack/trigger"))
+        .bearer_auth(INTERNAL_TOKEN)
+        .json(&trigger)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    assert_eq!(json_of(refused).await["code"], "internal_auth_not_configured");
+}

@@ -1,0 +1,651 @@
+//! The webhook front door end to end: signed deliveries, the durable inbox, dispatch to agents.
+
+use std::time::Duration;
+
+use orchestrator::config::{Secret, SecretList};
+use orchestrator::webhooks::signature::{signed_headers, Source};
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+fn secret_of(source: Source) -> &'static str {
+    match source {
+        Source::Slack => SLACK_SECRET,
+        Source::GitHub => GITHUB_SECRET,
+        Source::PagerDuty => PAGERDUTY_SECRET,
+        Source::IncidentIo => INCIDENTIO_SECRET,
+    }
+}
+
+fn path_of(source: Source) -> &'static str {
+    match source {
+        Source::Slack => "/webhooks/slack/events",
+        Source::GitHub => "/webhooks/github",
+        Source::PagerDuty => "/webhooks/pagerduty",
+        Source::IncidentIo => "/webhooks/incidentio",
+    }
+}
+
+/// Posts `body` to the source's route, correctly signed, with `extra` headers.
+async fn deliver(
+    app: &TestApp,
+    source: Source,
+    body: &[u8],
+    delivery_id: &str,
+    extra: &[(&str, &str)],
+) -> reqwest::Response {
+    deliver_to(app, source, path_of(source), body, delivery_id, extra).await
+}
+
+async fn deliver_to(
+    app: &TestApp,
+    source: Source,
+    path: &str,
+    body: &[u8],
+    delivery_id: &str,
+    extra: &[(&str, &str)],
+) -> reqwest::Response {
+    let secrets = SecretList::new(vec![Secret::new(secret_of(source))]);
+    let headers = signed_headers(source, &secrets, body, chrono::Utc::now().timestamp(), delivery_id).unwrap();
+    let mut request = app.client.post(app.at(path)).body(body.to_vec());
+    for (name, value) in headers {
+        request = request.header(name, value);
+    }
+    let names_event = extra
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("x-github-event"));
+    if source == Source::GitHub && !names_event {
+        request = request.header("X-GitHub-Event", "pull_request");
+    }
+    for (name, value) in extra {
+        request = request.header(*name, *value);
+    }
+    request.send().await.unwrap()
+}
+
+fn github_pr(repo: &str, number: u64, title: &str) -> Vec<u8> {
+    json!({"action": "opened", "number": number, "pull_request": {"number": number, "title": title},
+        "repository": {"full_name": repo}, "sender": {"login": "alice"}})
+    .to_string()
+    .into_bytes()
+}
+
+fn slack_mention(event_id: &str, channel: &str, ts: &str, text: &str) -> Vec<u8> {
+    json!({"type": "event_callback", "team_id": "T1", "event_id": event_id,
+        "event": {"type": "app_mention", "channel": channel, "user": "U2", "text": text, "ts": ts}})
+    .to_string()
+    .into_bytes()
+}
+
+fn own(app: &TestApp, team: &str, routing: Value) {
+    app.stack
+        .config_service
+        .state()
+        .set_team_config("acme", team, json!({ "routing": routing }));
+}
+
+async fn event_rows(app: &TestApp) -> Vec<Value> {
+    let page = json_of(
+        app.client
+            .get(app.at("/api/v1/admin/webhooks/events?limit=100"))
+            .bearer_auth(SUPER_ADMIN)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    page["items"].as_array().cloned().unwrap_or_default()
+}
+
+async fn wait_for_event_status(app: &TestApp, status: &str, count: usize) -> Vec<Value> {
+    eventually(30, &format!("{count} event(s) {status}"), || async {
+        let rows = event_rows(app).await;
+        let matching: Vec<Value> = rows.into_iter().filter(|e| e["status"] == status).collect();
+        (matching.len() >= count).then_some(matching)
+    })
+    .await
+}
+
+fn agent_messages(app: &TestApp) -> Vec<String> {
+    app.stack
+        .agent
+        .calls_to("POST", "/agents/")
+        .iter()
+        .filter(|c| c.fault.is_none())
+        .filter_map(|c| c.body["message"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_github_pull_request_becomes_one_agent_run_for_the_owning_team() {
+    let app = TestApp::spawn().await;
+    own(&app, "sre", json!({"github_repos": ["acme/api"]}));
+    let response = deliver(
+        &app,
+        Source::GitHub,
+        &github_pr("acme/api", 7, "Fix the cache"),
+        "d-1",
+        &[],
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(json_of(response).await, json!({"ok": true}));
+    let delivered = wait_for_event_status(&app, "delivered", 1).await;
+    assert_eq!(delivered[0]["org_id"], "acme");
+    assert_eq!(delivered[0]["team_node_id"], "sre");
+    assert_eq!(delivered[0]["attempts"], 1);
+    assert_eq!(
+        agent_messages(&app),
+        vec!["GitHub PR #7 opened in acme/api by alice: Fix the cache"]
+    );
+    let call = &app.stack.agent.calls_to("POST", "/agents/planner/run")[0];
+    assert!(call
+        .headers
+        .get("x-incidentfox-team-token")
+        .is_some_and(|t| !t.is_empty()));
+    assert_eq!(
+        call.headers.get("x-correlation-id").map(String::as_str),
+        delivered[0]["id"].as_str()
+    );
+}
+
+#[tokio::test]
+async fn slack_duplicates_and_retries_run_once_and_protocol_messages_are_answered() {
+    let app = TestApp::spawn().await;
+    own(&app, "sre", json!({"slack_channel_ids": ["C1"]}));
+    let body = slack_mention("Ev1", "C1", "100.1", "<@UBOT> why is checkout slow?");
+    let first = deliver(&app, Source::Slack, &body, "", &[]).await;
+    assert_eq!(json_of(first).await, json!({"ok": true}));
+    let retry = deliver(
+        &app,
+        Source::Slack,
+        &body,
+        "",
+        &[("X-Slack-Retry-Num", "1"), ("X-Slack-Retry-Reason", "http_timeout")],
+    )
+    .await;
+    assert_eq!(json_of(retry).await, json!({"ok": true, "duplicate": true}));
+    wait_for_event_status(&app, "delivered", 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(agent_messages(&app), vec!["why is checkout slow?"]);
+    assert_eq!(event_rows(&app).await.len(), 1);
+
+    let challenge = deliver(
+        &app,
+        Source::Slack,
+        json!({"type": "url_verification", "challenge": "xyz"})
+            .to_string()
+            .as_bytes(),
+        "",
+        &[],
+    )
+    .await;
+    assert_eq!(json_of(challenge).await, json!({"challenge": "xyz"}));
+    let ping = deliver(
+        &app,
+        Source::GitHub,
+        b"{\"zen\":\"hi\"}",
+        "p-1",
+        &[("X-GitHub-Event", "ping")],
+    )
+    .await;
+    assert_eq!(ping.status(), 200);
+    assert_eq!(event_rows(&app).await.len(), 1, "protocol messages store nothing");
+}
+
+#[tokio::test]
+async fn pagerduty_and_incidentio_route_to_their_teams() {
+    let app = TestApp::spawn().await;
+    own(
+        &app,
+        "oncall",
+        json!({"pagerduty_service_ids": ["SVC1"], "incidentio_alert_source_ids": ["AS1"]}),
+    );
+    let pd = json!({"event": {"id": "E1", "event_type": "incident.triggered", "data": {"id": "P1", "number": 42, "title": "DB down",
+        "urgency": "high", "status": "triggered", "service": {"id": "SVC1", "summary": "database"}}}});
+    assert_eq!(
+        deliver(&app, Source::PagerDuty, pd.to_string().as_bytes(), "w-1", &[])
+            .await
+            .status(),
+        200
+    );
+    let alert = json!({"event_type": "public_alert.alert_created_v1", "public_alert.alert_created_v1": {"alert": {"id": "A1",
+        "title": "Error rate high", "status": "firing", "alert_source_id": "AS1"}}});
+    assert_eq!(
+        deliver(&app, Source::IncidentIo, alert.to_string().as_bytes(), "msg_1", &[])
+            .await
+            .status(),
+        200
+    );
+    wait_for_event_status(&app, "delivered", 2).await;
+    let messages = agent_messages(&app);
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("DB down") && m.contains("urgency high")),
+        "{messages:?}"
+    );
+    assert!(messages.iter().any(|m| m.contains("Error rate high")), "{messages:?}");
+}
+
+#[tokio::test]
+async fn bad_signatures_are_401_with_a_reason_and_store_nothing() {
+    let app = TestApp::spawn_with(|env| {
+        env.remove("PAGERDUTY_WEBHOOK_SECRET");
+    })
+    .await;
+    let body = github_pr("acme/api", 1, "x");
+    let forged = app
+        .client
+        .post(app.at("/webhooks/github"))
+        .header("X-Hub-Signature-256", format!("sha256={}", "0".repeat(64)))
+        .header("X-GitHub-Event", "pull_request")
+        .header("X-GitHub-Delivery", "d")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 401);
+    assert_eq!(json_of(forged).await["code"], "bad_signature");
+    let unsigned = app
+        .client
+        .post(app.at("/webhooks/github"))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unsigned.status(), 401);
+    assert_eq!(json_of(unsigned).await["code"], "missing_signature");
+    // Signed for GitHub, sent to Slack's route.
+    let crossed = deliver_to(&app, Source::GitHub, "/webhooks/slack/events", &body, "d-2", &[]).await;
+    assert_eq!(crossed.status(), 401);
+    let unconfigured = deliver(&app, Source::GitHub, &body, "d-3", &[]).await;
+    assert_eq!(unconfigured.status(), 200, "GitHub is configured");
+    let pd = app
+        .client
+        .post(app.at("/webhooks/pagerduty"))
+        .header("X-PagerDuty-Signature", "v1=00")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pd.status(), 401);
+    assert_eq!(json_of(pd).await["code"], "source_not_configured");
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains(r#"webhook_rejections_total{reason="bad_signature",source="github"} 1"#),
+        "{metrics}"
+    );
+    assert_eq!(event_rows(&app).await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_sender_over_its_rate_gets_429_with_retry_after() {
+    let app = TestApp::spawn_with(|env| {
+        env.insert("ORCHESTRATOR_GITHUB_RATE_LIMIT_PER_MINUTE".into(), "1".into());
+        env.insert("ORCHESTRATOR_GITHUB_RATE_LIMIT_BURST".into(), "2".into());
+    })
+    .await;
+    for i in 0..2 {
+        let r = deliver(
+            &app,
+            Source::GitHub,
+            &github_pr("acme/api", i, "x"),
+            &format!("r-{i}"),
+            &[],
+        )
+        .await;
+        assert_eq!(r.status(), 200);
+    }
+    let limited = deliver(&app, Source::GitHub, &github_pr("acme/api", 3, "x"), "r-3", &[]).await;
+    assert_eq!(limited.status(), 429);
+    let retry_after: u64 = limited.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry_after));
+    assert_eq!(json_of(limited).await["code"], "rate_limited");
+    let other_repo = deliver(&app, Source::GitHub, &github_pr("acme/web", 1, "x"), "r-4", &[]).await;
+    assert_eq!(other_repo.status(), 200, "limits are per sender");
+}
+
+#[tokio::test]
+async fn the_database_down_answers_503_so_the_source_retries() {
+    let app = TestApp::spawn_with(|env| {
+        env.insert("DATABASE_URL".into(), "postgres://postgres@127.0.0.1:1/none".into());
+        env.insert("ORCHESTRATOR_DB_ACQUIRE_TIMEOUT_SECONDS".into(), "1".into());
+    })
+    .await;
+    let response = deliver(&app, Source::GitHub, &github_pr("acme/api", 1, "x"), "down-1", &[]).await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(json_of(response).await["code"], "storage_unavailable");
+}
+
+#[tokio::test]
+async fn the_agent_down_then_up_is_retried_then_delivered() {
+    let app = TestApp::spawn().await;
+    own(&app, "sre", json!({"github_repos": ["acme/api"]}));
+    app.stack
+        .agent
+        .faults()
+        .fail_next_matching(Some("POST"), "/agents/", 2, 503);
+    deliver(&app, Source::GitHub, &github_pr("acme/api", 9, "retry me"), "ad-1", &[]).await;
+    let delivered = wait_for_event_status(&app, "delivered", 1).await;
+    assert_eq!(delivered[0]["attempts"], 3);
+    assert_eq!(agent_messages(&app).len(), 1);
+}
+
+#[tokio::test]
+async fn exhausted_retries_dead_letter_and_an_operator_can_replay() {
+    let app = TestApp::spawn_with(|env| {
+        env.insert("ORCHESTRATOR_DISPATCH_MAX_ATTEMPTS".into(), "2".into());
+    })
+    .await;
+    own(&app, "sre", json!({"github_repos": ["acme/api"]}));
+    app.stack
+        .agent
+        .faults()
+        .fail_next_matching(Some("POST"), "/agents/", 2, 500);
+    deliver(&app, Source::GitHub, &github_pr("acme/api", 5, "doomed"), "dl-1", &[]).await;
+    let dead = wait_for_event_status(&app, "dead_letter", 1).await;
+    assert_eq!(dead[0]["attempts"], 2);
+    assert!(dead[0]["last_error"].as_str().unwrap().contains("500"), "{dead:?}");
+    let id = dead[0]["id"].as_str().unwrap().to_string();
+
+    let detail = json_of(
+        app.client
+            .get(app.at(&format!("/api/v1/admin/webhooks/events/{id}?include_body=true")))
+            .bearer_auth(SUPER_ADMIN)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(detail["body_text"].as_str().unwrap().contains("doomed"));
+    let without = json_of(
+        app.client
+            .get(app.at(&format!("/api/v1/admin/webhooks/events/{id}")))
+            .bearer_auth(SUPER_ADMIN)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(without.get("body_text").is_none());
+
+    let replay = app
+        .client
+        .post(app.at(&format!("/api/v1/admin/webhooks/events/{id}/replay")))
+        .bearer_auth(SUPER_ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.status(), 200);
+    assert_eq!(json_of(replay).await["replayed"], 1);
+    wait_for_event_status(&app, "delivered", 1).await;
+    let audit = json_of(
+        app.client
+            .get(app.at("/api/v1/admin/audit?limit=100"))
+            .bearer_auth(SUPER_ADMIN)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let actions: Vec<&str> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert!(
+        actions.contains(&"webhook.dead_lettered") && actions.contains(&"webhook.replayed"),
+        "{actions:?}"
+    );
+    let again = app
+        .client
+        .post(app.at(&format!("/api/v1/admin/webhooks/events/{id}/replay")))
+        .bearer_auth(SUPER_ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200, "a delivered event may be replayed deliberately");
+}
+
+#[tokio::test]
+async fn bulk_replay_takes_a_filter_and_is_bounded() {
+    let app = TestApp::spawn_with(|env| {
+        env.insert("ORCHESTRATOR_DISPATCH_MAX_ATTEMPTS".into(), "1".into());
+    })
+    .await;
+    own(&app, "sre", json!({"github_repos": ["acme/api"]}));
+    app.stack
+        .agent
+        .faults()
+        .fail_next_matching(Some("POST"), "/agents/", 3, 500);
+    for i in 0..3 {
+        deliver(
+            &app,
+            Source::GitHub,
+            &github_pr("acme/api", i, "bulk"),
+            &format!("b-{i}"),
+            &[],
+        )
+        .await;
+    }
+    wait_for_event_status(&app, "dead_letter", 3).await;
+    let report = json_of(
+        app.client
+            .post(app.at("/api/v1/admin/webhooks/replay"))
+            .bearer_auth(SUPER_ADMIN)
+            .json(&json!({"source": "github", "status": "dead_letter", "limit": 2}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(report["replayed"], 2);
+    assert_eq!(report["truncated"], true);
+    wait_for_event_status(&app, "delivered", 2).await;
+    let bad = app
+        .client
+        .post(app.at("/api/v1/admin/webhooks/replay"))
+        .bearer_auth(SUPER_ADMIN)
+        .json(&json!({"limit": 5000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 422);
+}
+
+#[tokio::test]
+async fn an_event_nobody_owns_is_unrouted_and_not_retried() {
+    let app = TestApp::spawn().await;
+    deliver(&app, Source::GitHub, &github_pr("nobody/repo", 1, "x"), "u-1", &[]).await;
+    let unrouted = wait_for_event_status(&app, "unrouted", 1).await;
+    assert_eq!(unrouted[0]["attempts"], 1);
+    assert!(unrouted[0]["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("github_repo=nobody/repo"));
+    assert!(agent_messages(&app).is_empty());
+    let skipped_body = json!({"repository": {"full_name": "acme/api"}}).to_string();
+    deliver(
+        &app,
+        Source::GitHub,
+        skipped_body.as_bytes(),
+        "s-1",
+        &[("X-GitHub-Event", "star")],
+    )
+    .await;
+    let skipped = wait_for_event_status(&app, "skipped", 1).await;
+    assert!(skipped[0]["skip_reason"].as_str().unwrap().contains("star"));
+}
+
+#[tokio::test]
+async fn events_of_one_thread_are_dispatched_in_order() {
+    let app = TestApp::spawn().await;
+    own(&app, "sre", json!({"slack_channel_ids": ["C9"]}));
+    app.stack.agent.state().set_delay(Duration::from_millis(150));
+    for i in 0..4 {
+        let body = json!({"type": "event_callback", "team_id": "T1", "event_id": format!("Ev-order-{i}"),
+            "event": {"type": "app_mention", "channel": "C9", "user": "U2", "text": format!("message {i}"), "ts": format!("200.{i}"), "thread_ts": "200.0"}});
+        deliver(&app, Source::Slack, body.to_string().as_bytes(), "", &[]).await;
+    }
+    wait_for_event_status(&app, "delivered", 4).await;
+    assert_eq!(
+        agent_messages(&app),
+        vec!["message 0", "message 1", "message 2", "message 3"]
+    );
+}
+
+#[tokio::test]
+async fn a_crash_after_acknowledging_still_dispatches() {
+    let short_lease = |env: &mut std::collections::HashMap<String, String>| {
+        env.insert("ORCHESTRATOR_DISPATCH_LEASE_SECONDS".into(), "5".into());
+    };
+    let app = TestApp::spawn_with(short_lease).await;
+    own(&app, "sre", json!({"github_repos": ["acme/api"]}));
+    // The routing lookup hangs, so the first instance dies mid-dispatch.
+    app.stack.config_service.faults().set_latency(Duration::from_secs(3));
+    assert_eq!(
+        deliver(&app, Source::GitHub, &github_pr("acme/api", 3, "survive"), "c-1", &[])
+            .await
+            .status(),
+        200
+    );
+    eventually(10, "the dispatch to start", || async {
+        (!app.stack.config_service.calls_to("POST", "/routing/lookup").is_empty()).then_some(())
+    })
+    .await;
+    let successor = app.another(short_lease).await;
+    app.stack.config_service.faults().reset();
+    app.crash();
+    wait_for_event_status(&successor, "delivered", 1).await;
+    assert_eq!(
+        agent_messages(&successor),
+        vec!["GitHub PR #3 opened in acme/api by alice: survive"]
+    );
+}
+
+#[tokio::test]
+async fn slack_feedback_buttons_reach_the_config_service() {
+    let app = TestApp::spawn().await;
+    let payload = json!({"type": "block_actions", "trigger_id": "tr-1", "user": {"id": "U7"}, "team": {"id": "T1"}, "channel": {"id": "C1"},
+        "actions": [{"action_id": "feedback_positive", "value": "{\"run_id\":\"run-1\",\"correlation_id\":\"corr-1\"}"}]});
+    let body = serde_urlencoded::to_string([("payload", payload.to_string())]).unwrap();
+    let response = deliver_to(
+        &app,
+        Source::Slack,
+        "/webhooks/slack/interactions",
+        body.as_bytes(),
+        "",
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    wait_for_event_status(&app, "delivered", 1).await;
+    let feedback = app.stack.config_service.state().feedback();
+    assert_eq!(feedback.len(), 1);
+    assert_eq!(feedback[0]["feedback"], "positive");
+    assert_eq!(feedback[0]["run_id"], "run-1");
+    assert_eq!(feedback[0]["user_id"], "U7");
+}
+
+#[tokio::test]
+async fn operators_see_only_their_org_and_bodies_only_on_request() {
+    let app = TestApp::spawn().await;
+    own(&app, "sre", json!({"github_repos": ["acme/api"]}));
+    deliver(&app, Source::GitHub, &github_pr("acme/api", 1, "x"), "o-1", &[]).await;
+    deliver(&app, Source::GitHub, &github_pr("nobody/else", 1, "x"), "o-2", &[]).await;
+    wait_for_event_status(&app, "delivered", 1).await;
+    wait_for_event_status(&app, "unrouted", 1).await;
+    let acme = json_of(
+        app.client
+            .get(app.at("/api/v1/admin/webhooks/events"))
+            .bearer_auth("dev-org-admin-acme")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(acme["items"].as_array().unwrap().len(), 1);
+    let globex = json_of(
+        app.client
+            .get(app.at("/api/v1/admin/webhooks/events"))
+            .bearer_auth("dev-org-admin-globex")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(globex["items"].as_array().unwrap().len(), 0);
+    let id = acme["items"][0]["id"].as_str().unwrap();
+    let foreign = app
+        .client
+        .get(app.at(&format!("/api/v1/admin/webhooks/events/{id}")))
+        .bearer_auth("dev-org-admin-globex")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(foreign.status(), 404);
+    let filtered = json_of(
+        app.client
+            .get(app.at("/api/v1/admin/webhooks/events?source=github&status=unrouted"))
+            .bearer_auth(SUPER_ADMIN)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(filtered["items"].as_array().unwrap().len(), 1);
+    let bad = app
+        .client
+        .get(app.at("/api/v1/admin/webhooks/events?status=lost"))
+        .bearer_auth(SUPER_ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 422);
+}
+
+#[tokio::test]
+async fn the_sign_command_produces_a_delivery_the_service_accepts() {
+    let app = TestApp::spawn().await;
+    own(&app, "sre", json!({"github_repos": ["acme/api"]}));
+    let dir = std::env::temp_dir().join(format!("sign-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let body_path = dir.join("pr.json");
+    std::fs::write(&body_path, github_pr("acme/api", 11, "signed by the CLI")).unwrap();
+    for source in ["github", "pagerduty", "incidentio", "slack"] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+            .args(["webhook", "sign", "--source", source, "--body"])
+            .arg(&body_path)
+            .args(["--url", &app.url])
+            .env_clear()
+            .env("GITHUB_WEBHOOK_SECRET", GITHUB_SECRET)
+            .env("PAGERDUTY_WEBHOOK_SECRET", PAGERDUTY_SECRET)
+            .env("INCIDENTIO_WEBHOOK_SECRET", INCIDENTIO_SECRET)
+            .env("SLACK_SIGNING_SECRET", SLACK_SECRET)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        assert!(stdout.contains("curl -sS -X POST"), "{stdout}");
+        if source != "github" {
+            continue;
+        }
+        let mut request = app
+            .client
+            .post(app.at("/webhooks/github"))
+            .header("X-GitHub-Event", "pull_request")
+            .body(std::fs::read(&body_path).unwrap());
+        for line in stdout.lines().take_while(|l| !l.is_empty()) {
+            if let Some((name, value)) = line.split_once(": ") {
+                if !value.starts_with('<') {
+                    request = request.header(name, value);
+                }
+            }
+        }
+        assert_eq!(request.send().await.unwrap().status(), 200);
+    }
+    wait_for_event_status(&app, "delivered", 1).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
