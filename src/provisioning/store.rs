@@ -226,6 +226,35 @@ pub async fn step_finished(
     Ok(())
 }
 
+/// What a step recorded before acting (for the team token: the token ids that existed).
+pub async fn step_result(
+    executor: impl PgExecutor<'_>,
+    run_id: Uuid,
+    position: i16,
+) -> Result<Option<Value>, sqlx::Error> {
+    sqlx::query_scalar("SELECT result FROM provisioning_steps WHERE run_id = $1 AND position = $2")
+        .bind(run_id)
+        .bind(position)
+        .fetch_optional(executor)
+        .await
+        .map(Option::flatten)
+}
+
+pub async fn record_step_intent(
+    executor: impl PgExecutor<'_>,
+    run_id: Uuid,
+    position: i16,
+    intent: &Value,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE provisioning_steps SET result = $3 WHERE run_id = $1 AND position = $2")
+        .bind(run_id)
+        .bind(position)
+        .bind(intent)
+        .execute(executor)
+        .await?;
+    Ok(())
+}
+
 pub async fn seal_team_token(executor: impl PgExecutor<'_>, run_id: Uuid, sealed: &[u8]) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE provisioning_runs SET sealed_team_token = $2, team_token_delivered = FALSE WHERE id = $1")
         .bind(run_id)

@@ -285,7 +285,7 @@ async fn run_step(
             store::step_attempt(&state.db, run_id, step.position, attempts).await?;
         }
         let attempt_started = Instant::now();
-        let outcome = perform(state, run_id, &step.name, request, credential).await;
+        let outcome = perform(state, run_id, &step.name, step.position, request, credential).await;
         let elapsed = attempt_started.elapsed().as_secs_f64();
         match outcome {
             Ok(done) => {
@@ -367,6 +367,7 @@ async fn perform(
     state: &AppState,
     run_id: Uuid,
     step: &str,
+    position: i16,
     request: &ProvisionRequest,
     credential: &Secret,
 ) -> Result<StepDone, StepError> {
@@ -381,22 +382,7 @@ async fn perform(
             patch_config_creating_node(state, credential, org, team, &patch).await?;
             Ok(json!({"patched": patch}).into())
         }
-        "team_token" => {
-            let tokens = state.config_service.list_team_tokens(credential, org, team).await?;
-            let active: Vec<&str> = tokens
-                .iter()
-                .filter(|t| t.revoked_at.is_none())
-                .map(|t| t.token_id.as_str())
-                .collect();
-            if !active.is_empty() {
-                return Ok(json!({"issued": false, "active_token_ids": active}).into());
-            }
-            let issued = state.config_service.issue_team_token(credential, org, team).await?;
-            Ok(StepDone {
-                result: json!({"issued": true, "token_id": issued.token_id, "issued_at": issued.issued_at}),
-                issued_token: Some(issued.token),
-            })
-        }
+        "team_token" => issue_team_token_once(state, run_id, position, credential, org, team).await,
         "pipeline_bootstrap" => {
             let key = format!("{run_id}:pipeline_bootstrap");
             let answer = state.ai_pipeline.bootstrap(credential, team, &key).await?;
@@ -439,6 +425,70 @@ async fn perform(
         }
         other => Err(StepError::permanent("unknown_step", format!("unknown step {other}"))),
     }
+}
+
+/// Issues a team token unless the team has an active one, without ever leaving an issued token
+/// whose secret nobody holds. Before issuing, the step records which token ids already exist; if
+/// an attempt died between the config service issuing and us sealing the secret (a crash, or a
+/// timeout after the token was created), the next attempt finds an active token not in that list,
+/// revokes it, and issues a fresh one it can hand out.
+async fn issue_team_token_once(
+    state: &AppState,
+    run_id: Uuid,
+    position: i16,
+    credential: &Secret,
+    org: &str,
+    team: &str,
+) -> Result<StepDone, StepError> {
+    let database = |e: sqlx::Error| StepError {
+        code: "database_unavailable",
+        message: e.to_string(),
+        transient: true,
+        retry_after: None,
+    };
+    let intent = store::step_result(&state.db, run_id, position)
+        .await
+        .map_err(database)?;
+    let known_before: Option<Vec<String>> = intent
+        .as_ref()
+        .filter(|r| r.get("issuing") == Some(&Value::Bool(true)))
+        .and_then(|r| serde_json::from_value(r.get("known_token_ids").cloned().unwrap_or_default()).ok());
+
+    let tokens = state.config_service.list_team_tokens(credential, org, team).await?;
+    let mut active: Vec<&str> = tokens
+        .iter()
+        .filter(|t| t.revoked_at.is_none())
+        .map(|t| t.token_id.as_str())
+        .collect();
+    let mut revoked_orphans = Vec::new();
+    if let Some(known) = &known_before {
+        for orphan in active.iter().filter(|id| !known.iter().any(|k| k == *id)) {
+            state
+                .config_service
+                .revoke_team_token(credential, org, team, orphan)
+                .await?;
+            tracing::warn!(%run_id, token_id = %orphan, "revoked a team token an interrupted attempt issued without handing it out");
+            revoked_orphans.push(orphan.to_string());
+        }
+        active.retain(|id| known.iter().any(|k| k == id));
+    }
+    if !active.is_empty() {
+        return Ok(json!({"issued": false, "active_token_ids": active}).into());
+    }
+    let all_ids: Vec<&str> = tokens.iter().map(|t| t.token_id.as_str()).collect();
+    store::record_step_intent(
+        &state.db,
+        run_id,
+        position,
+        &json!({"issuing": true, "known_token_ids": all_ids}),
+    )
+    .await
+    .map_err(database)?;
+    let issued = state.config_service.issue_team_token(credential, org, team).await?;
+    Ok(StepDone {
+        result: json!({"issued": true, "token_id": issued.token_id, "issued_at": issued.issued_at, "revoked_orphans": revoked_orphans}),
+        issued_token: Some(issued.token),
+    })
 }
 
 async fn patch_config_creating_node(

@@ -850,3 +850,83 @@ async fn graceful_shutdown_finishes_an_in_flight_request() {
     let refused = app.client.get(app.at("/health")).send().await;
     assert!(refused.is_err(), "no longer accepting");
 }
+
+#[tokio::test]
+async fn a_token_issued_by_an_attempt_that_died_before_sealing_it_is_replaced() {
+    use orchestrator::provisioning::{request::ProvisionRequest, store};
+    let app = TestApp::spawn_with(|env| {
+        env.insert("ORCHESTRATOR_PROVISION_RESUME_INTERVAL_MS".into(), "200".into());
+    })
+    .await;
+    let team = "orphaned";
+    app.stack.config_service.state().set_team_config(ORG, team, json!({}));
+    // The crashed attempt: it recorded that the team had no tokens, then the config service
+    // issued one, and the process died before sealing the secret.
+    let issued = app
+        .client
+        .post(format!(
+            "{}/api/v1/admin/orgs/{ORG}/teams/{team}/tokens",
+            app.stack.config_service.url()
+        ))
+        .bearer_auth(SUPER_ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert!(issued.status().is_success());
+    let lost_id = app.stack.config_service.state().team_tokens(ORG, team)[0]
+        .token_id
+        .clone();
+    let request = ProvisionRequest::parse(&json!({"org_id": ORG, "team_node_id": team})).unwrap();
+    let run_id = uuid::Uuid::now_v7();
+    let mut conn = app.db.pool.acquire().await.unwrap();
+    store::insert_run(
+        &mut conn,
+        store::NewRun {
+            id: run_id,
+            request: &request,
+            actor_subject: "super-admin",
+            actor_email: None,
+        },
+    )
+    .await
+    .unwrap();
+    sqlx::query("UPDATE provisioning_steps SET status = 'succeeded' WHERE run_id = $1 AND position = 0")
+        .bind(run_id)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE provisioning_steps SET status = 'running', attempts = 1, result = $2 WHERE run_id = $1 AND position = 1")
+        .bind(run_id)
+        .bind(json!({"issuing": true, "known_token_ids": []}))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE provisioning_runs SET updated_at = now() - interval '1 minute' WHERE id = $1")
+        .bind(run_id)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+
+    eventually(30, "the resumed run to finish", || async {
+        let status: String = sqlx::query_scalar("SELECT status FROM provisioning_runs WHERE id = $1")
+            .bind(run_id)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+        (status == "succeeded").then_some(())
+    })
+    .await;
+    let tokens = app.stack.config_service.state().team_tokens(ORG, team);
+    assert_eq!(tokens.len(), 2, "the orphan was replaced by one new token");
+    let lost = tokens.iter().find(|t| t.token_id == lost_id).unwrap();
+    assert!(
+        lost.revoked_at.is_some(),
+        "the token whose secret nobody holds was revoked"
+    );
+    let fresh = tokens.iter().find(|t| t.token_id != lost_id).unwrap();
+    assert!(fresh.revoked_at.is_none());
+    let run = run_status(&app, &run_id.to_string()).await;
+    let token = run["team_token"].as_str().expect("the new token is handed out once");
+    assert!(token.starts_with(&format!("{}.", fresh.token_id)));
+    assert_eq!(step(&run, "team_token")["result"]["revoked_orphans"], json!([lost_id]));
+}
