@@ -580,7 +580,7 @@ fn database_config(env: &Env<'_>) -> Result<DatabaseConfig, ConfigError> {
         url: Secret::new(url),
         pool_size: env.count("ORCHESTRATOR_DB_POOL_SIZE", 10, 1, 500)?,
         acquire_timeout: env.seconds("ORCHESTRATOR_DB_ACQUIRE_TIMEOUT_SECONDS", 5, 1, 300)?,
-        lock_pool_size: env.count("ORCHESTRATOR_LOCK_POOL_SIZE", 8, 1, 500)?,
+        lock_pool_size: env.count("ORCHESTRATOR_LOCK_POOL_SIZE", 16, 1, 500)?,
         auto_migrate: env.bool("ORCHESTRATOR_AUTO_CREATE_TABLES", false)?,
     })
 }

@@ -3,15 +3,15 @@
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
-use serde_json::json;
 
 use crate::app::AppState;
 use crate::db;
+use crate::error::ApiError;
 
 /// A health probe must answer quickly even when the database hangs.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -29,11 +29,10 @@ pub struct HealthStatus {
     status: &'static str,
 }
 
-fn unavailable(code: &str, detail: &str) -> Response {
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
-        Json(json!({"status": "unavailable", "code": code, "detail": detail})),
-    )
+/// A 503 in the service's error shape (with the request id), plus `status` for probes.
+fn unavailable(code: &'static str, detail: &str) -> Response {
+    ApiError::unavailable(code, detail)
+        .with("status", "unavailable")
         .into_response()
 }
 
