@@ -143,12 +143,7 @@ pub async fn list_audit(
         sql.push(" AND id < ").push_bind(id);
     }
     sql.push(" ORDER BY id DESC LIMIT ").push_bind(limit + 1);
-    let mut items: Vec<AuditEvent> = sql.build_query_as().fetch_all(&state.db).await?;
-    let next_cursor = if items.len() as i64 > limit {
-        items.truncate(limit as usize);
-        items.last().map(|e| pagination::encode(e.occurred_at, e.id))
-    } else {
-        None
-    };
+    let rows: Vec<AuditEvent> = sql.build_query_as().fetch_all(&state.db).await?;
+    let (items, next_cursor) = pagination::split(rows, limit, |e| (e.occurred_at, e.id));
     Ok(Json(AuditPage { items, next_cursor }))
 }

@@ -35,3 +35,31 @@ pub fn decode(cursor: &str) -> Result<(DateTime<Utc>, String), ApiError> {
     let at = DateTime::<Utc>::from_timestamp_micros(micros).ok_or_else(bad)?;
     Ok((at, id.to_string()))
 }
+
+/// A page keyed by `(timestamp, uuid)`: the decoded cursor of a list endpoint.
+pub fn decode_uuid(cursor: Option<&str>) -> Result<Option<(DateTime<Utc>, uuid::Uuid)>, ApiError> {
+    let Some(cursor) = cursor else { return Ok(None) };
+    let (at, id) = decode(cursor)?;
+    let id = id
+        .parse()
+        .map_err(|_| ApiError::invalid_field("cursor", "is not a cursor this service issued"))?;
+    Ok(Some((at, id)))
+}
+
+/// Lists fetch `limit + 1` rows: the extra one says there is a next page, whose cursor is the
+/// key of the last row kept.
+pub fn split<T, I: std::fmt::Display>(
+    mut rows: Vec<T>,
+    limit: i64,
+    key: impl Fn(&T) -> (DateTime<Utc>, I),
+) -> (Vec<T>, Option<String>) {
+    if rows.len() as i64 <= limit {
+        return (rows, None);
+    }
+    rows.truncate(limit as usize);
+    let next = rows.last().map(|row| {
+        let (at, id) = key(row);
+        encode(at, id)
+    });
+    (rows, next)
+}

@@ -187,8 +187,20 @@ pub async fn provision_team(
             return Err(e.into());
         }
     }
+    execute_and_respond(&state, &admin, run_id, lock, wait).await
+}
+
+/// Hands the run, with its team's lock, to the executor (acting with the caller's authority) and
+/// answers as soon as it finishes or the wait budget is spent.
+async fn execute_and_respond(
+    state: &AppState,
+    admin: &Admin,
+    run_id: Uuid,
+    lock: TeamLock,
+    wait: Duration,
+) -> ApiResult<Response> {
     workflow::spawn(
-        &state,
+        state,
         Execution {
             run_id,
             lock,
@@ -196,7 +208,7 @@ pub async fn provision_team(
             actor_subject: admin.subject().to_string(),
         },
     );
-    respond(&state, &admin, run_id, wait).await
+    respond(state, admin, run_id, wait).await
 }
 
 /// The run an idempotency key already names; 422 if the key was used for another request.
@@ -395,14 +407,7 @@ pub async fn list_runs(
         }
     }
     let limit = pagination::limit(query.limit)?;
-    let before = match query.cursor.as_deref().map(pagination::decode).transpose()? {
-        Some((at, id)) => Some((
-            at,
-            id.parse::<Uuid>()
-                .map_err(|_| ApiError::invalid_field("cursor", "is not a cursor this service issued"))?,
-        )),
-        None => None,
-    };
+    let before = pagination::decode_uuid(query.cursor.as_deref())?;
     let filter = store::RunFilter {
         org_id,
         team_node_id: query.team_node_id,
@@ -410,13 +415,9 @@ pub async fn list_runs(
         before,
         limit: limit + 1,
     };
-    let mut runs = store::list_runs(&state.db, &filter).await?;
-    let next_cursor = if runs.len() as i64 > limit {
-        runs.truncate(limit as usize);
-        runs.last().map(|r| pagination::encode(r.created_at, r.id))
-    } else {
-        None
-    };
+    let (runs, next_cursor) = pagination::split(store::list_runs(&state.db, &filter).await?, limit, |r| {
+        (r.created_at, r.id)
+    });
     let items = runs
         .into_iter()
         .map(|r| RunSummary {
@@ -502,14 +503,5 @@ pub async fn retry_run(
             return Err(e.into());
         }
     }
-    workflow::spawn(
-        &state,
-        Execution {
-            run_id,
-            lock,
-            credential: admin.token.clone(),
-            actor_subject: admin.subject().to_string(),
-        },
-    );
-    respond(&state, &admin, run_id, wait).await
+    execute_and_respond(&state, &admin, run_id, lock, wait).await
 }

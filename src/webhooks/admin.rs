@@ -71,14 +71,7 @@ pub async fn list_events(
 ) -> ApiResult<Json<EventPage>> {
     admin.require(&state.config.auth, Capability::WebhooksRead)?;
     let limit = pagination::limit(query.limit)?;
-    let before = match query.cursor.as_deref().map(pagination::decode).transpose()? {
-        Some((at, id)) => Some((
-            at,
-            id.parse::<Uuid>()
-                .map_err(|_| ApiError::invalid_field("cursor", "is not a cursor this service issued"))?,
-        )),
-        None => None,
-    };
+    let before = pagination::decode_uuid(query.cursor.as_deref())?;
     let filter = EventFilter {
         org_id: admin.scope_filter(query.org_id.as_deref())?,
         source: valid_source(query.source)?,
@@ -88,13 +81,9 @@ pub async fn list_events(
         before,
         limit: limit + 1,
     };
-    let mut items = store::list_events(&state.db, &filter).await?;
-    let next_cursor = if items.len() as i64 > limit {
-        items.truncate(limit as usize);
-        items.last().map(|e| pagination::encode(e.received_at, e.id))
-    } else {
-        None
-    };
+    let (items, next_cursor) = pagination::split(store::list_events(&state.db, &filter).await?, limit, |e| {
+        (e.received_at, e.id)
+    });
     Ok(Json(EventPage { items, next_cursor }))
 }
 

@@ -162,7 +162,7 @@ async fn listen(state: AppState, wake: Arc<Notify>, stop: CancellationToken) {
 }
 
 /// The result of dispatching one event, before it is written.
-enum Result_ {
+enum Dispatched {
     Delivered { org: String, team: String, result: Value },
     Skipped(String),
     Unrouted(String),
@@ -192,64 +192,47 @@ async fn process(state: &AppState, owner: Uuid, event: ClaimedEvent) {
     };
     let result = tokio::select! {
         result = dispatch(state, source, &event) => result,
-        () = heartbeat => Result_::Failed("lost the lease while dispatching".into()),
+        () = heartbeat => Dispatched::Failed("lost the lease while dispatching".into()),
     };
     let label = source.as_str();
     let correlation = event.id.to_string();
+    let finished = |status: &str| {
+        state
+            .metrics
+            .webhook_dispatch_attempts_total
+            .with_label_values(&[label, status])
+            .inc();
+        observe_latency(state, label, &event);
+    };
     let write = match &result {
-        Result_::Delivered { org, team, result } => {
-            state
-                .metrics
-                .webhook_dispatch_attempts_total
-                .with_label_values(&[label, "delivered"])
-                .inc();
-            observe_latency(state, label, &event);
-            store::record_outcome(
-                &state.db,
-                event.id,
-                owner,
-                &Outcome {
-                    status: "delivered",
-                    next_attempt_at: None,
-                    last_error: None,
-                    skip_reason: None,
-                    org_id: Some(org),
-                    team_node_id: Some(team),
-                    correlation_id: Some(&correlation),
-                    agent_result: Some(result),
-                },
-            )
-            .await
-        }
-        Result_::Skipped(reason) | Result_::Unrouted(reason) => {
-            let (status, skip, error) = match &result {
-                Result_::Skipped(_) => ("skipped", Some(reason.as_str()), None),
-                _ => ("unrouted", None, Some(reason.as_str())),
+        Dispatched::Delivered { org, team, result } => {
+            finished("delivered");
+            let outcome = Outcome {
+                org_id: Some(org),
+                team_node_id: Some(team),
+                correlation_id: Some(&correlation),
+                agent_result: Some(result),
+                ..Outcome::new("delivered")
             };
-            state
-                .metrics
-                .webhook_dispatch_attempts_total
-                .with_label_values(&[label, status])
-                .inc();
-            observe_latency(state, label, &event);
-            store::record_outcome(
-                &state.db,
-                event.id,
-                owner,
-                &Outcome {
-                    status,
-                    next_attempt_at: None,
-                    last_error: error,
-                    skip_reason: skip,
-                    org_id: None,
-                    team_node_id: None,
-                    correlation_id: None,
-                    agent_result: None,
-                },
-            )
-            .await
+            store::record_outcome(&state.db, event.id, owner, &outcome).await
         }
-        Result_::Failed(error) => record_failure(state, owner, source, &event, error).await,
+        Dispatched::Skipped(reason) => {
+            finished("skipped");
+            let outcome = Outcome {
+                skip_reason: Some(reason),
+                ..Outcome::new("skipped")
+            };
+            store::record_outcome(&state.db, event.id, owner, &outcome).await
+        }
+        Dispatched::Unrouted(reason) => {
+            finished("unrouted");
+            let outcome = Outcome {
+                last_error: Some(reason),
+                ..Outcome::new("unrouted")
+            };
+            store::record_outcome(&state.db, event.id, owner, &outcome).await
+        }
+        Dispatched::Failed(error) => record_failure(state, owner, source, &event, error).await,
     };
     match write {
         Ok(true) => {}
@@ -301,22 +284,12 @@ async fn record_failure(
             .inc();
         tracing::info!(event_id = %event.id, source = label, attempts, delay_ms = delay.as_millis() as u64, %error, "dispatch failed; will retry");
         let next = Utc::now() + chrono::TimeDelta::from_std(delay).unwrap_or_default();
-        return store::record_outcome(
-            &state.db,
-            event.id,
-            owner,
-            &Outcome {
-                status: "pending",
-                next_attempt_at: Some(next),
-                last_error: Some(error),
-                skip_reason: None,
-                org_id: None,
-                team_node_id: None,
-                correlation_id: None,
-                agent_result: None,
-            },
-        )
-        .await;
+        let outcome = Outcome {
+            next_attempt_at: Some(next),
+            last_error: Some(error),
+            ..Outcome::new("pending")
+        };
+        return store::record_outcome(&state.db, event.id, owner, &outcome).await;
     }
     state
         .metrics
@@ -326,22 +299,11 @@ async fn record_failure(
     observe_latency(state, label, event);
     tracing::error!(event_id = %event.id, source = label, attempts, %error, "dispatch gave up; event dead-lettered");
     let mut tx = state.db.begin().await?;
-    let written = store::record_outcome(
-        &mut *tx,
-        event.id,
-        owner,
-        &Outcome {
-            status: "dead_letter",
-            next_attempt_at: None,
-            last_error: Some(error),
-            skip_reason: None,
-            org_id: None,
-            team_node_id: None,
-            correlation_id: None,
-            agent_result: None,
-        },
-    )
-    .await?;
+    let outcome = Outcome {
+        last_error: Some(error),
+        ..Outcome::new("dead_letter")
+    };
+    let written = store::record_outcome(&mut *tx, event.id, owner, &outcome).await?;
     if written {
         let mut entry = AuditEntry::new("orchestrator", "webhook.dead_lettered", "dead_letter");
         entry.webhook_event_id = Some(event.id);
@@ -352,33 +314,33 @@ async fn record_failure(
     Ok(written)
 }
 
-async fn dispatch(state: &AppState, source: Source, event: &ClaimedEvent) -> Result_ {
+async fn dispatch(state: &AppState, source: Source, event: &ClaimedEvent) -> Dispatched {
     let Some(body) = &event.body else {
-        return Result_::Skipped("the body was purged".into());
+        return Dispatched::Skipped("the body was purged".into());
     };
     let run = match sources::plan(source, &event.kind, body) {
-        Plan::Skip(reason) => return Result_::Skipped(reason),
+        Plan::Skip(reason) => return Dispatched::Skipped(reason),
         Plan::Feedback(feedback) => {
             return match state.config_service.feedback(&feedback).await {
-                Ok(()) => Result_::Delivered {
+                Ok(()) => Dispatched::Delivered {
                     org: String::new(),
                     team: String::new(),
                     result: json!({"feedback": feedback["feedback"]}),
                 },
-                Err(e) => Result_::Failed(format!("forwarding feedback failed: {e}")),
+                Err(e) => Dispatched::Failed(format!("forwarding feedback failed: {e}")),
             };
         }
         Plan::Run(run) => run,
     };
     let owner = match route(state, &run).await {
         Ok(Some(owner)) => owner,
-        Ok(None) => return Result_::Unrouted(format!("no team owns {}={}", run.routing_key, run.routing_value)),
-        Err(e) => return Result_::Failed(e),
+        Ok(None) => return Dispatched::Unrouted(format!("no team owns {}={}", run.routing_key, run.routing_value)),
+        Err(e) => return Dispatched::Failed(e),
     };
     let (org, team) = owner;
     match run_agent(state, source, event, &run, &org, &team).await {
-        Ok(result) => Result_::Delivered { org, team, result },
-        Err(e) => Result_::Failed(e),
+        Ok(result) => Dispatched::Delivered { org, team, result },
+        Err(e) => Dispatched::Failed(e),
     }
 }
 

@@ -139,6 +139,22 @@ pub struct Outcome<'a> {
     pub agent_result: Option<&'a Value>,
 }
 
+impl<'a> Outcome<'a> {
+    /// An outcome with only its status; the builders below add what each one carries.
+    pub fn new(status: &'a str) -> Self {
+        Self {
+            status,
+            next_attempt_at: None,
+            last_error: None,
+            skip_reason: None,
+            org_id: None,
+            team_node_id: None,
+            correlation_id: None,
+            agent_result: None,
+        }
+    }
+}
+
 pub async fn record_outcome(
     executor: impl PgExecutor<'_>,
     id: Uuid,
