@@ -137,7 +137,7 @@ impl Application {
             tracker: tokio_util::task::TaskTracker::new(),
             stop: CancellationToken::new(),
         };
-        let kube = KubeClient::new(kube, config.kubernetes.namespace.clone());
+        let kube = KubeClient::new(kube, config.kubernetes.namespace.clone(), metrics.clone());
         let state = AppState {
             config: Arc::new(config),
             db,

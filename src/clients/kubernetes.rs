@@ -11,7 +11,11 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use std::sync::Arc;
+use std::time::Instant;
+
 use crate::config::KubernetesConfig;
+use crate::metrics::Metrics;
 
 pub const FIELD_MANAGER: &str = "incidentfox-orchestrator";
 pub const MANAGED_BY: &str = "incidentfox-orchestrator";
@@ -230,11 +234,28 @@ pub struct AppliedObject {
 pub struct KubeClient {
     client: kube::Client,
     namespace: String,
+    metrics: Arc<Metrics>,
+}
+
+const NEIGHBOUR: &str = "kubernetes";
+
+/// The neighbour-metrics outcome of a Kubernetes call.
+fn outcome<T>(result: &Result<T, kube::Error>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(kube::Error::Api(status)) if status.code >= 500 => "server_error",
+        Err(kube::Error::Api(_)) => "client_error",
+        Err(_) => "transport_error",
+    }
 }
 
 impl KubeClient {
-    pub fn new(client: kube::Client, namespace: String) -> Self {
-        Self { client, namespace }
+    pub fn new(client: kube::Client, namespace: String, metrics: Arc<Metrics>) -> Self {
+        Self {
+            client,
+            namespace,
+            metrics,
+        }
     }
 
     fn api<K>(&self) -> Api<K>
@@ -257,7 +278,11 @@ impl KubeClient {
     {
         let name = object.meta().name.clone().unwrap_or_default();
         let params = PatchParams::apply(FIELD_MANAGER).force();
-        let applied = self.api::<K>().patch(&name, &params, &Patch::Apply(object)).await?;
+        let started = Instant::now();
+        let result = self.api::<K>().patch(&name, &params, &Patch::Apply(object)).await;
+        self.metrics
+            .observe_neighbour(NEIGHBOUR, outcome(&result), started.elapsed());
+        let applied = result?;
         Ok(AppliedObject {
             kind: K::kind(&Default::default()).to_string(),
             name,
@@ -273,7 +298,11 @@ impl KubeClient {
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug,
         <K as Resource>::DynamicType: Default,
     {
-        match self.api::<K>().delete(name, &DeleteParams::background()).await {
+        let started = Instant::now();
+        let result = self.api::<K>().delete(name, &DeleteParams::background()).await;
+        self.metrics
+            .observe_neighbour(NEIGHBOUR, outcome(&result), started.elapsed());
+        match result {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
             Err(e) => Err(e),
