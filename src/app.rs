@@ -25,6 +25,7 @@ use crate::provisioning::sealing::Sealer;
 use crate::provisioning::workflow::{Provisioning, RunRegistry};
 use crate::webhooks::dispatch::DispatchCaches;
 use crate::webhooks::ingress::RateLimits;
+use crate::webhooks::writer::InboxWriter;
 use crate::{db, http};
 
 /// Cheap-to-clone handles shared by every handler and background task.
@@ -42,6 +43,10 @@ pub struct AppState {
     pub admin_verifier: AdminVerifier,
     pub webhook_rate_limits: RateLimits,
     pub dispatch_caches: DispatchCaches,
+    /// Stores webhook events with group commit.
+    pub inbox: InboxWriter,
+    /// Wakes this replica's dispatcher when events were stored here.
+    pub dispatch_wake: Arc<tokio::sync::Notify>,
     pub provisioning: Provisioning,
     shutting_down: Arc<AtomicBool>,
 }
@@ -137,6 +142,8 @@ impl Application {
             tracker: tokio_util::task::TaskTracker::new(),
             stop: CancellationToken::new(),
         };
+        let dispatch_wake = Arc::new(tokio::sync::Notify::new());
+        let inbox = InboxWriter::spawn(db.clone(), dispatch_wake.clone());
         let kube = KubeClient::new(kube, config.kubernetes.namespace.clone(), metrics.clone());
         let state = AppState {
             config: Arc::new(config),
@@ -151,6 +158,8 @@ impl Application {
             admin_verifier,
             webhook_rate_limits,
             dispatch_caches: DispatchCaches::default(),
+            inbox,
+            dispatch_wake,
             provisioning,
             shutting_down: Arc::new(AtomicBool::new(false)),
         };

@@ -86,7 +86,7 @@ impl DispatchCaches {
 pub async fn run(state: AppState, stop: CancellationToken) {
     let config = &state.config.webhooks;
     let workers = Arc::new(Semaphore::new(config.dispatch_workers));
-    let wake = Arc::new(Notify::new());
+    let wake = state.dispatch_wake.clone();
     let owner = Uuid::new_v4();
     tokio::spawn(listen(state.clone(), wake.clone(), stop.clone()));
     let lease_secs = config.dispatch_lease.as_secs_f64();

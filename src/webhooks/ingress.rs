@@ -157,14 +157,14 @@ pub async fn ingest(
 
     let new = store::NewEvent {
         id: Uuid::now_v7(),
-        source: source.as_str(),
-        kind: &meta.kind,
-        delivery_id: &meta.delivery_id,
-        headers: &meta.headers,
-        body,
-        ordering_key: meta.ordering_key.as_deref(),
+        source: source.as_str().to_string(),
+        kind: meta.kind,
+        delivery_id: meta.delivery_id,
+        headers: meta.headers,
+        body: body.to_vec(),
+        ordering_key: meta.ordering_key,
     };
-    match store::insert_event(&state.db, new).await {
+    match state.inbox.insert(new).await {
         Ok(Inserted::New(_)) => {
             outcome("accepted");
             Json(Ack {

@@ -11,6 +11,7 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
+use super::sources::strip_nul;
 use super::store::{self, Inserted};
 use crate::app::AppState;
 use crate::error::{ApiError, ApiJson, ApiResult};
@@ -96,12 +97,12 @@ pub async fn slack_trigger(
     let ordering_key = format!("slack:{}:{thread}", body.channel_id);
     let new = store::NewEvent {
         id: Uuid::now_v7(),
-        source: "slack",
-        kind: "internal_trigger",
-        delivery_id: &delivery_id,
-        headers: &json!({}),
-        body: &bytes,
-        ordering_key: Some(&ordering_key),
+        source: "slack".into(),
+        kind: "internal_trigger".into(),
+        delivery_id: strip_nul(&delivery_id),
+        headers: json!({}),
+        body: bytes,
+        ordering_key: Some(strip_nul(&ordering_key)),
     };
     let outcome = |o: &str| {
         state
@@ -110,7 +111,7 @@ pub async fn slack_trigger(
             .with_label_values(&["slack", o])
             .inc()
     };
-    let (event_id, duplicate) = match store::insert_event(&state.db, new).await {
+    let (event_id, duplicate) = match state.inbox.insert(new).await {
         Ok(Inserted::New(id)) => {
             outcome("accepted");
             (id, false)

@@ -7,6 +7,7 @@ pub mod internal;
 pub mod signature;
 pub mod sources;
 pub mod store;
+pub mod writer;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};

@@ -35,8 +35,32 @@ fn header(headers: &HeaderMap, name: &str) -> Option<String> {
     headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
 }
 
+/// Postgres text and jsonb refuse NUL characters; a payload may carry them (`\u0000`).
+pub fn strip_nul(text: &str) -> String {
+    text.replace('\0', "")
+}
+
 fn str_at<'a>(value: &'a Value, pointer: &str) -> Option<&'a str> {
     value.pointer(pointer).and_then(Value::as_str).filter(|s| !s.is_empty())
+}
+
+/// What ingress stores must be storable: no NUL anywhere in the text columns.
+fn storable(meta: EventMeta) -> EventMeta {
+    fn clean(value: Value) -> Value {
+        match value {
+            Value::String(s) => Value::String(strip_nul(&s)),
+            Value::Object(map) => Value::Object(map.into_iter().map(|(k, v)| (strip_nul(&k), clean(v))).collect()),
+            Value::Array(items) => Value::Array(items.into_iter().map(clean).collect()),
+            other => other,
+        }
+    }
+    EventMeta {
+        kind: strip_nul(&meta.kind),
+        delivery_id: strip_nul(&meta.delivery_id),
+        ordering_key: meta.ordering_key.as_deref().map(strip_nul),
+        sender_key: meta.sender_key,
+        headers: clean(meta.headers),
+    }
 }
 
 fn body_digest(body: &[u8]) -> String {
@@ -67,6 +91,18 @@ fn is_ssl_check(body: &[u8]) -> bool {
 
 /// `slack_interactions` tells the two Slack routes apart.
 pub fn envelope(
+    source: Source,
+    slack_interactions: bool,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Envelope, MalformedDelivery> {
+    Ok(match read_envelope(source, slack_interactions, headers, body)? {
+        Envelope::Event(meta) => Envelope::Event(storable(meta)),
+        protocol => protocol,
+    })
+}
+
+fn read_envelope(
     source: Source,
     slack_interactions: bool,
     headers: &HeaderMap,
@@ -562,6 +598,19 @@ mod tests {
             panic!()
         };
         assert_eq!(run.routing_value, "SVC2");
+    }
+
+    #[test]
+    fn nul_characters_never_reach_the_database() {
+        let body = json!({"type": "event_callback", "event_id": "Ev\u{0}1", "team_id": "T1",
+            "event": {"type": "app_\u{0}mention", "channel": "C\u{0}1", "ts": "1.2"}});
+        let Envelope::Event(meta) =
+            envelope(Source::Slack, false, &HeaderMap::new(), body.to_string().as_bytes()).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((meta.delivery_id.as_str(), meta.kind.as_str()), ("Ev1", "app_mention"));
+        assert!(!meta.ordering_key.unwrap().contains('\0'));
     }
 
     #[test]

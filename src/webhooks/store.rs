@@ -9,55 +9,95 @@ use uuid::Uuid;
 /// Channel the ingress notifies so idle dispatchers wake at once.
 pub const NOTIFY_CHANNEL: &str = "webhook_inbox";
 
-pub struct NewEvent<'a> {
+/// An event to store, owned so it can travel to the batch writer.
+#[derive(Clone, Debug)]
+pub struct NewEvent {
     pub id: Uuid,
-    pub source: &'a str,
-    pub kind: &'a str,
-    pub delivery_id: &'a str,
-    pub headers: &'a Value,
-    pub body: &'a [u8],
-    pub ordering_key: Option<&'a str>,
+    pub source: String,
+    pub kind: String,
+    pub delivery_id: String,
+    pub headers: Value,
+    pub body: Vec<u8>,
+    pub ordering_key: Option<String>,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Inserted {
     New(Uuid),
     /// The delivery id was seen before; the event it created.
     Duplicate(Uuid),
 }
 
-/// Stores the event and its delivery id in one statement (one implicit transaction), and
-/// notifies the dispatchers on commit. A delivery id seen before stores nothing.
-pub async fn insert_event(executor: impl PgExecutor<'_> + Copy, new: NewEvent<'_>) -> Result<Inserted, sqlx::Error> {
-    let inserted: Option<Uuid> = sqlx::query_scalar(
-        "WITH delivery AS (
-             INSERT INTO webhook_deliveries (source, delivery_id, event_id) VALUES ($2, $4, $1)
+/// Stores a batch of events and their delivery ids in one statement (one transaction) and
+/// notifies the dispatchers of every replica once, on commit. A delivery id seen before, in the
+/// table or earlier in the batch, stores nothing. Results are in the order of `events`.
+pub async fn insert_events(
+    executor: impl PgExecutor<'_> + Copy,
+    events: &[NewEvent],
+) -> Result<Vec<Inserted>, sqlx::Error> {
+    let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+    let sources: Vec<&str> = events.iter().map(|e| e.source.as_str()).collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    let delivery_ids: Vec<&str> = events.iter().map(|e| e.delivery_id.as_str()).collect();
+    let headers: Vec<String> = events.iter().map(|e| e.headers.to_string()).collect();
+    let bodies: Vec<&[u8]> = events.iter().map(|e| e.body.as_slice()).collect();
+    let ordering: Vec<Option<&str>> = events.iter().map(|e| e.ordering_key.as_deref()).collect();
+    // WITH ORDINALITY keeps the request order, so the first of two deliveries with the same id wins.
+    // One NOTIFY per batch: NOTIFY serialises committing transactions on a database-wide lock,
+    // so one per delivery would cap ingestion.
+    let inserted: Vec<Uuid> = sqlx::query_scalar::<_, Option<Uuid>>(
+        "WITH input AS (
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[], $7::text[])
+                 WITH ORDINALITY AS t(id, source, kind, delivery_id, headers, body, ordering_key, n)),
+         delivery AS (
+             INSERT INTO webhook_deliveries (source, delivery_id, event_id)
+             SELECT source, delivery_id, id FROM input ORDER BY n
              ON CONFLICT DO NOTHING RETURNING event_id),
          event AS (
              INSERT INTO webhook_events (id, source, kind, delivery_id, headers, body, ordering_key)
-             SELECT $1, $2, $3, $4, $5, $6, $7 FROM delivery RETURNING id)
-         SELECT id FROM event, LATERAL (SELECT pg_notify('webhook_inbox', '')) AS wake",
+             SELECT i.id, i.source, i.kind, i.delivery_id, i.headers::jsonb, i.body, i.ordering_key
+             FROM input i JOIN delivery d ON d.event_id = i.id ORDER BY i.n
+             RETURNING id),
+         wake AS (SELECT pg_notify('webhook_inbox', '') WHERE EXISTS (SELECT 1 FROM event))
+         SELECT id FROM event UNION ALL SELECT NULL FROM wake",
     )
-    .bind(new.id)
-    .bind(new.source)
-    .bind(new.kind)
-    .bind(new.delivery_id)
-    .bind(new.headers)
-    .bind(new.body)
-    .bind(new.ordering_key)
-    .fetch_optional(executor)
-    .await?;
-    match inserted {
-        Some(id) => Ok(Inserted::New(id)),
-        None => {
-            let existing: Option<Uuid> =
-                sqlx::query_scalar("SELECT event_id FROM webhook_deliveries WHERE source = $1 AND delivery_id = $2")
-                    .bind(new.source)
-                    .bind(new.delivery_id)
-                    .fetch_optional(executor)
-                    .await?;
-            Ok(Inserted::Duplicate(existing.unwrap_or(new.id)))
-        }
+    .bind(&ids)
+    .bind(&sources)
+    .bind(&kinds)
+    .bind(&delivery_ids)
+    .bind(&headers)
+    .bind(&bodies)
+    .bind(&ordering)
+    .fetch_all(executor)
+    .await?
+    .into_iter()
+    .flatten()
+    .collect();
+    if inserted.len() == events.len() {
+        return Ok(ids.into_iter().map(Inserted::New).collect());
     }
+    // Some were duplicates: find the events their delivery ids already name.
+    let existing: Vec<(String, String, Uuid)> = sqlx::query_as(
+        "SELECT d.source, d.delivery_id, d.event_id FROM webhook_deliveries d
+         JOIN UNNEST($1::text[], $2::text[]) AS t(source, delivery_id) USING (source, delivery_id)",
+    )
+    .bind(&sources)
+    .bind(&delivery_ids)
+    .fetch_all(executor)
+    .await?;
+    Ok(events
+        .iter()
+        .map(|event| {
+            if inserted.contains(&event.id) {
+                return Inserted::New(event.id);
+            }
+            let original = existing
+                .iter()
+                .find(|(source, delivery, _)| *source == event.source && *delivery == event.delivery_id)
+                .map_or(event.id, |(_, _, id)| *id);
+            Inserted::Duplicate(original)
+        })
+        .collect())
 }
 
 #[derive(Clone, Debug, sqlx::FromRow)]

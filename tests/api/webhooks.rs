@@ -649,3 +649,26 @@ async fn the_sign_command_produces_a_delivery_the_service_accepts() {
     wait_for_event_status(&app, "delivered", 1).await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn concurrent_twins_are_stored_once_even_in_the_same_batch() {
+    let app = TestApp::spawn().await;
+    own(&app, "sre", json!({"github_repos": ["acme/api"]}));
+    let deliveries = (0..25).flat_map(|i| {
+        let body = github_pr("acme/api", i, "twin");
+        let id = format!("twin-{i}");
+        [(body.clone(), id.clone()), (body, id)]
+    });
+    let responses = futures::future::join_all(deliveries.map(|(body, id)| {
+        let app = &app;
+        async move { json_of(deliver(app, Source::GitHub, &body, &id, &[]).await).await }
+    }))
+    .await;
+    let duplicates = responses.iter().filter(|r| r["duplicate"] == true).count();
+    assert_eq!(duplicates, 25, "{responses:?}");
+    assert!(responses.iter().all(|r| r["ok"] == true));
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_events").fetch_one(&app.db.pool).await.unwrap();
+    assert_eq!(stored, 25);
+    wait_for_event_status(&app, "delivered", 25).await;
+    assert_eq!(agent_messages(&app).len(), 25);
+}
