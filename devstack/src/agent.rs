@@ -159,7 +159,10 @@ async fn run(State(agent): State<Agent>, Path(agent_name): Path<String>, headers
 
     let mut guard = RunGuard::start(&agent);
     let settings = agent.settings();
-    tokio::time::sleep(settings.delay).await;
+    // tokio rounds any sleep up to the next millisecond: skip it when there is no delay.
+    if !settings.delay.is_zero() {
+        tokio::time::sleep(settings.delay).await;
+    }
     guard.finish();
 
     let answer = match settings.error_mode {
@@ -218,7 +221,7 @@ async fn investigate(State(agent): State<Agent>, headers: HeaderMap, body: Bytes
         (guard, events.into_iter(), true),
         move |(mut guard, mut events, first)| async move {
             let event = events.next()?;
-            if !first {
+            if !first && !step.is_zero() {
                 tokio::time::sleep(step).await;
             }
             if events.len() == 0 {

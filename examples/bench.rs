@@ -1,0 +1,1561 @@
+//! Benchmark harness: `scripts/bench <provision|ingest|proxy|all>` builds this example in release
+//! and runs it once per scenario against a fresh database.
+//!
+//! Each run starts the devstack stand-ins in-process (no added latency), spawns the release
+//! `orchestrator serve` as a child process (so its memory can be read from `/proc/<pid>/status`),
+//! waits for `/ready`, runs the scenario, prints a result block and replaces that scenario's
+//! section of `BENCHMARKS.md`. The child is always stopped (SIGTERM, then SIGKILL), also on panic.
+//!
+//! ```text
+//! bench <provision|ingest|proxy> [--teams N] [--concurrency N] [--duration SECS] [--connections N]
+//!       [--runs N] [--warmup N] [--no-write] [--results PATH] [--orchestrator PATH]
+//! ```
+//!
+//! Environment: `DATABASE_URL` (the bench database, required), `BENCH_COMMAND` (the command shown
+//! in the results), `PGBENCH` (pgbench binary, default `pgbench`), `BENCH_DB_POOL_SIZE` and
+//! `BENCH_LOCK_POOL_SIZE` (default 40 each).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use devstack::Devstack;
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::Sha256;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+
+const ADMIN_TOKEN: &str = "dev-super-admin";
+const GITHUB_SECRET: &str = "bench-secret";
+/// Base64 of 32 bytes ("bench-only-secrets-key-32-bytes!").
+const SECRETS_KEY: &str = "YmVuY2gtb25seS1zZWNyZXRzLWtleS0zMi1ieXRlcyE=";
+/// The highest rate limit the configuration accepts (`ORCHESTRATOR_GITHUB_RATE_LIMIT_*` are
+/// bounded to 1,000,000): far above anything this machine can send, so nothing is rate limited.
+const UNLIMITED_RATE: &str = "1000000";
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
+const MAX_PRINTED_ERRORS: usize = 10;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    orchestrator::app::install_crypto_provider();
+    // On Ctrl-C or SIGTERM the scenario is dropped, and with it the child (see `Service`'s Drop).
+    let outcome = tokio::select! {
+        outcome = run() => outcome,
+        signal = interrupted() => Err(anyhow!("interrupted by {signal}")),
+    };
+    match outcome {
+        Ok(Verdict::Pass) => ExitCode::SUCCESS,
+        Ok(Verdict::Fail(why)) => {
+            eprintln!("[bench] FAILED: {why}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("[bench] error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn interrupted() -> &'static str {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return "SIGINT";
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}
+
+enum Verdict {
+    Pass,
+    /// The scenario ran but something was wrong (errors, lost or duplicated deliveries).
+    Fail(String),
+}
+
+// ------------------------------------------------------------------------------------------------
+// Options
+
+struct Options {
+    scenario: String,
+    flags: BTreeMap<String, String>,
+    write: bool,
+    results: PathBuf,
+    orchestrator: PathBuf,
+    database_url: String,
+    command: String,
+}
+
+impl Options {
+    fn parse() -> Result<Options> {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let mut args = std::env::args().skip(1);
+        let scenario = args.next().unwrap_or_default();
+        if !["provision", "ingest", "proxy"].contains(&scenario.as_str()) {
+            bail!(
+                "usage: bench <provision|ingest|proxy> [--teams N] [--concurrency N] [--duration SECS] \
+                 [--connections N] [--runs N] [--warmup N] [--no-write] [--results PATH] [--orchestrator PATH]"
+            );
+        }
+        let mut flags = BTreeMap::new();
+        let mut write = true;
+        while let Some(arg) = args.next() {
+            let Some(name) = arg.strip_prefix("--") else {
+                bail!("unexpected argument {arg:?}");
+            };
+            if name == "no-write" {
+                write = false;
+                continue;
+            }
+            let value = args.next().ok_or_else(|| anyhow!("--{name} needs a value"))?;
+            flags.insert(name.to_owned(), value);
+        }
+        let known = [
+            "teams",
+            "concurrency",
+            "duration",
+            "connections",
+            "runs",
+            "warmup",
+            "results",
+            "orchestrator",
+        ];
+        if let Some(unknown) = flags.keys().find(|k| !known.contains(&k.as_str())) {
+            bail!("unknown option --{unknown}");
+        }
+        let results = flags
+            .remove("results")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("BENCHMARKS.md"));
+        let orchestrator = flags
+            .remove("orchestrator")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target/release/orchestrator"));
+        let database_url = std::env::var("DATABASE_URL")
+            .context("DATABASE_URL (the bench database) is not set; run scripts/bench, which creates it")?;
+        let command = std::env::var("BENCH_COMMAND").unwrap_or_else(|_| {
+            let args: Vec<String> = std::env::args().skip(1).collect();
+            format!("target/release/examples/bench {}", args.join(" "))
+        });
+        Ok(Options {
+            scenario,
+            flags,
+            write,
+            results,
+            orchestrator,
+            database_url,
+            command,
+        })
+    }
+
+    fn number(&self, name: &str, default: u64) -> Result<u64> {
+        match self.flags.get(name) {
+            None => Ok(default),
+            Some(v) => match v.parse::<u64>() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => bail!("--{name} must be a positive whole number, got {v:?}"),
+            },
+        }
+    }
+}
+
+async fn run() -> Result<Verdict> {
+    let options = Options::parse()?;
+    let report = match options.scenario.as_str() {
+        "provision" => provision(&options).await?,
+        "ingest" => ingest(&options).await?,
+        "proxy" => proxy(&options).await?,
+        other => bail!("unknown scenario {other}"),
+    };
+    let machine = Machine::detect(&options.database_url).await;
+    let text = report.render_text(&machine, &options.command);
+    println!("{text}");
+    if options.write {
+        write_section(&options.results, &report, &machine, &options.command)?;
+        println!(
+            "[bench] wrote the {} section of {}",
+            report.scenario,
+            options.results.display()
+        );
+    }
+    Ok(match &report.failure {
+        None => Verdict::Pass,
+        Some(why) => Verdict::Fail(why.clone()),
+    })
+}
+
+// ------------------------------------------------------------------------------------------------
+// The service under test
+
+/// The stand-ins and the orchestrator child process. Dropping it stops the child.
+struct Bench {
+    stack: Devstack,
+    service: Service,
+    base: String,
+    startup: Duration,
+    idle_rss_kb: u64,
+    _scratch: Scratch,
+}
+
+/// A temporary directory, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Bench {
+    async fn start(options: &Options) -> Result<Bench> {
+        if !options.orchestrator.is_file() {
+            bail!(
+                "{} does not exist: build it with `cargo build --release --bin orchestrator`",
+                options.orchestrator.display()
+            );
+        }
+        let stack = Devstack::start().await.context("starting the devstack stand-ins")?;
+        let scratch = Scratch(std::env::temp_dir().join(format!("orchestrator-bench-{}", std::process::id())));
+        std::fs::create_dir_all(&scratch.0).with_context(|| format!("creating {}", scratch.0.display()))?;
+        let kubeconfig = scratch.0.join("kubeconfig.json");
+        std::fs::write(&kubeconfig, stack.kubeconfig_json("incidentfox"))
+            .with_context(|| format!("writing {}", kubeconfig.display()))?;
+        let log_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+        std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
+        let log = log_dir.join(format!("orchestrator-{}.log", options.scenario));
+
+        let port = free_port()?;
+        let listen = format!("127.0.0.1:{port}");
+        let pool = std::env::var("BENCH_DB_POOL_SIZE").unwrap_or_else(|_| "40".into());
+        let lock_pool = std::env::var("BENCH_LOCK_POOL_SIZE").unwrap_or_else(|_| "40".into());
+        let mut command = Command::new(&options.orchestrator);
+        command
+            .arg("serve")
+            // A clean environment: nothing from the caller's shell (LOG_FORMAT, other ORCHESTRATOR_*
+            // variables) changes what is measured.
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()))
+            .env("DATABASE_URL", &options.database_url)
+            .env("ORCHESTRATOR_AUTO_CREATE_TABLES", "1")
+            .env("ORCHESTRATOR_LISTEN_ADDR", &listen)
+            .envs(stack.env_vars())
+            .env("KUBECONFIG", &kubeconfig)
+            .env("ORCHESTRATOR_INTERNAL_ADMIN_TOKEN", "dev-internal-admin")
+            .env("ORCHESTRATOR_SECRETS_KEY", SECRETS_KEY)
+            .env("GITHUB_WEBHOOK_SECRET", GITHUB_SECRET)
+            .env("RUST_LOG", "warn")
+            .env("NO_COLOR", "1")
+            .env("ORCHESTRATOR_GITHUB_RATE_LIMIT_PER_MINUTE", UNLIMITED_RATE)
+            .env("ORCHESTRATOR_GITHUB_RATE_LIMIT_BURST", UNLIMITED_RATE)
+            .env("ORCHESTRATOR_DB_POOL_SIZE", &pool)
+            .env("ORCHESTRATOR_LOCK_POOL_SIZE", &lock_pool)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(
+                std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?,
+            ))
+            .stderr(Stdio::from(std::fs::File::options().append(true).open(&log)?));
+
+        let started = Instant::now();
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting {}", options.orchestrator.display()))?;
+        let mut service = Service {
+            pid: child.id(),
+            child: Some(child),
+            log,
+        };
+        let base = format!("http://{listen}");
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
+        loop {
+            if let Some(status) = service.exited() {
+                bail!(
+                    "the orchestrator exited before it was ready ({status}); its log ({}):\n{}",
+                    service.log.display(),
+                    service.log_tail()
+                );
+            }
+            if let Ok(response) = client.get(format!("{base}/ready")).send().await {
+                if response.status() == reqwest::StatusCode::OK {
+                    break;
+                }
+            }
+            if started.elapsed() > READY_TIMEOUT {
+                bail!(
+                    "the orchestrator was not ready within {READY_TIMEOUT:?}; its log ({}):\n{}",
+                    service.log.display(),
+                    service.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let startup = started.elapsed();
+        let idle_rss_kb = service.memory().map(|m| m.rss_kb).unwrap_or(0);
+        println!(
+            "[bench] orchestrator pid {} ready on {base} in {:.0} ms (log: {})",
+            service.pid,
+            startup.as_secs_f64() * 1000.0,
+            service.log.display()
+        );
+        Ok(Bench {
+            stack,
+            service,
+            base,
+            startup,
+            idle_rss_kb,
+            _scratch: scratch,
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn peak_rss_kb(&self) -> u64 {
+        self.service.memory().map(|m| m.hwm_kb).unwrap_or(0)
+    }
+
+    fn cpu(&self) -> CpuSnapshot {
+        CpuSnapshot::take(self.service.pid)
+    }
+
+    /// Stops the child and the stand-ins; warns about an unclean exit.
+    async fn stop(mut self) {
+        let status = self.service.stop().await;
+        self.stack.clone().shutdown().await;
+        match status {
+            Some(s) if s.success() => {}
+            Some(s) => eprintln!(
+                "[bench] warning: the orchestrator exited with {s} after SIGTERM (log: {})",
+                self.service.log.display()
+            ),
+            None => eprintln!(
+                "[bench] warning: the orchestrator did not stop within {STOP_TIMEOUT:?} of SIGTERM and was killed"
+            ),
+        }
+    }
+}
+
+/// The orchestrator child. Dropping it (also while unwinding from a panic) stops it.
+struct Service {
+    child: Option<Child>,
+    pid: u32,
+    log: PathBuf,
+}
+
+struct Memory {
+    rss_kb: u64,
+    hwm_kb: u64,
+}
+
+impl Service {
+    fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    fn memory(&self) -> Option<Memory> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
+        let field = |name: &str| -> Option<u64> {
+            let line = status.lines().find(|l| l.starts_with(name))?;
+            line[name.len()..].trim().trim_end_matches("kB").trim().parse().ok()
+        };
+        Some(Memory {
+            rss_kb: field("VmRSS:")?,
+            hwm_kb: field("VmHWM:")?,
+        })
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    fn terminate(&self) {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !sent {
+            eprintln!("[bench] could not send SIGTERM to {}", self.pid);
+        }
+    }
+
+    /// SIGTERM, then wait (bounded), then SIGKILL. None when it had to be killed.
+    async fn stop(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        self.terminate();
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        self.terminate();
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// User + system CPU time of a process, from /proc/<pid>/stat.
+fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start at field 3 (state).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / clock_ticks())
+}
+
+/// CPU time used up to one instant: by the whole machine (/proc/stat), by the orchestrator, and by
+/// this process (the load generator and the in-process stand-ins).
+struct CpuSnapshot {
+    at: Instant,
+    machine: f64,
+    service: f64,
+    own: f64,
+}
+
+impl CpuSnapshot {
+    fn take(service_pid: u32) -> CpuSnapshot {
+        let machine = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|stat| {
+                let line = stat.lines().next()?.strip_prefix("cpu ")?.to_owned();
+                let ticks: Vec<f64> = line.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+                // user nice system idle iowait irq softirq steal: busy = all but idle and iowait.
+                let busy = ticks.iter().take(8).sum::<f64>() - ticks.get(3)? - ticks.get(4)?;
+                Some(busy / clock_ticks())
+            })
+            .unwrap_or(0.0);
+        CpuSnapshot {
+            at: Instant::now(),
+            machine,
+            service: process_cpu_seconds(service_pid).unwrap_or(0.0),
+            own: process_cpu_seconds(std::process::id()).unwrap_or(0.0),
+        }
+    }
+
+    /// Cores busy on average since `before`, and who used them.
+    fn usage_since(&self, before: &CpuSnapshot) -> String {
+        let secs = (self.at - before.at).as_secs_f64().max(1e-9);
+        let machine = (self.machine - before.machine) / secs;
+        let service = (self.service - before.service) / secs;
+        let own = (self.own - before.own) / secs;
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+        format!(
+            "{machine:.2} of {cores} cores busy: orchestrator {service:.2}, load generator + stand-ins {own:.2}, \
+             Postgres and everything else {:.2}",
+            (machine - service - own).max(0.0)
+        )
+    }
+
+    fn service_seconds_since(&self, before: &CpuSnapshot) -> f64 {
+        self.service - before.service
+    }
+}
+
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+async fn bench_db(options: &Options) -> Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(&options.database_url)
+        .await
+        .context("connecting to the bench database")
+}
+
+// ------------------------------------------------------------------------------------------------
+// Latencies
+
+struct Latencies(Vec<Duration>);
+
+impl Latencies {
+    fn new(mut samples: Vec<Duration>) -> Latencies {
+        samples.sort_unstable();
+        Latencies(samples)
+    }
+
+    /// Nearest-rank percentile.
+    fn percentile(&self, p: f64) -> Duration {
+        if self.0.is_empty() {
+            return Duration::ZERO;
+        }
+        let rank = ((p / 100.0) * self.0.len() as f64).ceil() as usize;
+        self.0[rank.clamp(1, self.0.len()) - 1]
+    }
+
+    fn max(&self) -> Duration {
+        self.0.last().copied().unwrap_or_default()
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn mb(kb: u64) -> String {
+    format!("{:.1} MB", kb as f64 / 1024.0)
+}
+
+fn aim(ok: bool, text: &str) -> String {
+    format!("{text} {}", if ok { "✅" } else { "❌" })
+}
+
+// ------------------------------------------------------------------------------------------------
+// Scenario: provision
+
+async fn provision(options: &Options) -> Result<Report> {
+    let teams = options.number("teams", 1000)?;
+    let concurrency = options.number("concurrency", 16)?;
+    let bench = Bench::start(options).await?;
+
+    let next = Arc::new(AtomicU64::new(0));
+    let url = bench.url("/api/v1/admin/provision/team");
+    let started = Instant::now();
+    let db = bench_db(options).await?;
+    let stats_before = pg_activity(&db).await?;
+    let calls_before = neighbour_calls(&bench.stack);
+    let cpu_before = bench.cpu();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(1)
+            .timeout(Duration::from_secs(120))
+            .build()?;
+        let (next, url) = (next.clone(), url.clone());
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= teams {
+                    break;
+                }
+                let body = json!({
+                    "org_id": "acme",
+                    "team_node_id": format!("bench-{i}"),
+                    "slack_channel_ids": [format!("C{i}")],
+                    "create_pipeline_schedule": true,
+                });
+                let t = Instant::now();
+                let outcome = async {
+                    let response = client.post(&url).bearer_auth(ADMIN_TOKEN).json(&body).send().await?;
+                    let status = response.status();
+                    let text = response.text().await?;
+                    Ok::<_, reqwest::Error>((status, text))
+                }
+                .await;
+                let elapsed = t.elapsed();
+                latencies.push(elapsed);
+                match outcome {
+                    Ok((status, text)) => {
+                        let succeeded = status == reqwest::StatusCode::OK
+                            && serde_json::from_str::<Value>(&text)
+                                .map(|v| v["status"] == "succeeded")
+                                .unwrap_or(false);
+                        if !succeeded {
+                            errors.push(format!("bench-{i}: {status} {}", snippet(&text)));
+                        }
+                    }
+                    Err(e) => errors.push(format!("bench-{i}: {e}")),
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut samples = Vec::new();
+    let mut errors = Vec::new();
+    for worker in workers {
+        let (l, e) = worker.await.context("a provisioning client panicked")?;
+        samples.extend(l);
+        errors.extend(e);
+    }
+    let wall = started.elapsed();
+    let cpu = bench.cpu().usage_since(&cpu_before);
+    let peak = bench.peak_rss_kb();
+    let (startup, idle) = (bench.startup, bench.idle_rss_kb);
+    let bootstraps = bench.stack.ai_pipeline.state().bootstraps().len();
+    let calls = neighbour_calls(&bench.stack) - calls_before;
+    bench.stop().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stats_after = pg_activity(&db).await?;
+    db.close().await;
+
+    let latencies = Latencies::new(samples);
+    let rate = teams as f64 / wall.as_secs_f64();
+    let p99 = latencies.percentile(99.0);
+    let mut report = Report::new(
+        "provision",
+        &format!("`provision`: {teams} distinct teams, {concurrency} concurrent clients"),
+    );
+    report.row(
+        "teams provisioned (200, `succeeded`)",
+        (teams - errors.len() as u64).to_string(),
+        "",
+    );
+    report.row("errors", errors.len().to_string(), "0");
+    report.row("wall time", format!("{:.2} s", wall.as_secs_f64()), "");
+    report.row(
+        "runs per second",
+        format!("{rate:.1}"),
+        &aim(errors.is_empty() && rate >= 150.0, "≥ 150"),
+    );
+    report.row("latency p50", ms(latencies.percentile(50.0)), "");
+    report.row("latency p90", ms(latencies.percentile(90.0)), "");
+    report.row(
+        "latency p99",
+        ms(p99),
+        &aim(errors.is_empty() && p99 < Duration::from_millis(200), "< 200 ms"),
+    );
+    report.row("latency max", ms(latencies.max()), "");
+    report.row("peak RSS (VmHWM)", mb(peak), "");
+    report.row("idle RSS after ready (VmRSS)", mb(idle), "");
+    report.row("start-up to ready (fresh database, migrations)", ms(startup), "");
+    report.row("CPU during the load", cpu, "");
+    report.row(
+        "work per run",
+        format!(
+            "{:.1} neighbour calls (config service, AI pipeline, Kubernetes), {:.1} Postgres transactions, \
+             {:.1} rows written",
+            calls as f64 / teams as f64,
+            (stats_after.transactions - stats_before.transactions) as f64 / teams as f64,
+            (stats_after.rows_written - stats_before.rows_written) as f64 / teams as f64
+        ),
+        "",
+    );
+    report.note(format!(
+        "Each request is `POST /api/v1/admin/provision/team` (`create_pipeline_schedule: true`, shared \
+         deployment), answered when the run has finished; latency is the full request time. The AI pipeline \
+         stand-in recorded {bootstraps} bootstraps."
+    ));
+    report.fail_if(
+        !errors.is_empty(),
+        format!("{} provisioning requests failed", errors.len()),
+    );
+    print_errors(&errors);
+    Ok(report)
+}
+
+fn snippet(text: &str) -> String {
+    let text = text.replace('\n', " ");
+    if text.chars().count() > 300 {
+        format!("{}…", text.chars().take(300).collect::<String>())
+    } else {
+        text
+    }
+}
+
+fn print_errors(errors: &[String]) {
+    for e in errors.iter().take(MAX_PRINTED_ERRORS) {
+        eprintln!("[bench] error: {e}");
+    }
+    if errors.len() > MAX_PRINTED_ERRORS {
+        eprintln!("[bench] … and {} more errors", errors.len() - MAX_PRINTED_ERRORS);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Scenario: ingest
+
+const PR_PARAGRAPH: &str = "This change tightens the retry budget of the payment gateway client. Until now a \
+    slow upstream could make every request retry five times with a fixed two second pause, which \
+    multiplied the load on the gateway exactly when it was already struggling and held worker threads for \
+    up to ten seconds. The client now retries at most three times with exponential backoff and full jitter, \
+    honours Retry-After, and gives up once the caller's deadline has passed. A new histogram, \
+    payment_gateway_retry_seconds, records the time spent waiting between attempts, and the existing \
+    error counter gains an outcome label so that dashboards can tell retried successes from final \
+    failures. The integration tests cover a gateway that answers 503 twice and then 200, a gateway that \
+    never answers, and a deadline shorter than the first backoff. Rollout: behind the flag \
+    payments.retry_v2, enabled for ten percent of traffic first; the runbook explains how to turn it off. \
+    Dashboards and alerts were reviewed with the on-call team, and the load test of last week was repeated \
+    with the new client: p99 latency stayed flat while the gateway shed load, and no request exceeded its budget.";
+
+fn pull_request_body(n: u64) -> Vec<u8> {
+    let body = json!({
+        "action": "opened",
+        "number": n,
+        "pull_request": {
+            "id": 1_000_000 + n,
+            "number": n,
+            "state": "open",
+            "title": format!("Tighten the retry budget of the payment gateway client (#{n})"),
+            "html_url": format!("https://github.com/acme/bench/pull/{n}"),
+            "body": PR_PARAGRAPH,
+            "user": { "login": "octo-dev", "id": 583231 },
+            "head": { "ref": format!("retry-budget-{n}"), "sha": "6dcb09b5b57875f334f61aebed695e2e4193db5e" },
+            "base": { "ref": "main", "sha": "9049f1265b7d61be4a8904a9a27120d2064dab3b" },
+            "draft": false,
+            "created_at": "2025-01-01T00:00:00Z",
+            "labels": [{ "name": "reliability" }, { "name": "payments" }],
+            "requested_reviewers": [{ "login": "sre-oncall" }, { "login": "payments-lead" }],
+            "commits": 3,
+            "additions": 184,
+            "deletions": 61,
+            "changed_files": 7,
+        },
+        "repository": {
+            "id": 1296269,
+            "name": "bench",
+            "full_name": "acme/bench",
+            "private": true,
+            "html_url": "https://github.com/acme/bench",
+            "default_branch": "main",
+        },
+        "sender": { "login": "octo-dev", "id": 583231, "type": "User" },
+    });
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
+fn github_signature(body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(GITHUB_SECRET.as_bytes()).expect("HMAC takes any key length");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+#[derive(Default)]
+struct IngestWorker {
+    latencies: Vec<Duration>,
+    accepted: u64,
+    errors: Vec<String>,
+}
+
+async fn ingest(options: &Options) -> Result<Report> {
+    let duration = Duration::from_secs(options.number("duration", 10)?);
+    let connections = options.number("connections", 32)?;
+    let pgbench = std::env::var("PGBENCH").unwrap_or_else(|_| "pgbench".into());
+    let bench = Bench::start(options).await?;
+    bench.stack.config_service.state().set_team_config(
+        "acme",
+        "bench",
+        json!({"routing": {"github_repos": ["acme/bench"]}}),
+    );
+    let db = bench_db(options).await?;
+    let body_size = pull_request_body(1).len();
+
+    let url = bench.url("/webhooks/github");
+    let next = Arc::new(AtomicU64::new(1));
+    let stats_before = pg_activity(&db).await?;
+    let cpu_before = bench.cpu();
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + duration;
+    let mut workers = Vec::new();
+    for _ in 0..connections {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(1)
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        let (next, url) = (next.clone(), url.clone());
+        workers.push(tokio::spawn(async move {
+            let mut stats = IngestWorker::default();
+            while tokio::time::Instant::now() < deadline {
+                // A distinct pull request per delivery: no two deliveries share an ordering key.
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let body = pull_request_body(n);
+                let signature = github_signature(&body);
+                let delivery = uuid::Uuid::new_v4().to_string();
+                let t = Instant::now();
+                let outcome = async {
+                    let response = client
+                        .post(&url)
+                        .header("X-GitHub-Event", "pull_request")
+                        .header("X-GitHub-Delivery", &delivery)
+                        .header("X-Hub-Signature-256", &signature)
+                        .header("Content-Type", "application/json")
+                        .body(body)
+                        .send()
+                        .await?;
+                    let status = response.status();
+                    let bytes = response.bytes().await?;
+                    Ok::<_, reqwest::Error>((status, bytes))
+                }
+                .await;
+                let elapsed = t.elapsed();
+                match outcome {
+                    Ok((status, bytes)) if status == reqwest::StatusCode::OK && bytes.as_ref() == br#"{"ok":true}"# => {
+                        stats.accepted += 1;
+                        stats.latencies.push(elapsed);
+                    }
+                    Ok((status, bytes)) => stats.errors.push(format!(
+                        "delivery {delivery}: {status} {}",
+                        snippet(&String::from_utf8_lossy(&bytes))
+                    )),
+                    Err(e) => stats.errors.push(format!("delivery {delivery}: {e}")),
+                }
+            }
+            stats
+        }));
+    }
+    let mut samples = Vec::new();
+    let mut accepted = 0u64;
+    let mut errors = Vec::new();
+    for worker in workers {
+        let stats = worker.await.context("an ingest client panicked")?;
+        samples.extend(stats.latencies);
+        accepted += stats.accepted;
+        errors.extend(stats.errors);
+    }
+    let load_time = started.elapsed();
+    let cpu_after_load = bench.cpu();
+    let peak_after_load = bench.peak_rss_kb();
+    let latencies = Latencies::new(samples);
+    let rate = accepted as f64 / load_time.as_secs_f64();
+    println!(
+        "[bench] {accepted} deliveries accepted in {:.2} s ({rate:.0}/s), {} rejected or failed; waiting for dispatch",
+        load_time.as_secs_f64(),
+        errors.len()
+    );
+
+    // Drain: every stored event leaves pending/processing.
+    let drain_started = Instant::now();
+    let mut statuses: BTreeMap<String, i64>;
+    loop {
+        statuses = sqlx::query_as::<_, (String, i64)>("SELECT status, count(*) FROM webhook_events GROUP BY status")
+            .fetch_all(&db)
+            .await
+            .context("reading webhook_events")?
+            .into_iter()
+            .collect();
+        let open = statuses.get("pending").copied().unwrap_or(0) + statuses.get("processing").copied().unwrap_or(0);
+        if open == 0 || drain_started.elapsed() > DRAIN_TIMEOUT {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let drain = drain_started.elapsed();
+    let drain_cpu = bench.cpu().service_seconds_since(&cpu_after_load);
+    let open = statuses.get("pending").copied().unwrap_or(0) + statuses.get("processing").copied().unwrap_or(0);
+    let stored: i64 = statuses.values().sum();
+    let delivered = statuses.get("delivered").copied().unwrap_or(0);
+    let duplicates: i64 = sqlx::query_scalar("SELECT count(*) - count(DISTINCT delivery_id) FROM webhook_events")
+        .fetch_one(&db)
+        .await
+        .context("counting duplicate delivery ids")?;
+    let agent = bench.stack.agent.state();
+    let (runs_started, runs_completed, runs_cancelled) =
+        (agent.runs_started(), agent.runs_completed(), agent.runs_cancelled());
+    let peak = bench.peak_rss_kb();
+    let (startup, idle) = (bench.startup, bench.idle_rss_kb);
+    bench.stop().await;
+    // Backends report their statistics when they exit; give them a moment after the child is gone.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stats_after = pg_activity(&db).await?;
+
+    // The ceiling, with the service stopped: the same statement into copies of the tables; then the
+    // same with the service's pg_notify, to show what the notification costs.
+    let ceiling = match pgbench_ceiling(&db, &pgbench, connections, duration, options, false).await {
+        Ok(ceiling) => Some(ceiling),
+        Err(e) => {
+            eprintln!("[bench] error: the pgbench ceiling: {e:#}");
+            None
+        }
+    };
+    let with_notify = match pgbench_ceiling(&db, &pgbench, connections, duration, options, true).await {
+        Ok(ceiling) => Some(ceiling),
+        Err(e) => {
+            eprintln!("[bench] error: the pgbench ceiling with pg_notify: {e:#}");
+            None
+        }
+    };
+    db.close().await;
+
+    let ratio = ceiling.as_ref().map(|c| rate / c.tps);
+    let p99 = latencies.percentile(99.0);
+    let exactly_once = accepted > 0
+        && open == 0
+        && delivered == accepted as i64
+        && stored == accepted as i64
+        && runs_completed == accepted as usize
+        && runs_started == accepted as usize
+        && duplicates == 0;
+    let status_text = statuses
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+
+    let mut report = Report::new(
+        "ingest",
+        &format!(
+            "`ingest`: signed GitHub deliveries, {connections} connections for {} s",
+            duration.as_secs()
+        ),
+    );
+    report.row("deliveries accepted (200 `{\"ok\":true}`)", accepted.to_string(), "");
+    report.row("rejected or failed", errors.len().to_string(), "0");
+    report.row("delivery body", format!("{body_size} bytes"), "");
+    report.row("accepted per second", format!("{rate:.0}"), "");
+    report.row(
+        "pgbench ceiling (same insert, same concurrency)",
+        ceiling
+            .as_ref()
+            .map_or("pgbench failed".into(), |c| format!("{:.0} tps", c.tps)),
+        "",
+    );
+    report.row(
+        "ratio to the ceiling",
+        ratio.map_or("-".into(), |r| format!("{:.0}%", r * 100.0)),
+        &aim(ratio.is_some_and(|r| r >= 0.7), "≥ 70%"),
+    );
+    report.row("ack latency p50", ms(latencies.percentile(50.0)), "");
+    report.row("ack latency p90", ms(latencies.percentile(90.0)), "");
+    report.row(
+        "ack latency p99",
+        ms(p99),
+        &aim(accepted > 0 && p99 < Duration::from_millis(25), "< 25 ms"),
+    );
+    report.row("ack latency max", ms(latencies.max()), "");
+    report.row("peak RSS (VmHWM)", mb(peak), &aim(peak < 100 * 1024, "< 100 MB"));
+    report.row("peak RSS at the end of the load", mb(peak_after_load), "");
+    report.row("idle RSS after ready (VmRSS)", mb(idle), "");
+    report.row(
+        "dispatch drain after the load",
+        format!(
+            "{:.2} s{}",
+            drain.as_secs_f64(),
+            if open > 0 { " (timed out)" } else { "" }
+        ),
+        "",
+    );
+    report.row("events by status", status_text.clone(), "");
+    report.row(
+        "exactly once: delivered = agent runs = accepted, no duplicate ids",
+        format!(
+            "{} (delivered {delivered}, stored {stored}, agent runs started {runs_started} / completed \
+             {runs_completed} / cancelled {runs_cancelled}, duplicate ids {duplicates})",
+            if exactly_once { "yes" } else { "NO" }
+        ),
+        &aim(exactly_once, "yes"),
+    );
+    report.row("CPU during the load", cpu_after_load.usage_since(&cpu_before), "");
+    report.row("orchestrator CPU during the drain", format!("{drain_cpu:.2} s"), "");
+    let per = |n: i64| n as f64 / accepted.max(1) as f64;
+    report.row(
+        "Postgres work per accepted delivery (ingest + dispatch)",
+        format!(
+            "{:.1} transactions, {:.1} rows written",
+            per(stats_after.transactions - stats_before.transactions),
+            per(stats_after.rows_written - stats_before.rows_written)
+        ),
+        "",
+    );
+    report.row(
+        "diagnostic: pgbench with the service's `pg_notify`",
+        with_notify.as_ref().map_or("pgbench failed".into(), |c| {
+            format!("{:.0} tps (service at {:.0}% of it)", c.tps, 100.0 * rate / c.tps)
+        }),
+        "",
+    );
+    report.row("start-up to ready (fresh database, migrations)", ms(startup), "");
+    report.note(format!(
+        "Each delivery is a `pull_request` `opened` event of {body_size} bytes for `acme/bench` (routed to team \
+         `acme/bench` by `github_repos`), with a unique `X-GitHub-Delivery` and pull request number, signed with \
+         HMAC-SHA256. Each of the {connections} workers holds one keep-alive connection and sends the next \
+         delivery when the previous one is acknowledged. Dispatch runs in the same process during the load \
+         (default `ORCHESTRATOR_DISPATCH_WORKERS`), to the agent stand-in with no delay."
+    ));
+    if let Some(ceiling) = &ceiling {
+        report.note(format!(
+            "Ceiling: `{}` after the service was stopped, into empty copies of the two tables \
+             (`CREATE TABLE … (LIKE … INCLUDING ALL)`, same indexes), one delivery per transaction, its id and \
+             its event inserted by one CTE statement like the service's (same columns and body, without \
+             `pg_notify`), prepared like sqlx prepares it: {} transactions, {:.2} ms average latency. The diagnostic row runs \
+             the same with the service's `pg_notify('webhook_inbox', '')`, whose commit takes a \
+             cluster-wide lock held until the commit is flushed, so notifying transactions commit one at a time.",
+            ceiling.command, ceiling.transactions, ceiling.latency_ms
+        ));
+    }
+    report.note(
+        "The load generator, the stand-ins and dispatch share the machine's cores with the orchestrator and \
+         Postgres during the service's run; pgbench competes only with Postgres."
+            .to_string(),
+    );
+    report.fail_if(
+        !errors.is_empty(),
+        format!("{} deliveries were not accepted", errors.len()),
+    );
+    report.fail_if(
+        !exactly_once,
+        format!(
+            "exactly-once check failed: {status_text}; agent runs completed {runs_completed}, duplicate ids \
+             {duplicates}, accepted {accepted}"
+        ),
+    );
+    report.fail_if(ceiling.is_none(), "the pgbench ceiling could not be measured".into());
+    print_errors(&errors);
+    Ok(report)
+}
+
+/// Requests recorded by the config service, AI pipeline and Kubernetes stand-ins.
+fn neighbour_calls(stack: &Devstack) -> usize {
+    stack.config_service.calls().len() + stack.ai_pipeline.calls().len() + stack.kubernetes.calls().len()
+}
+
+/// Cumulative work of the bench database (pg_stat_database).
+struct PgActivity {
+    /// Committed transactions, read-only ones included (xact_commit).
+    transactions: i64,
+    rows_written: i64,
+}
+
+async fn pg_activity(db: &PgPool) -> Result<PgActivity> {
+    let (transactions, rows_written): (i64, i64) = sqlx::query_as(
+        "SELECT xact_commit, tup_inserted + tup_updated + tup_deleted FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .fetch_one(db)
+    .await
+    .context("reading pg_stat_database")?;
+    Ok(PgActivity {
+        transactions,
+        rows_written,
+    })
+}
+
+struct Ceiling {
+    tps: f64,
+    latency_ms: f64,
+    transactions: u64,
+    command: String,
+}
+
+/// pgbench with the statement the service runs per delivery, into empty copies of the inbox tables,
+/// `connections` clients for `duration`. `notify` adds the service's `pg_notify` (a diagnostic).
+async fn pgbench_ceiling(
+    db: &PgPool,
+    pgbench: &str,
+    connections: u64,
+    duration: Duration,
+    options: &Options,
+    notify: bool,
+) -> Result<Ceiling> {
+    for statement in [
+        "DROP TABLE IF EXISTS bench_events, bench_deliveries",
+        "CREATE TABLE bench_deliveries (LIKE webhook_deliveries INCLUDING ALL)",
+        "CREATE TABLE bench_events (LIKE webhook_events INCLUDING ALL)",
+    ] {
+        sqlx::query(statement)
+            .execute(db)
+            .await
+            .with_context(|| format!("preparing the ceiling tables: {statement}"))?;
+    }
+    // pgbench -M prepared turns every `:name` into a parameter, even inside a string literal: the
+    // script has no colon followed by a letter or digit except `:n`. The body is a hex bytea literal
+    // (nothing to escape).
+    let body = hex::encode(pull_request_body(123_456));
+    let wake = if notify {
+        ", LATERAL (SELECT pg_notify('webhook_inbox', '')) AS wake"
+    } else {
+        ""
+    };
+    let script = format!(
+        "\\set n random(1, 1000000000)\n\
+         WITH delivery AS (INSERT INTO bench_deliveries (source, delivery_id, event_id) \
+         VALUES ('github', gen_random_uuid()::text, gen_random_uuid()) ON CONFLICT DO NOTHING RETURNING delivery_id, event_id), \
+         event AS (INSERT INTO bench_events (id, source, kind, delivery_id, headers, body, ordering_key) \
+         SELECT event_id, 'github', 'pull_request', delivery_id, '{{\"x-github-delivery\": \"bench\", \"x-github-hook-id\": null}}'::jsonb, \
+         '\\x{body}'::bytea, 'github' || ':' || 'acme/bench#' || (:n)::text FROM delivery RETURNING id) \
+         SELECT id FROM event{wake};\n"
+    );
+    let dir = Scratch(std::env::temp_dir().join(format!("orchestrator-bench-pgbench-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0)?;
+    let script_path = dir.0.join("insert_event.sql");
+    std::fs::write(&script_path, script)?;
+    let secs = duration.as_secs().to_string();
+    let clients = connections.to_string();
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get() as u64)
+        .unwrap_or(2)
+        .min(connections)
+        .to_string();
+    let args = [
+        "-n", "-M", "prepared", "-c", &clients, "-j", &threads, "-T", &secs, "-f",
+    ];
+    let command = format!("pgbench {} <script>", args[..args.len() - 1].join(" "));
+    println!(
+        "[bench] ceiling{}: {command}",
+        if notify { " with pg_notify (diagnostic)" } else { "" }
+    );
+    let result = run_pgbench(pgbench, &args, &script_path, &options.database_url, duration).await;
+    drop(dir);
+    let _ = sqlx::query("DROP TABLE IF EXISTS bench_events, bench_deliveries")
+        .execute(db)
+        .await;
+    let out = result?;
+    let value_after = |prefix: &str| -> Option<f64> {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+    };
+    // pgbench 14+: "tps = N (without initial connection time)"; older: "(excluding connections establishing)".
+    let tps = out
+        .lines()
+        .filter(|l| l.starts_with("tps = ") && !l.contains("including"))
+        .find_map(|l| {
+            l["tps = ".len()..]
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+        })
+        .ok_or_else(|| anyhow!("no tps line in pgbench's output:\n{out}"))?;
+    if value_after("number of failed transactions:").unwrap_or(0.0) > 0.0 {
+        bail!("pgbench reports failed transactions:\n{out}");
+    }
+    Ok(Ceiling {
+        tps,
+        latency_ms: value_after("latency average =").unwrap_or(0.0),
+        transactions: value_after("number of transactions actually processed:").unwrap_or(0.0) as u64,
+        command,
+    })
+}
+
+/// Runs pgbench (bounded: killed after `duration` + 60 s) and returns its standard output.
+async fn run_pgbench(pgbench: &str, args: &[&str], script: &Path, url: &str, duration: Duration) -> Result<String> {
+    let mut child = tokio::process::Command::new(pgbench)
+        .args(args)
+        .arg(script)
+        .arg(url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {pgbench} (set PGBENCH)"))?;
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let read = async move {
+        let (mut out, mut err) = (String::new(), String::new());
+        let read_out = async {
+            if let Some(mut s) = stdout {
+                tokio::io::AsyncReadExt::read_to_string(&mut s, &mut out).await?;
+            }
+            Ok::<_, std::io::Error>(())
+        };
+        let read_err = async {
+            if let Some(mut s) = stderr {
+                tokio::io::AsyncReadExt::read_to_string(&mut s, &mut err).await?;
+            }
+            Ok::<_, std::io::Error>(())
+        };
+        tokio::try_join!(read_out, read_err)?;
+        let status = child.wait().await?;
+        Ok::<_, std::io::Error>((status, out, err))
+    };
+    let limit = duration + Duration::from_secs(60);
+    let (status, out, err) = tokio::time::timeout(limit, read)
+        .await
+        .map_err(|_| anyhow!("pgbench did not finish within {limit:?}"))??;
+    if !status.success() {
+        let lines: Vec<&str> = err.lines().collect();
+        bail!(
+            "pgbench failed ({status}):\n{out}\n{}",
+            lines[lines.len().saturating_sub(15)..].join("\n")
+        );
+    }
+    Ok(out)
+}
+
+// ------------------------------------------------------------------------------------------------
+// Scenario: proxy
+
+async fn proxy(options: &Options) -> Result<Report> {
+    let runs = options.number("runs", 1000)?;
+    let warmup = options.number("warmup", 50)?;
+    let bench = Bench::start(options).await?;
+    bench
+        .stack
+        .config_service
+        .state()
+        .set_team_config("acme", "bench-proxy", json!({}));
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let direct_url = format!("{}/agents/planner/run", bench.stack.agent.url());
+    let proxy_url = bench.url("/api/v1/admin/agents/run");
+    let direct_body = json!({
+        "message": "hello", "context": {}, "timeout": 30, "max_turns": 5,
+        "output_destinations": [], "trigger_source": "bench",
+    });
+    let proxy_body =
+        json!({"org_id": "acme", "team_node_id": "bench-proxy", "agent_name": "planner", "message": "hello"});
+
+    let direct = || async {
+        let t = Instant::now();
+        let response = client
+            .post(&direct_url)
+            .header("X-IncidentFox-Team-Token", "x")
+            .header("X-Correlation-ID", uuid::Uuid::new_v4().to_string())
+            .json(&direct_body)
+            .send()
+            .await
+            .context("calling the agent stand-in")?;
+        let status = response.status();
+        let text = response.text().await?;
+        let elapsed = t.elapsed();
+        if status != reqwest::StatusCode::OK {
+            bail!("the agent stand-in answered {status}: {}", snippet(&text));
+        }
+        Ok(elapsed)
+    };
+    let proxied = || async {
+        let t = Instant::now();
+        let response = client
+            .post(&proxy_url)
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&proxy_body)
+            .send()
+            .await
+            .context("calling the orchestrator")?;
+        let status = response.status();
+        let text = response.text().await?;
+        let elapsed = t.elapsed();
+        let success = serde_json::from_str::<Value>(&text)
+            .map(|v| v["agent_result"]["success"] == true)
+            .unwrap_or(false);
+        if status != reqwest::StatusCode::OK || !success {
+            bail!("POST /api/v1/admin/agents/run answered {status}: {}", snippet(&text));
+        }
+        Ok(elapsed)
+    };
+
+    let db = bench_db(options).await?;
+    let stats_before = pg_activity(&db).await?;
+    let config_calls_before = bench.stack.config_service.calls().len();
+    let cpu_before = bench.cpu();
+    let started = Instant::now();
+    for _ in 0..warmup {
+        direct().await?;
+        proxied().await?;
+    }
+    // Interleaved, one direct call then one proxied call: anything else running on the machine
+    // disturbs both series alike.
+    let mut direct_samples = Vec::new();
+    let mut proxy_samples = Vec::new();
+    for _ in 0..runs {
+        direct_samples.push(direct().await?);
+        proxy_samples.push(proxied().await?);
+    }
+    let wall = started.elapsed();
+    let cpu = bench.cpu().service_seconds_since(&cpu_before);
+    let config_calls = bench.stack.config_service.calls().len() - config_calls_before;
+    let agent_runs = bench.stack.agent.state().runs_completed();
+    let peak = bench.peak_rss_kb();
+    let (startup, idle) = (bench.startup, bench.idle_rss_kb);
+    bench.stop().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stats_after = pg_activity(&db).await?;
+    db.close().await;
+    let proxied_runs = (runs + warmup) as f64;
+
+    let direct = Latencies::new(direct_samples);
+    let proxy = Latencies::new(proxy_samples);
+    let added = proxy.percentile(50.0).as_secs_f64() - direct.percentile(50.0).as_secs_f64();
+    let added_p90 = proxy.percentile(90.0).as_secs_f64() - direct.percentile(90.0).as_secs_f64();
+    let mut report = Report::new(
+        "proxy",
+        &format!("`proxy`: {runs} sequential agent runs, direct and through the orchestrator"),
+    );
+    report.row("direct p50", ms(direct.percentile(50.0)), "");
+    report.row("direct p90", ms(direct.percentile(90.0)), "");
+    report.row("through the proxy p50", ms(proxy.percentile(50.0)), "");
+    report.row("through the proxy p90", ms(proxy.percentile(90.0)), "");
+    report.row("through the proxy max", ms(proxy.max()), "");
+    report.row(
+        "median added latency (p50 proxy − p50 direct)",
+        format!("{:.2} ms", added * 1000.0),
+        &aim(added < 0.002, "< 2 ms"),
+    );
+    report.row("added at p90", format!("{:.2} ms", added_p90 * 1000.0), "");
+    report.row("peak RSS (VmHWM)", mb(peak), "");
+    report.row("idle RSS after ready (VmRSS)", mb(idle), "");
+    report.row("start-up to ready (fresh database, migrations)", ms(startup), "");
+    report.row(
+        "orchestrator CPU per proxied run",
+        format!("{:.2} ms", cpu * 1000.0 / proxied_runs),
+        "",
+    );
+    report.row(
+        "work per proxied run",
+        format!(
+            "{:.1} config service calls, {:.1} Postgres transactions",
+            config_calls as f64 / proxied_runs,
+            (stats_after.transactions - stats_before.transactions) as f64 / proxied_runs
+        ),
+        "",
+    );
+    report.note(format!(
+        "Direct: `POST {{agent}}/agents/planner/run` to the agent stand-in (no delay). Proxied: `POST \
+         /api/v1/admin/agents/run` (`Authorization: Bearer {ADMIN_TOKEN}`, team `acme/bench-proxy`, agent \
+         `planner`). One keep-alive client, sequential, interleaved (direct, proxied, direct, …) after {warmup} \
+         warm-up calls of each; {:.1} s in all; the agent stand-in completed {agent_runs} runs.",
+        wall.as_secs_f64()
+    ));
+    Ok(report)
+}
+
+// ------------------------------------------------------------------------------------------------
+// Results
+
+struct Report {
+    scenario: &'static str,
+    title: String,
+    rows: Vec<(String, String, String)>,
+    notes: Vec<String>,
+    failure: Option<String>,
+}
+
+impl Report {
+    fn new(scenario: &'static str, title: &str) -> Report {
+        Report {
+            scenario,
+            title: title.to_owned(),
+            rows: Vec::new(),
+            notes: Vec::new(),
+            failure: None,
+        }
+    }
+
+    fn row(&mut self, figure: &str, value: String, aim: &str) {
+        self.rows.push((figure.to_owned(), value, aim.to_owned()));
+    }
+
+    fn note(&mut self, note: String) {
+        self.notes.push(note);
+    }
+
+    fn fail_if(&mut self, failed: bool, why: String) {
+        if failed && self.failure.is_none() {
+            self.failure = Some(why);
+        }
+    }
+
+    fn render_text(&self, machine: &Machine, command: &str) -> String {
+        let width = self.rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(0);
+        let mut out = format!(
+            "\n== {}\n{}\ncommand: {command}\n\n",
+            self.title.replace('`', ""),
+            machine.line()
+        );
+        for (figure, value, aim) in &self.rows {
+            let pad = width - figure.chars().count();
+            let _ = writeln!(
+                out,
+                "  {figure}{} {value}{}",
+                " ".repeat(pad),
+                if aim.is_empty() {
+                    String::new()
+                } else {
+                    format!("   (aim {aim})")
+                }
+            );
+        }
+        if let Some(why) = &self.failure {
+            let _ = writeln!(out, "\n  FAILED: {why}");
+        }
+        out
+    }
+
+    fn render_markdown(&self, machine: &Machine, command: &str) -> String {
+        let mut out = format!("## {}\n\n", self.title);
+        let _ = writeln!(out, "- Date: {}", machine.date);
+        let _ = writeln!(out, "- Machine: {}", machine.line());
+        let _ = writeln!(out, "- Command: `{command}`");
+        if let Some(why) = &self.failure {
+            let _ = writeln!(out, "- **FAILED**: {why}");
+        }
+        out.push_str("\n| figure | value | aim |\n|---|---|---|\n");
+        for (figure, value, aim) in &self.rows {
+            let _ = writeln!(out, "| {figure} | {value} | {aim} |");
+        }
+        for note in &self.notes {
+            let _ = write!(out, "\n{note}\n");
+        }
+        out
+    }
+}
+
+struct Machine {
+    date: String,
+    cpus: usize,
+    model: String,
+    memory: String,
+    postgres: String,
+    revision: String,
+}
+
+impl Machine {
+    async fn detect(database_url: &str) -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let model = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, m)| m.trim().to_owned())
+            .unwrap_or_else(|| "unknown CPU".into());
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let memory = meminfo
+            .lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map(|kb| format!("{:.1} GB RAM", kb / 1024.0 / 1024.0))
+            .unwrap_or_default();
+        let postgres = async {
+            let db = PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect(database_url)
+                .await
+                .ok()?;
+            let row: (String, String, String) = sqlx::query_as(
+                "SELECT current_setting('server_version'), current_setting('fsync'), current_setting('synchronous_commit')",
+            )
+            .fetch_one(&db)
+            .await
+            .ok()?;
+            db.close().await;
+            Some(format!("PostgreSQL {} (fsync {}, synchronous_commit {})", row.0, row.1, row.2))
+        }
+        .await
+        .unwrap_or_else(|| "PostgreSQL (version unknown)".into());
+        let git = |args: &[&str]| {
+            Command::new("git")
+                .args(args)
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .stderr(Stdio::null())
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        };
+        // scripts/bench takes it before building; run by hand, the working tree now.
+        let revision =
+            std::env::var("BENCH_REVISION")
+                .ok()
+                .unwrap_or_else(|| match git(&["rev-parse", "--short", "HEAD"]) {
+                    Some(rev) => {
+                        let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
+                            .is_some_and(|s| !s.is_empty())
+                            || git(&["ls-files", "--others", "--exclude-standard", "src", "migrations"])
+                                .is_some_and(|s| !s.is_empty());
+                        format!("{rev}{}", if dirty { " + uncommitted changes" } else { "" })
+                    }
+                    None => "unknown revision".into(),
+                });
+        Machine {
+            date: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
+            cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            model,
+            memory,
+            postgres,
+            revision,
+        }
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "{}, nproc {}, {}; {}; orchestrator {}",
+            self.model, self.cpus, self.memory, self.postgres, self.revision
+        )
+    }
+}
+
+const INTRO: &str = "# Benchmarks
+
+Measured with `scripts/bench` (see the intro of that script). To rerun everything:
+
+```sh
+scripts/bench all      # or: scripts/bench provision | ingest | proxy
+```
+
+Each scenario gets a fresh database (`orchestrator_bench`), starts the devstack stand-ins in-process
+with no added latency, and runs the release `orchestrator serve` as a child process, whose memory is
+read from `/proc/<pid>/status` (peak = `VmHWM`, idle = `VmRSS` right after `/ready`). Each run
+replaces its own section below.
+";
+
+fn section_markers(scenario: &str) -> (String, String) {
+    (
+        format!("<!-- bench:{scenario} -->"),
+        format!("<!-- /bench:{scenario} -->"),
+    )
+}
+
+fn write_section(path: &Path, report: &Report, machine: &Machine, command: &str) -> Result<()> {
+    let existing = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => INTRO.to_owned(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let (start, end) = section_markers(report.scenario);
+    let section = format!("{start}\n{}{end}", report.render_markdown(machine, command));
+    let updated = match (existing.find(&start), existing.find(&end)) {
+        (Some(s), Some(e)) if e > s => format!("{}{section}{}", &existing[..s], &existing[e + end.len()..]),
+        _ => format!("{}\n{section}\n", existing.trim_end()),
+    };
+    let tmp = path.with_extension("md.tmp");
+    let mut file = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    file.write_all(updated.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    Ok(())
+}
