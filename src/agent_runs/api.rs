@@ -228,29 +228,14 @@ impl Closing {
 }
 
 impl OpenRun {
-    async fn close(mut self, closing: Closing) {
+    /// Closes the run in the background: the caller's answer never waits for the bookkeeping. A
+    /// crash before it lands leaves the run to `sweep_orphans`.
+    fn finish(mut self, closing: Closing) {
         self.closed = true;
-        close_run(
-            self.state.clone(),
-            self.run_id,
-            self.org_id.clone(),
-            self.actor.clone(),
-            self.started,
-            closing,
-        )
-        .await;
+        self.spawn_close(closing);
     }
-}
 
-impl Drop for OpenRun {
-    fn drop(&mut self) {
-        if self.closed {
-            return;
-        }
-        let closing = Closing::failed(
-            "client_disconnected",
-            "the client went away before the run finished; the agent call was cancelled",
-        );
+    fn spawn_close(&self, closing: Closing) {
         let (state, run_id, org, actor, started) = (
             self.state.clone(),
             self.run_id,
@@ -264,11 +249,22 @@ impl Drop for OpenRun {
     }
 }
 
+impl Drop for OpenRun {
+    fn drop(&mut self) {
+        if !self.closed {
+            self.spawn_close(Closing::failed(
+                "client_disconnected",
+                "the client went away before the run finished; the agent call was cancelled",
+            ));
+        }
+    }
+}
+
 async fn close_run(state: AppState, run_id: Uuid, org: String, actor: String, started: Instant, closing: Closing) {
     let duration_ms = started.elapsed().as_millis() as i64;
     let closed: Result<(), sqlx::Error> = async {
         let mut tx = state.db.begin().await?;
-        if store::close(
+        let closed_now = store::close(
             &mut *tx,
             run_id,
             closing.status,
@@ -276,8 +272,8 @@ async fn close_run(state: AppState, run_id: Uuid, org: String, actor: String, st
             closing.summary.as_ref(),
             closing.error.as_ref(),
         )
-        .await?
-        {
+        .await?;
+        if closed_now {
             let mut entry = AuditEntry::new(&actor, "agent_run.completed", closing.status);
             entry.org_id = Some(&org);
             entry.detail = json!({"agent_run_id": run_id, "duration_ms": duration_ms, "error": closing.error});
@@ -287,21 +283,47 @@ async fn close_run(state: AppState, run_id: Uuid, org: String, actor: String, st
     }
     .await;
     if let Err(e) = closed {
-        tracing::error!(%run_id, error = %e, "closing an agent run in the database failed");
+        tracing::error!(%run_id, error = %e, "closing an agent run in the database failed; the sweeper will close it");
     }
-    if let Some(admin) = &state.config.internal_admin_token {
-        let update = json!({
-            "status": closing.status,
-            "duration_ms": duration_ms,
-            "completed_at": chrono::Utc::now(),
-            "error": closing.error,
-        });
-        if let Err(e) = state
-            .config_service
-            .audit_agent_run_update(admin, &org, &run_id.to_string(), &update)
-            .await
-        {
-            tracing::warn!(%run_id, error = %e, "closing the run in the platform audit failed");
+    close_platform_run(&state, run_id, &org, &closing, duration_ms).await;
+}
+
+async fn close_platform_run(state: &AppState, run_id: Uuid, org: &str, closing: &Closing, duration_ms: i64) {
+    let Some(admin) = &state.config.internal_admin_token else {
+        return;
+    };
+    let update = json!({
+        "status": closing.status,
+        "duration_ms": duration_ms,
+        "completed_at": chrono::Utc::now(),
+        "error": closing.error,
+    });
+    if let Err(e) = state
+        .config_service
+        .audit_agent_run_update(admin, org, &run_id.to_string(), &update)
+        .await
+    {
+        tracing::warn!(%run_id, error = %e, "closing the run in the platform audit failed");
+    }
+}
+
+/// Closes runs a crash left open (their closing never landed): every replica, every minute.
+pub async fn sweep_orphans(state: AppState, stop: tokio_util::sync::CancellationToken) {
+    let grace = state.config.agent_runs.max_timeout + Duration::from_secs(120);
+    loop {
+        match store::close_stale(&state.db, grace).await {
+            Ok(orphans) => {
+                let closing = Closing::failed("orphaned", "the process running it stopped before the run was closed");
+                for (run_id, org) in orphans {
+                    tracing::warn!(%run_id, "closed an agent run left open by a stopped process");
+                    close_platform_run(&state, run_id, &org, &closing, 0).await;
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "sweeping open agent runs failed"),
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(60)) => {}
         }
     }
 }
@@ -324,31 +346,38 @@ pub async fn run_agent(
 ) -> ApiResult<Response> {
     let request = parse(&state, &body)?;
     admin.authorize(&state.config.auth, Capability::AgentRun, &request.org_id)?;
-    let (org, team) = (request.org_id.as_str(), request.team_node_id.as_str());
-
-    // The caller's own authority mints the credential, so the config service's rules apply too.
-    let minted = match state.config_service.impersonation_token(&admin.token, org, team).await {
-        Ok(minted) => minted,
-        Err(e) => {
-            let error = config_service_error("an impersonation token", e);
-            record_refusal(&state, &admin, org, team, &error).await;
-            return Err(error);
-        }
-    };
-    let team_config = state
-        .config_service
-        .config_me(&minted.token)
-        .await
-        .map_err(|e| config_service_error("the team's config", e))?;
-    let dedicated = team_config
-        .pointer("/agent/dedicated_service_url")
-        .and_then(Value::as_str)
-        .and_then(|u| url::Url::parse(u).ok());
-
     let streaming = wants_stream(&headers);
     let run_id = Uuid::now_v7();
     let correlation_id = Uuid::new_v4();
-    let open = open_run(&state, &admin, &request, run_id, correlation_id, streaming).await?;
+
+    // The run is on record, ours and the platform's, before anything acts for the team, so every
+    // failure after this point closes a recorded run. The three are independent: do them at once.
+    let (opened, (), credential) = tokio::join!(
+        open_run(&state, &admin, &request, run_id, correlation_id, streaming),
+        platform_audit_start(&state, &admin, &request, run_id, correlation_id),
+        team_credential(&state, &admin, &request.org_id, &request.team_node_id),
+    );
+    let open = match opened {
+        Ok(open) => open,
+        Err(error) => {
+            close_platform_run(
+                &state,
+                run_id,
+                &request.org_id,
+                &Closing::failed("storage_unavailable", "the run could not be recorded"),
+                0,
+            )
+            .await;
+            return Err(error);
+        }
+    };
+    let (team_token, dedicated) = match credential {
+        Ok(credential) => credential,
+        Err(error) => {
+            open.finish(Closing::failed(&error.code, &error.detail));
+            return Err(error);
+        }
+    };
 
     let correlation = correlation_id.to_string();
     let session = format!("admin:{run_id}");
@@ -361,9 +390,9 @@ pub async fn run_agent(
         correlation_id: &correlation,
         session_id: &session,
         trigger_source: "admin",
-        org_id: org,
-        team_id: team,
-        team_token: &minted.token,
+        org_id: &request.org_id,
+        team_id: &request.team_node_id,
+        team_token: &team_token,
         base_url: dedicated.as_ref(),
     };
     let started = Instant::now();
@@ -373,7 +402,7 @@ pub async fn run_agent(
             Ok(events) => events,
             Err(e) => {
                 observe(&state, started, outcome_label(&e));
-                open.close(Closing::failed(outcome_label(&e), &e.to_string())).await;
+                open.finish(Closing::failed(outcome_label(&e), &e.to_string()));
                 return Err(agent_error(&e));
             }
         };
@@ -383,7 +412,7 @@ pub async fn run_agent(
     match state.agent.run(&agent_request).await {
         Ok(answer) => {
             observe(&state, started, "ok");
-            open.close(Closing::succeeded(&answer.raw)).await;
+            open.finish(Closing::succeeded(&answer.raw));
             Ok(Json(AgentRunResponse {
                 run_id,
                 correlation_id,
@@ -395,10 +424,36 @@ pub async fn run_agent(
         }
         Err(e) => {
             observe(&state, started, outcome_label(&e));
-            open.close(Closing::failed(outcome_label(&e), &e.to_string())).await;
+            open.finish(Closing::failed(outcome_label(&e), &e.to_string()));
             Err(agent_error(&e))
         }
     }
+}
+
+/// A short-lived team credential minted with the caller's own authority (so the config
+/// service's scope rules apply too), and the team's dedicated agent URL if it has one. Minted
+/// per request, never cached: it is the caller's authority, not ours.
+async fn team_credential(
+    state: &AppState,
+    admin: &Admin,
+    org: &str,
+    team: &str,
+) -> ApiResult<(Secret, Option<url::Url>)> {
+    let minted = state
+        .config_service
+        .impersonation_token(&admin.token, org, team)
+        .await
+        .map_err(|e| config_service_error("an impersonation token", e))?;
+    let team_config = state
+        .config_service
+        .config_me(&minted.token)
+        .await
+        .map_err(|e| config_service_error("the team's config", e))?;
+    let dedicated = team_config
+        .pointer("/agent/dedicated_service_url")
+        .and_then(Value::as_str)
+        .and_then(|u| url::Url::parse(u).ok());
+    Ok((minted.token, dedicated))
 }
 
 fn observe(state: &AppState, started: Instant, outcome: &str) {
@@ -412,17 +467,6 @@ fn observe(state: &AppState, started: Instant, outcome: &str) {
         .agent_runs_total
         .with_label_values(&["admin", outcome])
         .inc();
-}
-
-async fn record_refusal(state: &AppState, admin: &Admin, org: &str, team: &str, error: &ApiError) {
-    let mut entry = AuditEntry::new(admin.subject(), "agent_run.refused", "refused");
-    entry.actor_email = admin.email();
-    entry.org_id = Some(org);
-    entry.team_node_id = Some(team);
-    entry.detail = json!({"code": error.code, "status": error.status.as_u16()});
-    if let Err(e) = audit::record(&state.db, entry).await {
-        tracing::warn!(error = %e, "recording a refused agent run failed");
-    }
 }
 
 async fn open_run(
@@ -456,28 +500,26 @@ async fn open_run(
     audit::record(&mut *tx, entry).await?;
     tx.commit().await?;
 
-    let open = OpenRun {
+    Ok(OpenRun {
         state: state.clone(),
         run_id,
         org_id: request.org_id.clone(),
         actor: admin.subject().to_string(),
         started: Instant::now(),
         closed: false,
-    };
-    if let Some(internal) = &state.config.internal_admin_token {
-        platform_audit_start(state, internal, admin, request, run_id, correlation_id).await;
-    }
-    Ok(open)
+    })
 }
 
 async fn platform_audit_start(
     state: &AppState,
-    internal: &Secret,
     admin: &Admin,
     request: &RunRequest,
     run_id: Uuid,
     correlation_id: Uuid,
 ) {
+    let Some(internal) = &state.config.internal_admin_token else {
+        return;
+    };
     let body = json!({
         "run_id": run_id,
         "correlation_id": correlation_id,
@@ -519,20 +561,20 @@ fn stream_response(
                     let e = AgentError::Timeout(timeout);
                     observe(&state, started, "timeout");
                     yield Ok(sse(&AgentEvent { kind: "error".into(), data: json!({"message": e.to_string(), "code": "agent_timeout"}) }));
-                    open.close(Closing::failed("timeout", &e.to_string())).await;
+                    open.finish(Closing::failed("timeout", &e.to_string()));
                     return;
                 }
                 Ok(None) => {
                     let message = "the agent's event stream ended without a result";
                     observe(&state, started, "failed");
                     yield Ok(sse(&AgentEvent { kind: "error".into(), data: json!({"message": message, "code": "agent_upstream_error"}) }));
-                    open.close(Closing::failed("upstream_error", message)).await;
+                    open.finish(Closing::failed("upstream_error", message));
                     return;
                 }
                 Ok(Some(Err(e))) => {
                     observe(&state, started, outcome_label(&e));
                     yield Ok(sse(&AgentEvent { kind: "error".into(), data: json!({"message": e.to_string(), "code": agent_error(&e).code}) }));
-                    open.close(Closing::failed(outcome_label(&e), &e.to_string())).await;
+                    open.finish(Closing::failed(outcome_label(&e), &e.to_string()));
                     return;
                 }
                 Ok(Some(Ok(event))) => event,
@@ -541,13 +583,13 @@ fn stream_response(
             match event.kind.as_str() {
                 "result" => {
                     observe(&state, started, "ok");
-                    open.close(Closing::succeeded(&event.data)).await;
+                    open.finish(Closing::succeeded(&event.data));
                     return;
                 }
                 "error" => {
                     let message = event.data.get("message").and_then(Value::as_str).unwrap_or("agent error").to_string();
                     observe(&state, started, "failed");
-                    open.close(Closing::failed("failed", &message)).await;
+                    open.finish(Closing::failed("failed", &message));
                     return;
                 }
                 _ => {}

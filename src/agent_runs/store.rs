@@ -56,3 +56,20 @@ pub async fn close(
     .rows_affected()
         == 1)
 }
+
+/// Runs still open long after any run could have finished: their process died before closing
+/// them. Closes them as failed and returns their ids and orgs.
+pub async fn close_stale(
+    executor: impl PgExecutor<'_>,
+    older_than: std::time::Duration,
+) -> Result<Vec<(Uuid, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE agent_runs SET status = 'failed', finished_at = now(),
+             error = jsonb_build_object('code', 'orphaned', 'message', 'the process running it stopped before the run was closed')
+         WHERE status = 'running' AND started_at < now() - make_interval(secs => $1)
+         RETURNING id, org_id",
+    )
+    .bind(older_than.as_secs_f64())
+    .fetch_all(executor)
+    .await
+}

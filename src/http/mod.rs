@@ -71,6 +71,7 @@ pub fn spawn_background(state: &AppState, stop: &CancellationToken, tasks: &mut 
     tasks.spawn(provisioning::workflow::resume_orphans(state.clone(), stop.clone()));
     tasks.spawn(webhooks::dispatch::run(state.clone(), stop.clone()));
     tasks.spawn(webhooks::dispatch::housekeeping(state.clone(), stop.clone()));
+    tasks.spawn(agent_runs::api::sweep_orphans(state.clone(), stop.clone()));
 }
 
 fn make_span(request: &Request) -> tracing::Span {

@@ -667,7 +667,10 @@ async fn concurrent_twins_are_stored_once_even_in_the_same_batch() {
     let duplicates = responses.iter().filter(|r| r["duplicate"] == true).count();
     assert_eq!(duplicates, 25, "{responses:?}");
     assert!(responses.iter().all(|r| r["ok"] == true));
-    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_events").fetch_one(&app.db.pool).await.unwrap();
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_events")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
     assert_eq!(stored, 25);
     wait_for_event_status(&app, "delivered", 25).await;
     assert_eq!(agent_messages(&app).len(), 25);
