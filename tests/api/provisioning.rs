@@ -930,3 +930,52 @@ async fn a_token_issued_by_an_attempt_that_died_before_sealing_it_is_replaced() 
     assert!(token.starts_with(&format!("{}.", fresh.token_id)));
     assert_eq!(step(&run, "team_token")["result"]["revoked_orphans"], json!([lost_id]));
 }
+
+#[tokio::test]
+async fn a_permanent_failure_of_any_step_fails_the_run_at_that_step_without_retrying() {
+    let cases: [(&str, &str, Option<&str>, &str, u16); 5] = [
+        ("config_patch", "config", Some("PUT"), "/config", 400),
+        ("team_token", "config", Some("POST"), "/tokens", 400),
+        ("pipeline_bootstrap", "pipeline", Some("POST"), "/bootstrap", 400),
+        ("pipeline_cronjob", "kubernetes", Some("PATCH"), "/cronjobs", 422),
+        ("dedicated_agent", "kubernetes", Some("PATCH"), "/services", 403),
+    ];
+    let app = TestApp::spawn().await;
+    for (i, (step_name, stand_in, method, path, status)) in cases.into_iter().enumerate() {
+        let faults = match stand_in {
+            "config" => app.stack.config_service.faults(),
+            "pipeline" => app.stack.ai_pipeline.faults(),
+            _ => app.stack.kubernetes.faults(),
+        };
+        faults.fail_next_matching(method, path, 1, status);
+        let team = format!("permanent-{i}");
+        let body = json!({"org_id": ORG, "team_node_id": team, "create_pipeline_schedule": true, "deployment_mode": "dedicated"});
+        let run = json_of(provision(&app, SUPER_ADMIN, body).await).await;
+        assert_eq!(run["status"], "failed", "{step_name}: {run:#}");
+        assert_eq!(run["error"]["step"], step_name);
+        assert_eq!(step(&run, step_name)["status"], "failed");
+        assert_eq!(
+            step(&run, step_name)["attempts"],
+            1,
+            "{step_name}: a 4xx is not retried"
+        );
+        faults.reset();
+    }
+    // And a transient failure of the last step is retried like the others.
+    // (kube-rs itself retries 429, 503 and 504; a 500 is left to the workflow.)
+    app.stack
+        .kubernetes
+        .faults()
+        .fail_next_matching(Some("PATCH"), "/services", 1, 500);
+    let run = json_of(
+        provision(
+            &app,
+            SUPER_ADMIN,
+            json!({"org_id": ORG, "team_node_id": "transient-dedicated", "deployment_mode": "dedicated"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert_eq!(step(&run, "dedicated_agent")["attempts"], 2);
+}

@@ -675,3 +675,69 @@ async fn concurrent_twins_are_stored_once_even_in_the_same_batch() {
     wait_for_event_status(&app, "delivered", 25).await;
     assert_eq!(agent_messages(&app).len(), 25);
 }
+
+#[tokio::test]
+async fn a_body_over_the_source_limit_is_413_before_anything_else() {
+    let app = TestApp::spawn_with(|env| {
+        env.insert("ORCHESTRATOR_GITHUB_BODY_LIMIT_BYTES".into(), "1024".into());
+    })
+    .await;
+    let big = github_pr("acme/api", 1, &"x".repeat(2048));
+    let response = deliver(&app, Source::GitHub, &big, "big-1", &[]).await;
+    assert_eq!(response.status(), 413);
+    assert_eq!(json_of(response).await["code"], "payload_too_large");
+    // Unsigned too: the limit comes before verification.
+    let unsigned = app
+        .client
+        .post(app.at("/webhooks/github"))
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unsigned.status(), 413);
+    // Other sources keep their own limit.
+    let slack = deliver(
+        &app,
+        Source::Slack,
+        &slack_mention("Ev-big", "C1", "1.1", &"y".repeat(2048)),
+        "",
+        &[],
+    )
+    .await;
+    assert_eq!(slack.status(), 200);
+}
+
+#[tokio::test]
+async fn retention_purges_old_events_but_keeps_their_delivery_ids_for_dedupe() {
+    let app = TestApp::spawn().await;
+    deliver(&app, Source::GitHub, &github_pr("nobody/repo", 1, "old"), "old-1", &[]).await;
+    wait_for_event_status(&app, "unrouted", 1).await;
+    // Two days later, with one day of retention and the default week of dedupe.
+    sqlx::query(
+        "UPDATE webhook_events SET finished_at = now() - interval '2 days', received_at = now() - interval '2 days'",
+    )
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE webhook_deliveries SET received_at = now() - interval '2 days'")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let (events, deliveries) = orchestrator::webhooks::store::purge(&app.db.pool, 1, 7).await.unwrap();
+    assert_eq!((events, deliveries), (1, 0));
+    let redelivered = deliver(&app, Source::GitHub, &github_pr("nobody/repo", 1, "old"), "old-1", &[]).await;
+    assert_eq!(
+        json_of(redelivered).await["duplicate"],
+        true,
+        "a late retry is still a duplicate"
+    );
+    // After the dedupe window the id goes too.
+    sqlx::query("UPDATE webhook_deliveries SET received_at = now() - interval '8 days'")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        orchestrator::webhooks::store::purge(&app.db.pool, 1, 7).await.unwrap(),
+        (0, 1)
+    );
+}
