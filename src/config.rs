@@ -450,7 +450,7 @@ impl Config {
             pagerduty: source("pagerduty", "PAGERDUTY_WEBHOOK_SECRET", MIB, 600)?,
             incidentio: source("incidentio", "INCIDENTIO_WEBHOOK_SECRET", MIB, 600)?,
             replay_window: env.seconds("ORCHESTRATOR_WEBHOOK_REPLAY_WINDOW_SECONDS", 300, 1, 3600)?,
-            dispatch_workers: env.bounded_u64("ORCHESTRATOR_DISPATCH_WORKERS", 8, 1, 256)? as usize,
+            dispatch_workers: env.bounded_u64("ORCHESTRATOR_DISPATCH_WORKERS", 32, 1, 256)? as usize,
             dispatch_max_attempts: env.count("ORCHESTRATOR_DISPATCH_MAX_ATTEMPTS", 8, 1, 100)?,
             dispatch_max_age: env.seconds("ORCHESTRATOR_DISPATCH_MAX_AGE_SECONDS", 86_400, 60, 30 * 86_400)?,
             dispatch_lease: env.seconds("ORCHESTRATOR_DISPATCH_LEASE_SECONDS", 60, 5, 3600)?,
