@@ -9,21 +9,13 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::signature::Source;
-use super::store::{self, EventFilter, EventRow};
+use super::store::{self, EventFilter, EventRow, STATUSES};
 use crate::app::AppState;
 use crate::audit::{self, AuditEntry};
 use crate::auth::{Admin, Capability};
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult};
 use crate::pagination;
 
-const STATUSES: [&str; 6] = [
-    "pending",
-    "processing",
-    "delivered",
-    "skipped",
-    "unrouted",
-    "dead_letter",
-];
 const REPLAY_MAX: i64 = 1000;
 
 #[derive(Deserialize, utoipa::IntoParams)]

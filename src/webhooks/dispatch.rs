@@ -479,19 +479,11 @@ fn bounded(value: Value) -> Value {
 /// Samples the inbox depth for the gauge and applies retention, on every replica (cheap, and
 /// idempotent).
 pub async fn housekeeping(state: AppState, stop: CancellationToken) {
-    const STATUSES: [&str; 6] = [
-        "pending",
-        "processing",
-        "delivered",
-        "skipped",
-        "unrouted",
-        "dead_letter",
-    ];
     let mut ticks: u64 = 0;
     loop {
         match store::counts_by_status(&state.db).await {
             Ok(counts) => {
-                for status in STATUSES {
+                for status in store::STATUSES {
                     let n = counts.iter().find(|(s, _)| s == status).map_or(0, |(_, n)| *n);
                     state.metrics.webhook_inbox_events.with_label_values(&[status]).set(n);
                 }

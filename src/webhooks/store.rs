@@ -6,6 +6,16 @@ use serde_json::Value;
 use sqlx::{PgExecutor, Postgres, QueryBuilder};
 use uuid::Uuid;
 
+/// Every status an inbox event can have (the table's CHECK constraint).
+pub const STATUSES: [&str; 6] = [
+    "pending",
+    "processing",
+    "delivered",
+    "skipped",
+    "unrouted",
+    "dead_letter",
+];
+
 /// Channel the ingress notifies so idle dispatchers wake at once.
 pub const NOTIFY_CHANNEL: &str = "webhook_inbox";
 

@@ -18,6 +18,18 @@ async fn provision(app: &TestApp, token: &str, body: Value) -> reqwest::Response
         .unwrap()
 }
 
+/// Starts a run without waiting for it (`Prefer: respond-async`).
+async fn provision_async(app: &TestApp, body: Value) -> reqwest::Response {
+    app.client
+        .post(app.at("/api/v1/admin/provision/team"))
+        .bearer_auth(SUPER_ADMIN)
+        .header("Prefer", "respond-async")
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
 fn step<'a>(run: &'a Value, name: &str) -> &'a Value {
     run["steps"]
         .as_array()
@@ -351,30 +363,14 @@ async fn replay_while_running_returns_the_running_run_without_repeating_it() {
     let app = TestApp::spawn().await;
     app.stack.ai_pipeline.faults().set_latency(Duration::from_millis(800));
     let body = json!({"org_id": ORG, "team_node_id": "slow", "idempotency_key": "k-slow"});
-    let first = app
-        .client
-        .post(app.at("/api/v1/admin/provision/team"))
-        .bearer_auth(SUPER_ADMIN)
-        .header("Prefer", "respond-async")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let first = provision_async(&app, body.clone()).await;
     assert_eq!(first.status(), 202);
     assert!(first.headers()["location"]
         .to_str()
         .unwrap()
         .starts_with("/api/v1/admin/provision/runs/"));
     let first = json_of(first).await;
-    let replay = app
-        .client
-        .post(app.at("/api/v1/admin/provision/team"))
-        .bearer_auth(SUPER_ADMIN)
-        .header("Prefer", "respond-async")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let replay = provision_async(&app, body.clone()).await;
     assert_eq!(replay.status(), 202);
     assert_eq!(
         json_of(replay).await["provisioning_run_id"],
@@ -393,15 +389,7 @@ async fn the_one_time_token_is_handed_out_by_the_runs_endpoint_when_the_caller_d
     })
     .await;
     app.stack.ai_pipeline.faults().set_latency(Duration::from_millis(300));
-    let response = app
-        .client
-        .post(app.at("/api/v1/admin/provision/team"))
-        .bearer_auth(SUPER_ADMIN)
-        .header("Prefer", "respond-async")
-        .json(&json!({"org_id": ORG, "team_node_id": "later"}))
-        .send()
-        .await
-        .unwrap();
+    let response = provision_async(&app, json!({"org_id": ORG, "team_node_id": "later"})).await;
     assert_eq!(response.status(), 202);
     let run_id = json_of(response).await["provisioning_run_id"]
         .as_str()
@@ -455,15 +443,11 @@ async fn a_crashed_run_is_resumed_by_another_instance_without_repeating_side_eff
             "pipeline_bootstrap" => app.stack.ai_pipeline.faults().set_latency(slow),
             _ => app.stack.kubernetes.faults().set_latency(slow),
         }
-        let response = app
-            .client
-            .post(app.at("/api/v1/admin/provision/team"))
-            .bearer_auth(SUPER_ADMIN)
-            .header("Prefer", "respond-async")
-            .json(&json!({"org_id": ORG, "team_node_id": team, "create_pipeline_schedule": true}))
-            .send()
-            .await
-            .unwrap();
+        let response = provision_async(
+            &app,
+            json!({"org_id": ORG, "team_node_id": team, "create_pipeline_schedule": true}),
+        )
+        .await;
         let run_id = json_of(response).await["provisioning_run_id"]
             .as_str()
             .unwrap()
@@ -559,15 +543,7 @@ async fn a_busy_team_answers_409_with_the_run_in_progress() {
     })
     .await;
     app.stack.ai_pipeline.faults().set_latency(Duration::from_millis(1500));
-    let first = app
-        .client
-        .post(app.at("/api/v1/admin/provision/team"))
-        .bearer_auth(SUPER_ADMIN)
-        .header("Prefer", "respond-async")
-        .json(&json!({"org_id": ORG, "team_node_id": "busy"}))
-        .send()
-        .await
-        .unwrap();
+    let first = provision_async(&app, json!({"org_id": ORG, "team_node_id": "busy"})).await;
     let run_id = json_of(first).await["provisioning_run_id"].clone();
     let second = provision(&app, SUPER_ADMIN, json!({"org_id": ORG, "team_node_id": "busy"})).await;
     assert_eq!(second.status(), 409);
