@@ -247,6 +247,9 @@ impl Bench {
             // A clean environment: nothing from the caller's shell (LOG_FORMAT, other ORCHESTRATOR_*
             // variables) changes what is measured.
             .env_clear()
+            // ORCHESTRATOR_* from the caller's environment tune the service under test (for example
+            // ORCHESTRATOR_DISPATCH_WORKERS); the settings below win where both are set.
+            .envs(std::env::vars().filter(|(name, _)| name.starts_with("ORCHESTRATOR_")))
             .env("PATH", std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()))
             .env("DATABASE_URL", &options.database_url)
             .env("ORCHESTRATOR_AUTO_CREATE_TABLES", "1")

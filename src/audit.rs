@@ -56,7 +56,7 @@ pub async fn record(executor: impl PgExecutor<'_>, entry: AuditEntry<'_>) -> Res
     .bind(entry.provisioning_run_id)
     .bind(entry.webhook_event_id)
     .bind(entry.outcome)
-    .bind(entry.detail)
+    .bind(crate::db::storable_json(&entry.detail))
     .execute(executor)
     .await?;
     Ok(())
@@ -110,6 +110,20 @@ pub async fn list_audit(
     ApiQuery(query): ApiQuery<AuditQuery>,
 ) -> ApiResult<Json<AuditPage>> {
     admin.require(&state.config.auth, Capability::AuditRead)?;
+    pagination::identifier_filters(&[
+        ("org_id", query.org_id.as_deref()),
+        ("team_node_id", query.team_node_id.as_deref()),
+    ])?;
+    if query
+        .action
+        .as_deref()
+        .is_some_and(|a| a.len() > 128 || a.chars().any(char::is_control))
+    {
+        return Err(ApiError::invalid_field(
+            "action",
+            "must be at most 128 printable characters",
+        ));
+    }
     let org = admin.scope_filter(query.org_id.as_deref())?;
     let limit = pagination::limit(query.limit)?;
     let cursor = query.cursor.as_deref().map(pagination::decode).transpose()?;

@@ -575,6 +575,10 @@ fn database_config(env: &Env<'_>) -> Result<DatabaseConfig, ConfigError> {
     if display.password().is_some() {
         let _ = display.set_password(Some("redacted"));
     }
+    // Parameters may carry a password too (`?password=`): never print them.
+    if display.query().is_some() {
+        display.set_query(Some("redacted"));
+    }
     Ok(DatabaseConfig {
         display_url: display.to_string(),
         url: Secret::new(url),

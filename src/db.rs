@@ -55,3 +55,20 @@ pub async fn migrations_applied(pool: &PgPool) -> Result<bool, sqlx::Error> {
         })?;
     Ok(applied.unwrap_or(0) >= latest_migration())
 }
+
+/// Postgres text and jsonb refuse the NUL character, and neighbours' answers or webhook payloads
+/// may carry one (`\u0000`). Everything untrusted that is stored goes through these, so a
+/// stray NUL can never make a write fail (and a run or an event retry forever).
+pub fn storable_text(text: &str) -> String {
+    text.replace('\0', "")
+}
+
+pub fn storable_json(value: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => Value::String(storable_text(s)),
+        Value::Object(map) => Value::Object(map.iter().map(|(k, v)| (storable_text(k), storable_json(v))).collect()),
+        Value::Array(items) => Value::Array(items.iter().map(storable_json).collect()),
+        other => other.clone(),
+    }
+}

@@ -63,3 +63,14 @@ pub fn split<T, I: std::fmt::Display>(
     });
     (rows, next)
 }
+
+/// List filters naming an org or a team are identifiers: anything else (a control character, a
+/// NUL that Postgres would refuse) is a 422, never a 500.
+pub fn identifier_filters(filters: &[(&str, Option<&str>)]) -> Result<(), ApiError> {
+    for (field, value) in filters {
+        if let Some(value) = value {
+            crate::provisioning::request::validate_identifier(field, value)?;
+        }
+    }
+    Ok(())
+}

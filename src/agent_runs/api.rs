@@ -25,7 +25,6 @@ use crate::error::{ApiError, ApiJson, ApiResult};
 use crate::provisioning::request::validate_identifier;
 
 const MAX_MESSAGE_CHARS: usize = 20_000;
-const MAX_AGENT_NAME: usize = 64;
 
 /// The request body (documentation; parsed by hand so every 422 names its field).
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -81,15 +80,10 @@ fn parse(state: &AppState, body: &Value) -> ApiResult<RunRequest> {
     let team_node_id = string("team_node_id")?;
     validate_identifier("team_node_id", &team_node_id)?;
     let agent_name = string("agent_name")?;
-    if agent_name.is_empty()
-        || agent_name.len() > MAX_AGENT_NAME
-        || !agent_name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-    {
+    if !crate::clients::agent::is_agent_name(&agent_name) {
         return Err(ApiError::invalid_field(
             "agent_name",
-            "must be 1 to 64 of letters, digits, '-', '_' or '.'",
+            "must be 1 to 64 of letters, digits, '-', '_' or '.', starting with a letter or digit",
         ));
     }
     let message = string("message")?;
@@ -449,10 +443,14 @@ async fn team_credential(
         .config_me(&minted.token)
         .await
         .map_err(|e| config_service_error("the team's config", e))?;
-    let dedicated = team_config
-        .pointer("/agent/dedicated_service_url")
-        .and_then(Value::as_str)
-        .and_then(|u| url::Url::parse(u).ok());
+    let dedicated = crate::clients::kubernetes::trusted_dedicated_url(
+        team_config
+            .pointer("/agent/dedicated_service_url")
+            .and_then(Value::as_str),
+        org,
+        team,
+        &state.config.kubernetes.namespace,
+    );
     Ok((minted.token, dedicated))
 }
 

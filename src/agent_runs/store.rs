@@ -4,6 +4,8 @@ use serde_json::Value;
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
+use crate::db::storable_json;
+
 pub struct NewRun<'a> {
     pub id: Uuid,
     pub correlation_id: Uuid,
@@ -49,8 +51,8 @@ pub async fn close(
     .bind(id)
     .bind(status)
     .bind(duration_ms)
-    .bind(summary)
-    .bind(error)
+    .bind(summary.map(storable_json))
+    .bind(error.map(storable_json))
     .execute(executor)
     .await?
     .rows_affected()

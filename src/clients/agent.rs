@@ -22,6 +22,17 @@ pub struct AgentClient {
     investigate_token: Option<Secret>,
 }
 
+/// An agent name is a URL path segment: 1 to 64 of letters, digits, '-', '_', '.', starting with a
+/// letter or digit (so "." or ".." can never change the path).
+pub fn is_agent_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
 /// One agent run as the orchestrator asks for it, whatever the dialect.
 pub struct AgentRequest<'a> {
     pub agent_name: &'a str,
@@ -239,6 +250,14 @@ where
                 }
             };
             buffer.extend_from_slice(chunk.as_ref());
+            // An event stream that never ends a line or an event must not grow without bound.
+            if buffer.len() + data.len() > super::MAX_RESPONSE_BYTES {
+                yield Err(AgentError::Upstream(NeighbourError::Decode {
+                    neighbour: NEIGHBOUR,
+                    message: "an event is larger than the limit".into(),
+                }));
+                return;
+            }
             while let Some(newline) = buffer.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = buffer.drain(..=newline).collect();
                 let line = String::from_utf8_lossy(&line);

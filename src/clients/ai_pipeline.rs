@@ -29,7 +29,7 @@ impl AiPipelineClient {
             .bearer_auth(token.expose())
             .header("Idempotency-Key", idempotency_key);
         let response = self.transport.send(NEIGHBOUR, request).await?;
-        let bytes = response.bytes().await.unwrap_or_default();
+        let bytes = super::read_limited(NEIGHBOUR, response).await.unwrap_or_default();
         Ok(serde_json::from_slice(&bytes).unwrap_or_else(|_| json!({})))
     }
 

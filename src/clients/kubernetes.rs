@@ -22,9 +22,15 @@ pub const MANAGED_BY: &str = "incidentfox-orchestrator";
 pub const CRONJOB_NAME_LIMIT: usize = 52;
 pub const DNS_LABEL_LIMIT: usize = 63;
 
-/// The verbs `KubeClient` uses: server-side apply is `patch`, rollback is `delete`. Nothing
-/// else is called, so nothing else is granted.
-pub const VERBS: &[&str] = &["delete", "patch"];
+/// The verbs `KubeClient` uses: `get` (is the name free, or ours?), server-side apply is `patch`,
+/// rollback is `delete`. Nothing else is called, so nothing else is granted.
+pub const VERBS: &[&str] = &["delete", "get", "patch"];
+
+/// Annotations carrying the exact org and team an object belongs to. Names and labels are
+/// sanitised (lossy: `acme`/`eu-sre` and `acme-eu`/`sre` share a name), so ownership is decided
+/// by these.
+pub const ANNOTATION_ORG: &str = "incidentfox.io/org-id";
+pub const ANNOTATION_TEAM: &str = "incidentfox.io/team-node-id";
 
 /// Every (API group, resource, verbs) the service uses. The Helm chart's Role grants exactly
 /// these; a test compares the two.
@@ -91,12 +97,41 @@ pub fn dedicated_agent_url(org: &str, team: &str, namespace: &str) -> String {
     )
 }
 
+/// The team's dedicated agent URL from its config, trusted only if it is exactly the one
+/// provisioning writes for this team. The config is writable by org admins, and the agent call
+/// carries a team credential (and, in the investigate dialect, the platform's own token), so an
+/// arbitrary URL there would be a credential leak and an SSRF.
+pub fn trusted_dedicated_url(configured: Option<&str>, org: &str, team: &str, namespace: &str) -> Option<url::Url> {
+    let configured = configured?;
+    let expected = dedicated_agent_url(org, team, namespace);
+    if configured.trim_end_matches('/') == expected {
+        url::Url::parse(&expected).ok()
+    } else {
+        tracing::warn!(
+            org,
+            team,
+            "ignoring agent.dedicated_service_url: it is not this team's dedicated agent"
+        );
+        None
+    }
+}
+
 fn owner_labels(org: &str, team: &str) -> serde_json::Map<String, Value> {
     let mut labels = serde_json::Map::new();
     labels.insert("app.kubernetes.io/managed-by".into(), MANAGED_BY.into());
     labels.insert("incidentfox.io/org-id".into(), label_value(org).into());
     labels.insert("incidentfox.io/team-node-id".into(), label_value(team).into());
     labels
+}
+
+fn owner_annotations(org: &str, team: &str) -> Value {
+    json!({ ANNOTATION_ORG: org, ANNOTATION_TEAM: team })
+}
+
+/// The identity two teams whose sanitised names collide share; provisioning locks on it so
+/// colliding teams never race past the ownership check.
+pub fn name_class(org: &str, team: &str) -> String {
+    object_name("", org, team, usize::MAX)
 }
 
 fn team_env(org: &str, team: &str, config_service_url: &str) -> Value {
@@ -121,7 +156,7 @@ pub fn pipeline_cronjob(
     let object = json!({
         "apiVersion": "batch/v1",
         "kind": "CronJob",
-        "metadata": {"name": pipeline_cronjob_name(org, team), "namespace": k8s.namespace, "labels": labels},
+        "metadata": {"name": pipeline_cronjob_name(org, team), "namespace": k8s.namespace, "labels": labels, "annotations": owner_annotations(org, team)},
         "spec": {
             "schedule": schedule,
             "concurrencyPolicy": "Forbid",
@@ -179,7 +214,7 @@ pub fn dedicated_agent_deployment(
     from_json(json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": name, "namespace": k8s.namespace, "labels": labels},
+        "metadata": {"name": name, "namespace": k8s.namespace, "labels": labels, "annotations": owner_annotations(org, team)},
         "spec": {
             "replicas": 1,
             "selector": {"matchLabels": {"app.kubernetes.io/name": "agent", "incidentfox.io/org-id": labels["incidentfox.io/org-id"], "incidentfox.io/team-node-id": labels["incidentfox.io/team-node-id"]}},
@@ -203,7 +238,7 @@ pub fn dedicated_agent_service(k8s: &KubernetesConfig, org: &str, team: &str) ->
     from_json(json!({
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": dedicated_agent_name(org, team), "namespace": k8s.namespace, "labels": labels},
+        "metadata": {"name": dedicated_agent_name(org, team), "namespace": k8s.namespace, "labels": labels, "annotations": owner_annotations(org, team)},
         "spec": {
             "type": "ClusterIP",
             "selector": {"app.kubernetes.io/name": "agent", "incidentfox.io/org-id": labels["incidentfox.io/org-id"], "incidentfox.io/team-node-id": labels["incidentfox.io/team-node-id"]},
@@ -266,8 +301,9 @@ impl KubeClient {
         Api::namespaced(self.client.clone(), &self.namespace)
     }
 
-    /// Server-side apply: creates or updates, and is idempotent.
-    pub async fn apply<K>(&self, object: &K) -> Result<AppliedObject, kube::Error>
+    /// Server-side apply: creates or updates, and is idempotent. Refuses to touch an object of the
+    /// same name that belongs to another team (or to someone else altogether).
+    pub async fn apply<K>(&self, object: &K) -> Result<AppliedObject, ApplyError>
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
             + Clone
@@ -277,6 +313,18 @@ impl KubeClient {
         <K as Resource>::DynamicType: Default,
     {
         let name = object.meta().name.clone().unwrap_or_default();
+        let started = Instant::now();
+        let existing = self.api::<K>().get_opt(&name).await;
+        self.metrics
+            .observe_neighbour(NEIGHBOUR, outcome(&existing), started.elapsed());
+        if let Some(existing) = existing? {
+            if !same_owner(existing.meta(), object.meta()) {
+                return Err(ApplyError::NameTaken(format!(
+                    "{} {name} already exists and belongs to another team",
+                    K::kind(&Default::default())
+                )));
+            }
+        }
         let params = PatchParams::apply(FIELD_MANAGER).force();
         let started = Instant::now();
         let result = self.api::<K>().patch(&name, &params, &Patch::Apply(object)).await;
@@ -292,20 +340,63 @@ impl KubeClient {
         })
     }
 
-    /// Deletes by name; an object already gone counts as deleted.
-    pub async fn delete<K>(&self, name: &str) -> Result<(), kube::Error>
+    /// Deletes what this service created: by name and, when known, only if it is still the object
+    /// with that uid (never a same-named object someone created since). Gone counts as deleted.
+    pub async fn delete<K>(&self, name: &str, uid: Option<&str>) -> Result<(), kube::Error>
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug,
         <K as Resource>::DynamicType: Default,
     {
+        let mut params = DeleteParams::background();
+        if let Some(uid) = uid {
+            params = params.preconditions(kube::api::Preconditions {
+                uid: Some(uid.to_string()),
+                resource_version: None,
+            });
+        }
         let started = Instant::now();
-        let result = self.api::<K>().delete(name, &DeleteParams::background()).await;
+        let result = self.api::<K>().delete(name, &params).await;
         self.metrics
             .observe_neighbour(NEIGHBOUR, outcome(&result), started.elapsed());
         match result {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 409 && uid.is_some() => {
+                tracing::warn!(%name, "not deleting: the object was replaced since this service created it");
+                Ok(())
+            }
             Err(e) => Err(e),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("{0}")]
+    NameTaken(String),
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
+}
+
+/// Whether an existing object may be updated for the team `desired` is built for: its ownership
+/// annotations match, or (an object from before the annotations) it carries this service's
+/// labels for the same sanitised team.
+fn same_owner(existing: &kube::api::ObjectMeta, desired: &kube::api::ObjectMeta) -> bool {
+    let annotation =
+        |meta: &kube::api::ObjectMeta, key: &str| meta.annotations.as_ref().and_then(|a| a.get(key)).cloned();
+    match (
+        annotation(existing, ANNOTATION_ORG),
+        annotation(existing, ANNOTATION_TEAM),
+    ) {
+        (Some(org), Some(team)) => {
+            Some(org) == annotation(desired, ANNOTATION_ORG) && Some(team) == annotation(desired, ANNOTATION_TEAM)
+        }
+        _ => {
+            let label =
+                |meta: &kube::api::ObjectMeta, key: &str| meta.labels.as_ref().and_then(|l| l.get(key)).cloned();
+            label(existing, "app.kubernetes.io/managed-by").as_deref() == Some(MANAGED_BY)
+                && label(existing, "incidentfox.io/org-id") == label(desired, "incidentfox.io/org-id")
+                && label(existing, "incidentfox.io/team-node-id") == label(desired, "incidentfox.io/team-node-id")
         }
     }
 }
@@ -360,6 +451,34 @@ mod tests {
         let pod = &job["spec"]["jobTemplate"]["spec"]["template"]["spec"];
         assert_eq!(pod["containers"][0]["command"][5], "SRE_1");
         assert_eq!(pod["containers"][0]["resources"]["limits"]["memory"], "4Gi");
+    }
+
+    #[test]
+    fn only_the_teams_own_dedicated_url_is_trusted() {
+        let own = "http://agent-dedicated-acme-sre.incidentfox.svc.cluster.local:8000";
+        assert_eq!(
+            trusted_dedicated_url(Some(own), "acme", "sre", "incidentfox")
+                .unwrap()
+                .as_str(),
+            format!("{own}/")
+        );
+        assert_eq!(
+            trusted_dedicated_url(Some(&format!("{own}/")), "acme", "sre", "incidentfox")
+                .unwrap()
+                .as_str(),
+            format!("{own}/")
+        );
+        for other in [
+            "http://agent-dedicated-acme-other.incidentfox.svc.cluster.local:8000",
+            "https://attacker.example",
+            "http://127.0.0.1:8000",
+        ] {
+            assert!(
+                trusted_dedicated_url(Some(other), "acme", "sre", "incidentfox").is_none(),
+                "{other}"
+            );
+        }
+        assert!(trusted_dedicated_url(None, "acme", "sre", "incidentfox").is_none());
     }
 
     proptest! {

@@ -135,11 +135,29 @@ impl Transport {
     }
 }
 
-pub async fn decode<T: DeserializeOwned>(neighbour: &'static str, response: Response) -> Result<T, NeighbourError> {
-    let bytes = response.bytes().await.map_err(|e| NeighbourError::Transport {
+/// The most any neighbour's answer may hold in memory.
+pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Reads a body, refusing one larger than `MAX_RESPONSE_BYTES`.
+pub async fn read_limited(neighbour: &'static str, mut response: Response) -> Result<Vec<u8>, NeighbourError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| NeighbourError::Transport {
         neighbour,
         message: transport_message(&e),
-    })?;
+    })? {
+        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Err(NeighbourError::Decode {
+                neighbour,
+                message: format!("the answer is larger than {MAX_RESPONSE_BYTES} bytes"),
+            });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+pub async fn decode<T: DeserializeOwned>(neighbour: &'static str, response: Response) -> Result<T, NeighbourError> {
+    let bytes = read_limited(neighbour, response).await?;
     serde_json::from_slice(&bytes).map_err(|e| NeighbourError::Decode {
         neighbour,
         message: e.to_string(),

@@ -314,13 +314,20 @@ async fn view(state: &AppState, admin: &Admin, run: RunRow) -> ApiResult<RunView
     let mut team_token = None;
     // Only an admin allowed to provision may receive the secret.
     if team_token_held && admin.has(&state.config.auth, Capability::Provision) {
-        if let Some(sealed) = store::take_team_token(&state.db, run.id).await? {
-            team_token_held = false;
+        // Open before taking: a replica that cannot open it (another key) must not destroy the
+        // only copy. The take is conditional on the same bytes, so still only one caller gets it.
+        if let Some(sealed) = store::sealed_team_token(&state.db, run.id).await? {
             match state.provisioning.sealer.open(&sealed, run.id.as_bytes()) {
-                Some(token) => team_token = Some(token.expose().to_string()),
-                None => {
-                    tracing::error!(run_id = %run.id, "the sealed team token cannot be opened: was ORCHESTRATOR_SECRETS_KEY changed?")
+                Some(token) => {
+                    if store::take_team_token(&state.db, run.id, &sealed).await? {
+                        team_token_held = false;
+                        team_token = Some(token.expose().to_string());
+                    }
                 }
+                None => tracing::error!(
+                    run_id = %run.id,
+                    "the sealed team token cannot be opened here: ORCHESTRATOR_SECRETS_KEY differs between replicas, or changed"
+                ),
             }
         }
     }
@@ -397,6 +404,10 @@ pub async fn list_runs(
     ApiQuery(query): ApiQuery<RunQuery>,
 ) -> ApiResult<Json<RunPage>> {
     admin.require(&state.config.auth, Capability::ProvisionRead)?;
+    pagination::identifier_filters(&[
+        ("org_id", query.org_id.as_deref()),
+        ("team_node_id", query.team_node_id.as_deref()),
+    ])?;
     let org_id = admin.scope_filter(query.org_id.as_deref())?;
     if let Some(status) = &query.status {
         if !["running", "succeeded", "failed", "rolled_back"].contains(&status.as_str()) {

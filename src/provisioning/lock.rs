@@ -14,8 +14,12 @@ use sqlx::{PgPool, Postgres};
 /// Separates our keys from any other advisory lock user of the same database.
 const NAMESPACE: &str = "incidentfox-orchestrator/provisioning";
 
+/// Keyed by the team's sanitised name, not its raw ids: teams whose Kubernetes names collide
+/// (`acme`/`eu-sre` and `acme-eu`/`sre`) must never be provisioned at the same time, or both could
+/// pass the ownership check before either object exists.
 pub fn lock_key(org: &str, team: &str) -> i64 {
-    let digest = Sha256::digest(format!("{NAMESPACE}\u{0}{org}\u{0}{team}").as_bytes());
+    let class = crate::clients::kubernetes::name_class(org, team);
+    let digest = Sha256::digest(format!("{NAMESPACE}\u{0}{class}").as_bytes());
     let mut bytes = [0u8; 8];
     bytes.copy_from_slice(&digest[..8]);
     i64::from_be_bytes(bytes)

@@ -9,6 +9,7 @@ use sqlx::{PgConnection, PgExecutor, Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use super::request::ProvisionRequest;
+use crate::db::storable_json;
 
 pub const STEP_NAMES: [&str; 5] = [
     "config_patch",
@@ -219,8 +220,8 @@ pub async fn step_finished(
     .bind(position)
     .bind(status)
     .bind(attempts)
-    .bind(result)
-    .bind(error)
+    .bind(result.map(storable_json))
+    .bind(error.map(storable_json))
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -264,16 +265,27 @@ pub async fn seal_team_token(executor: impl PgExecutor<'_>, run_id: Uuid, sealed
     Ok(())
 }
 
-/// Takes the sealed team token out of the run: at most one caller ever gets it.
-pub async fn take_team_token(executor: impl PgExecutor<'_>, run_id: Uuid) -> Result<Option<Vec<u8>>, sqlx::Error> {
-    sqlx::query_scalar(
-        "UPDATE provisioning_runs r SET sealed_team_token = NULL, team_token_delivered = TRUE
-         FROM (SELECT id, sealed_team_token FROM provisioning_runs WHERE id = $1 AND sealed_team_token IS NOT NULL FOR UPDATE) old
-         WHERE r.id = old.id RETURNING old.sealed_team_token",
+pub async fn sealed_team_token(executor: impl PgExecutor<'_>, run_id: Uuid) -> Result<Option<Vec<u8>>, sqlx::Error> {
+    sqlx::query_scalar("SELECT sealed_team_token FROM provisioning_runs WHERE id = $1")
+        .bind(run_id)
+        .fetch_optional(executor)
+        .await
+        .map(Option::flatten)
+}
+
+/// Takes the sealed team token out of the run if it is still `sealed`: at most one caller ever
+/// succeeds.
+pub async fn take_team_token(executor: impl PgExecutor<'_>, run_id: Uuid, sealed: &[u8]) -> Result<bool, sqlx::Error> {
+    Ok(sqlx::query(
+        "UPDATE provisioning_runs SET sealed_team_token = NULL, team_token_delivered = TRUE
+         WHERE id = $1 AND sealed_team_token = $2",
     )
     .bind(run_id)
-    .fetch_optional(executor)
-    .await
+    .bind(sealed)
+    .execute(executor)
+    .await?
+    .rows_affected()
+        == 1)
 }
 
 pub async fn erase_team_token(executor: impl PgExecutor<'_>, run_id: Uuid) -> Result<(), sqlx::Error> {
@@ -296,7 +308,7 @@ pub async fn finish_run(
     )
     .bind(run_id)
     .bind(status)
-    .bind(error)
+    .bind(error.map(storable_json))
     .execute(executor)
     .await?;
     Ok(())
@@ -332,8 +344,10 @@ pub async fn reopen_failed_run(conn: &mut PgConnection, run_id: Uuid) -> Result<
     .rows_affected()
         == 1;
     if reopened {
+        // A rolled-back step was undone: a retry must do it again, not skip it.
         sqlx::query(
-            "UPDATE provisioning_steps SET status = 'pending', error = NULL WHERE run_id = $1 AND status = 'failed'",
+            "UPDATE provisioning_steps SET status = 'pending', error = NULL
+             WHERE run_id = $1 AND status IN ('failed', 'rolled_back')",
         )
         .bind(run_id)
         .execute(&mut *conn)

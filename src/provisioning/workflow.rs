@@ -63,6 +63,15 @@ impl From<NeighbourError> for StepError {
     }
 }
 
+impl From<k8s::ApplyError> for StepError {
+    fn from(e: k8s::ApplyError) -> Self {
+        match e {
+            k8s::ApplyError::NameTaken(message) => StepError::permanent("kubernetes_name_taken", message),
+            k8s::ApplyError::Kube(e) => e.into(),
+        }
+    }
+}
+
 impl From<kube::Error> for StepError {
     fn from(e: kube::Error) -> Self {
         let transient = k8s::is_transient(&e);
@@ -546,6 +555,14 @@ fn bounded(value: Value) -> Value {
     }
 }
 
+/// The uid of an object a step created, as its result recorded it.
+fn recorded_uid<'a>(step: &'a store::StepRow, pointer: &str) -> Option<&'a str> {
+    step.result
+        .as_ref()
+        .and_then(|r| r.pointer(pointer))
+        .and_then(Value::as_str)
+}
+
 /// Undoes completed steps in reverse. Returns what could not be undone.
 async fn rollback(
     state: &AppState,
@@ -562,8 +579,14 @@ async fn rollback(
             match step.name.as_str() {
                 "dedicated_agent" => {
                     let name = k8s::dedicated_agent_name(org, team);
-                    state.kube.delete::<Service>(&name).await?;
-                    state.kube.delete::<Deployment>(&name).await?;
+                    state
+                        .kube
+                        .delete::<Service>(&name, recorded_uid(step, "/service/uid"))
+                        .await?;
+                    state
+                        .kube
+                        .delete::<Deployment>(&name, recorded_uid(step, "/deployment/uid"))
+                        .await?;
                     patch_config_creating_node(
                         state,
                         credential,
@@ -576,7 +599,10 @@ async fn rollback(
                 }
                 "pipeline_cronjob" => {
                     let name = k8s::pipeline_cronjob_name(org, team);
-                    state.kube.delete::<CronJob>(&name).await?;
+                    state
+                        .kube
+                        .delete::<CronJob>(&name, recorded_uid(step, "/object/uid"))
+                        .await?;
                     Ok(json!({"deleted": [format!("CronJob/{name}")]}))
                 }
                 "team_token" => match step

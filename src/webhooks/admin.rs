@@ -62,6 +62,7 @@ pub async fn list_events(
     ApiQuery(query): ApiQuery<EventQuery>,
 ) -> ApiResult<Json<EventPage>> {
     admin.require(&state.config.auth, Capability::WebhooksRead)?;
+    pagination::identifier_filters(&[("org_id", query.org_id.as_deref())])?;
     let limit = pagination::limit(query.limit)?;
     let before = pagination::decode_uuid(query.cursor.as_deref())?;
     let filter = EventFilter {
@@ -139,9 +140,18 @@ pub struct ReplayReport {
     truncated: bool,
 }
 
-async fn audit_replay(state: &AppState, admin: &Admin, ids: &[Uuid], detail: Value) -> Result<(), sqlx::Error> {
+/// Replays the matching events and writes their audit rows in one transaction, so a replay
+/// never happens unaudited (or is reported failed after it happened).
+async fn replay_audited(
+    state: &AppState,
+    admin: &Admin,
+    filter: &EventFilter,
+    only: Option<&[Uuid]>,
+    detail: Value,
+) -> Result<Vec<Uuid>, sqlx::Error> {
     let mut tx = state.db.begin().await?;
-    for id in ids {
+    let ids = store::replay(&mut *tx, filter, only).await?;
+    for id in &ids {
         let mut entry = AuditEntry::new(admin.subject(), "webhook.replayed", "accepted");
         entry.actor_email = admin.email();
         entry.webhook_event_id = Some(*id);
@@ -149,8 +159,11 @@ async fn audit_replay(state: &AppState, admin: &Admin, ids: &[Uuid], detail: Val
         entry.detail = detail.clone();
         audit::record(&mut *tx, entry).await?;
     }
-    store::notify(&mut *tx).await?;
-    tx.commit().await
+    if !ids.is_empty() {
+        store::notify(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(ids)
 }
 
 /// Puts one finished event (delivered, skipped, unrouted or dead-lettered) back in the queue.
@@ -169,20 +182,14 @@ pub async fn replay_event(
         limit: 1,
         ..Default::default()
     };
-    let ids = store::replay(&state.db, &filter, Some(&[id])).await?;
+    let detail = json!({"source": event.source, "previous_status": event.status});
+    let ids = replay_audited(&state, &admin, &filter, Some(&[id]), detail).await?;
     if ids.is_empty() {
         return Err(ApiError::conflict(
             "event_not_replayable",
             format!("the event is {}; only finished events can be replayed", event.status),
         ));
     }
-    audit_replay(
-        &state,
-        &admin,
-        &ids,
-        json!({"source": event.source, "previous_status": event.status}),
-    )
-    .await?;
     Ok(Json(ReplayReport {
         replayed: ids.len(),
         ids,
@@ -212,6 +219,7 @@ pub async fn replay_matching(
     ApiJson(body): ApiJson<ReplayFilter>,
 ) -> ApiResult<Json<ReplayReport>> {
     admin.require(&state.config.auth, Capability::WebhooksReplay)?;
+    pagination::identifier_filters(&[("org_id", body.org_id.as_deref())])?;
     let limit = match body.limit {
         None => 100,
         Some(n) if (1..=REPLAY_MAX).contains(&n) => n,
@@ -238,13 +246,16 @@ pub async fn replay_matching(
         before: None,
         limit: limit + 1,
     };
-    let mut ids = store::replay(
-        &state.db,
+    let detail = json!({"bulk": true, "source": filter.source, "status": filter.status});
+    let mut ids = replay_audited(
+        &state,
+        &admin,
         &EventFilter {
             limit,
             ..filter.clone()
         },
         None,
+        detail,
     )
     .await?;
     // One more matching event left means the batch was cut at the limit.
@@ -258,15 +269,6 @@ pub async fn replay_matching(
     .await?
     .is_empty();
     ids.sort();
-    if !ids.is_empty() {
-        audit_replay(
-            &state,
-            &admin,
-            &ids,
-            json!({"bulk": true, "source": filter.source, "status": filter.status}),
-        )
-        .await?;
-    }
     Ok(Json(ReplayReport {
         replayed: ids.len(),
         ids,

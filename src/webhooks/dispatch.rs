@@ -87,7 +87,6 @@ pub async fn run(state: AppState, stop: CancellationToken) {
     let config = &state.config.webhooks;
     let workers = Arc::new(Semaphore::new(config.dispatch_workers));
     let wake = state.dispatch_wake.clone();
-    let owner = Uuid::new_v4();
     tokio::spawn(listen(state.clone(), wake.clone(), stop.clone()));
     let lease_secs = config.dispatch_lease.as_secs_f64();
 
@@ -98,7 +97,7 @@ pub async fn run(state: AppState, stop: CancellationToken) {
         let free = workers.available_permits();
         let mut claimed_all = false;
         if free > 0 {
-            match store::claim(&state.db, owner, free as i64, lease_secs).await {
+            match store::claim(&state.db, free as i64, lease_secs).await {
                 Ok(events) => {
                     claimed_all = events.len() == free;
                     for event in events {
@@ -108,7 +107,7 @@ pub async fn run(state: AppState, stop: CancellationToken) {
                         let state = state.clone();
                         let wake = wake.clone();
                         tokio::spawn(async move {
-                            process(&state, owner, event).await;
+                            process(&state, event).await;
                             drop(permit);
                             wake.notify_one();
                         });
@@ -163,13 +162,19 @@ async fn listen(state: AppState, wake: Arc<Notify>, stop: CancellationToken) {
 
 /// The result of dispatching one event, before it is written.
 enum Dispatched {
-    Delivered { org: String, team: String, result: Value },
+    Delivered {
+        org: String,
+        team: String,
+        result: Value,
+    },
     Skipped(String),
     Unrouted(String),
-    Failed(String),
+    /// Why it failed, and the team it was routed to if routing got that far.
+    Failed(String, Option<(String, String)>),
 }
 
-async fn process(state: &AppState, owner: Uuid, event: ClaimedEvent) {
+async fn process(state: &AppState, event: ClaimedEvent) {
+    let owner = event.lease;
     let Some(source) = Source::parse(&event.source) else {
         tracing::error!(event_id = %event.id, source = %event.source, "event of an unknown source");
         return;
@@ -177,13 +182,20 @@ async fn process(state: &AppState, owner: Uuid, event: ClaimedEvent) {
     let started = Instant::now();
     let lease = state.config.webhooks.dispatch_lease;
     // Renew the lease while the agent runs, so no other worker takes the event meanwhile.
+    // If renewals keep failing until the lease is gone, stop: another worker may take the event,
+    // and this one must not go on running the agent for it.
     let heartbeat = async {
+        let mut renewed = Instant::now();
         loop {
             tokio::time::sleep(lease / 3).await;
             match store::renew_lease(&state.db, event.id, owner, lease.as_secs_f64()).await {
-                Ok(true) => {}
+                Ok(true) => renewed = Instant::now(),
                 Ok(false) => {
                     tracing::warn!(event_id = %event.id, "lost the lease of an event being dispatched");
+                    return;
+                }
+                Err(e) if renewed.elapsed() + lease / 3 >= lease => {
+                    tracing::warn!(event_id = %event.id, error = %e, "cannot renew the lease before it expires; abandoning");
                     return;
                 }
                 Err(e) => tracing::warn!(event_id = %event.id, error = %e, "renewing a lease failed"),
@@ -192,7 +204,7 @@ async fn process(state: &AppState, owner: Uuid, event: ClaimedEvent) {
     };
     let result = tokio::select! {
         result = dispatch(state, source, &event) => result,
-        () = heartbeat => Dispatched::Failed("lost the lease while dispatching".into()),
+        () = heartbeat => Dispatched::Failed("lost the lease while dispatching".into(), None),
     };
     let label = source.as_str();
     let correlation = event.id.to_string();
@@ -232,7 +244,7 @@ async fn process(state: &AppState, owner: Uuid, event: ClaimedEvent) {
             };
             store::record_outcome(&state.db, event.id, owner, &outcome).await
         }
-        Dispatched::Failed(error) => record_failure(state, owner, source, &event, error).await,
+        Dispatched::Failed(error, team) => record_failure(state, owner, source, &event, error, team.as_ref()).await,
     };
     match write {
         Ok(true) => {}
@@ -270,7 +282,10 @@ async fn record_failure(
     source: Source,
     event: &ClaimedEvent,
     error: &str,
+    team: Option<&(String, String)>,
 ) -> Result<bool, sqlx::Error> {
+    // Keep the routed team on failed events so its org admins can see and replay them.
+    let (org_id, team_node_id) = (team.map(|t| t.0.as_str()), team.map(|t| t.1.as_str()));
     let policy = dispatch_policy(state);
     let attempts = event.attempts.max(1) as u32;
     let delay = policy.delay(attempts, None);
@@ -287,6 +302,8 @@ async fn record_failure(
         let outcome = Outcome {
             next_attempt_at: Some(next),
             last_error: Some(error),
+            org_id,
+            team_node_id,
             ..Outcome::new("pending")
         };
         return store::record_outcome(&state.db, event.id, owner, &outcome).await;
@@ -301,6 +318,8 @@ async fn record_failure(
     let mut tx = state.db.begin().await?;
     let outcome = Outcome {
         last_error: Some(error),
+        org_id,
+        team_node_id,
         ..Outcome::new("dead_letter")
     };
     let written = store::record_outcome(&mut *tx, event.id, owner, &outcome).await?;
@@ -327,7 +346,7 @@ async fn dispatch(state: &AppState, source: Source, event: &ClaimedEvent) -> Dis
                     team: String::new(),
                     result: json!({"feedback": feedback["feedback"]}),
                 },
-                Err(e) => Dispatched::Failed(format!("forwarding feedback failed: {e}")),
+                Err(e) => Dispatched::Failed(format!("forwarding feedback failed: {e}"), None),
             };
         }
         Plan::Run(run) => run,
@@ -335,12 +354,12 @@ async fn dispatch(state: &AppState, source: Source, event: &ClaimedEvent) -> Dis
     let owner = match route(state, &run).await {
         Ok(Some(owner)) => owner,
         Ok(None) => return Dispatched::Unrouted(format!("no team owns {}={}", run.routing_key, run.routing_value)),
-        Err(e) => return Dispatched::Failed(e),
+        Err(e) => return Dispatched::Failed(e, None),
     };
     let (org, team) = owner;
     match run_agent(state, source, event, &run, &org, &team).await {
         Ok(result) => Dispatched::Delivered { org, team, result },
-        Err(e) => Dispatched::Failed(e),
+        Err(e) => Dispatched::Failed(e, Some((org, team))),
     }
 }
 
@@ -407,17 +426,27 @@ async fn run_agent(
     team: &str,
 ) -> Result<Value, String> {
     let access = team_access(state, org, team).await?;
-    let agent_name = access
-        .config
-        .get("entrance_agent")
-        .and_then(Value::as_str)
-        .unwrap_or(DEFAULT_AGENT)
-        .to_string();
-    let dedicated = access
-        .config
-        .pointer("/agent/dedicated_service_url")
-        .and_then(Value::as_str)
-        .and_then(|u| url::Url::parse(u).ok());
+    let agent_name = match access.config.get("entrance_agent").and_then(Value::as_str) {
+        Some(name) if crate::clients::agent::is_agent_name(name) => name.to_string(),
+        Some(_) => {
+            tracing::warn!(
+                org,
+                team,
+                "the team's entrance_agent is not a valid agent name; using the default"
+            );
+            DEFAULT_AGENT.to_string()
+        }
+        None => DEFAULT_AGENT.to_string(),
+    };
+    let dedicated = crate::clients::kubernetes::trusted_dedicated_url(
+        access
+            .config
+            .pointer("/agent/dedicated_service_url")
+            .and_then(Value::as_str),
+        org,
+        team,
+        &state.config.kubernetes.namespace,
+    );
     let source_config = source_config(&state.config.webhooks, source);
     let correlation = event.id.to_string();
     let request = AgentRequest {
@@ -492,12 +521,22 @@ pub async fn housekeeping(state: AppState, stop: CancellationToken) {
         }
         if ticks % 240 == 0 {
             let c = &state.config.webhooks;
-            match store::purge(&state.db, c.retention_days, c.dedupe_days.max(7)).await {
-                Ok((events, deliveries)) if events + deliveries > 0 => {
-                    tracing::info!(events, deliveries, "webhook retention purged old rows")
+            // Batches of at most PURGE_BATCH rows keep each statement short; loop until one is short.
+            loop {
+                match store::purge(&state.db, c.retention_days, c.dedupe_days.max(7)).await {
+                    Ok((events, deliveries)) => {
+                        if events + deliveries > 0 {
+                            tracing::info!(events, deliveries, "webhook retention purged old rows");
+                        }
+                        if (events < store::PURGE_BATCH && deliveries < store::PURGE_BATCH) || stop.is_cancelled() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "webhook retention failed");
+                        break;
+                    }
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "webhook retention failed"),
             }
             state.webhook_rate_limits.shrink();
         }

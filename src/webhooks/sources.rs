@@ -35,10 +35,7 @@ fn header(headers: &HeaderMap, name: &str) -> Option<String> {
     headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
 }
 
-/// Postgres text and jsonb refuse NUL characters; a payload may carry them (`\u0000`).
-pub fn strip_nul(text: &str) -> String {
-    text.replace('\0', "")
-}
+pub use crate::db::storable_text as strip_nul;
 
 fn str_at<'a>(value: &'a Value, pointer: &str) -> Option<&'a str> {
     value.pointer(pointer).and_then(Value::as_str).filter(|s| !s.is_empty())
@@ -46,20 +43,12 @@ fn str_at<'a>(value: &'a Value, pointer: &str) -> Option<&'a str> {
 
 /// What ingress stores must be storable: no NUL anywhere in the text columns.
 fn storable(meta: EventMeta) -> EventMeta {
-    fn clean(value: Value) -> Value {
-        match value {
-            Value::String(s) => Value::String(strip_nul(&s)),
-            Value::Object(map) => Value::Object(map.into_iter().map(|(k, v)| (strip_nul(&k), clean(v))).collect()),
-            Value::Array(items) => Value::Array(items.into_iter().map(clean).collect()),
-            other => other,
-        }
-    }
     EventMeta {
         kind: strip_nul(&meta.kind),
         delivery_id: strip_nul(&meta.delivery_id),
         ordering_key: meta.ordering_key.as_deref().map(strip_nul),
         sender_key: meta.sender_key,
-        headers: clean(meta.headers),
+        headers: crate::db::storable_json(&meta.headers),
     }
 }
 
@@ -213,8 +202,11 @@ fn read_envelope(
                     str_at(&value, "/event/data/service/id"),
                 ),
             };
-            let delivery_id = header(headers, "x-webhook-id")
-                .or_else(|| event_id.map(str::to_string))
+            // The event id is inside the signed body; X-Webhook-Id is not signed, so a replayed body
+            // with a new header would otherwise pass as a new delivery.
+            let delivery_id = event_id
+                .map(str::to_string)
+                .or_else(|| header(headers, "x-webhook-id"))
                 .unwrap_or_else(|| body_digest(body));
             Ok(Envelope::Event(EventMeta {
                 kind: kind.to_string(),

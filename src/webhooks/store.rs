@@ -4,6 +4,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
 use sqlx::{PgExecutor, Postgres, QueryBuilder};
+
+use crate::db::{storable_json, storable_text};
 use uuid::Uuid;
 
 /// Every status an inbox event can have (the table's CHECK constraint).
@@ -113,6 +115,10 @@ pub async fn insert_events(
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct ClaimedEvent {
     pub id: Uuid,
+    /// This claim's own lease token: renewals and the outcome are accepted only with it, so a
+    /// worker whose lease expired (and the event was claimed again, even by the same replica)
+    /// can never write over the new claim.
+    pub lease: Uuid,
     pub source: String,
     pub kind: String,
     pub delivery_id: String,
@@ -123,18 +129,17 @@ pub struct ClaimedEvent {
     pub ordering_key: Option<String>,
 }
 
-/// Claims up to `limit` due events for `owner` with a lease. An event waits while an earlier
+/// Claims up to `limit` due events, each with a fresh lease token. An event waits while an earlier
 /// event with the same ordering key is unfinished, which keeps a thread's events in order. An
 /// expired lease (its worker died) makes an event claimable again.
 pub async fn claim(
     executor: impl PgExecutor<'_>,
-    owner: Uuid,
     limit: i64,
     lease_secs: f64,
 ) -> Result<Vec<ClaimedEvent>, sqlx::Error> {
     sqlx::query_as(
         "UPDATE webhook_events e
-         SET status = 'processing', lease_owner = $1, lease_until = now() + make_interval(secs => $3),
+         SET status = 'processing', lease_owner = gen_random_uuid(), lease_until = now() + make_interval(secs => $2),
              attempts = e.attempts + 1, updated_at = now()
          WHERE e.id IN (
              SELECT c.id FROM webhook_events c
@@ -146,11 +151,10 @@ pub async fn claim(
                      AND p.status IN ('pending', 'processing')
                      AND (p.received_at, p.id) < (c.received_at, c.id))
              ORDER BY c.next_attempt_at, c.received_at
-             LIMIT $2
+             LIMIT $1
              FOR UPDATE SKIP LOCKED)
-         RETURNING e.id, e.source, e.kind, e.delivery_id, e.headers, e.body, e.received_at, e.attempts, e.ordering_key",
+         RETURNING e.id, e.lease_owner AS lease, e.source, e.kind, e.delivery_id, e.headers, e.body, e.received_at, e.attempts, e.ordering_key",
     )
-    .bind(owner)
     .bind(limit)
     .bind(lease_secs)
     .fetch_all(executor)
@@ -224,12 +228,12 @@ pub async fn record_outcome(
     .bind(owner)
     .bind(outcome.status)
     .bind(outcome.next_attempt_at)
-    .bind(outcome.last_error)
-    .bind(outcome.skip_reason)
+    .bind(outcome.last_error.map(storable_text))
+    .bind(outcome.skip_reason.map(storable_text))
     .bind(outcome.org_id)
     .bind(outcome.team_node_id)
     .bind(outcome.correlation_id)
-    .bind(outcome.agent_result)
+    .bind(outcome.agent_result.map(storable_json))
     .bind(finished)
     .execute(executor)
     .await?
@@ -364,6 +368,9 @@ pub async fn counts_by_status(executor: impl PgExecutor<'_>) -> Result<Vec<(Stri
         .await
 }
 
+/// Rows one retention statement deletes at most.
+pub const PURGE_BATCH: u64 = 10_000;
+
 /// Retention: drops finished events older than `retention_days` (dead letters stay until an
 /// operator deals with them), then delivery ids older than `dedupe_days` whose event is gone.
 pub async fn purge(
@@ -374,15 +381,18 @@ pub async fn purge(
     let events = sqlx::query(
         "DELETE FROM webhook_events WHERE id IN (
              SELECT id FROM webhook_events WHERE status IN ('delivered', 'skipped', 'unrouted')
-               AND finished_at < now() - make_interval(days => $1) LIMIT 10000)",
+               AND finished_at < now() - make_interval(days => $1) LIMIT 10000 FOR UPDATE SKIP LOCKED)",
     )
     .bind(retention_days as i32)
     .execute(executor)
     .await?
     .rows_affected();
     let deliveries = sqlx::query(
-        "DELETE FROM webhook_deliveries d WHERE d.received_at < now() - make_interval(days => $1)
-           AND NOT EXISTS (SELECT 1 FROM webhook_events e WHERE e.id = d.event_id)",
+        "DELETE FROM webhook_deliveries WHERE (source, delivery_id) IN (
+             SELECT d.source, d.delivery_id FROM webhook_deliveries d
+             WHERE d.received_at < now() - make_interval(days => $1)
+               AND NOT EXISTS (SELECT 1 FROM webhook_events e WHERE e.id = d.event_id)
+             LIMIT 10000 FOR UPDATE SKIP LOCKED)",
     )
     .bind(dedupe_days as i32)
     .execute(executor)

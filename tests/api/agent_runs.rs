@@ -74,17 +74,19 @@ async fn runs_the_agent_with_a_minted_team_credential_and_audits_it() {
 }
 
 #[tokio::test]
-async fn a_dedicated_agent_is_called_at_its_own_url() {
+async fn a_dedicated_agent_url_that_is_not_the_teams_own_is_never_called() {
+    // Team config is writable by org admins: a URL pointing anywhere else must not receive the
+    // team credential (or the platform's investigate token).
     let app = TestApp::spawn().await;
-    let dedicated = devstack::Devstack::start().await.unwrap();
+    let elsewhere = devstack::Devstack::start().await.unwrap();
     app.stack.config_service.state().set_team_config(
         "acme",
         "vip",
-        json!({"agent": {"dedicated_service_url": dedicated.agent.url()}}),
+        json!({"agent": {"dedicated_service_url": elsewhere.agent.url()}}),
     );
     assert_eq!(run(&app, SUPER_ADMIN, &body("vip")).await.status(), 200);
-    assert_eq!(dedicated.agent.calls_to("POST", "/agents/planner/run").len(), 1);
-    assert!(app.stack.agent.calls_to("POST", "/agents/").is_empty());
+    assert!(elsewhere.agent.calls().is_empty(), "the untrusted URL got a call");
+    assert_eq!(app.stack.agent.calls_to("POST", "/agents/planner/run").len(), 1);
 }
 
 /// Reads server-sent events as (arrival time, event JSON) until the stream ends.

@@ -955,3 +955,39 @@ async fn a_permanent_failure_of_any_step_fails_the_run_at_that_step_without_retr
     assert_eq!(run["status"], "succeeded", "{run:#}");
     assert_eq!(step(&run, "dedicated_agent")["attempts"], 2);
 }
+
+#[tokio::test]
+async fn a_team_whose_name_sanitises_like_another_cannot_take_over_its_objects() {
+    let app = TestApp::spawn().await;
+    let first = json_of(
+        provision(
+            &app,
+            SUPER_ADMIN,
+            json!({"org_id": ORG, "team_node_id": "eu-sre", "pipeline_schedule": "0 1 * * *"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(first["status"], "succeeded", "{first:#}");
+    // "eu_sre" sanitises to the same object name, "ai-pipeline-acme-eu-sre".
+    let second = json_of(
+        provision(&app, SUPER_ADMIN, json!({"org_id": ORG, "team_node_id": "eu_sre", "pipeline_schedule": "0 9 * * *", "rollback_on_failure": true})).await,
+    )
+    .await;
+    assert_eq!(second["status"], "rolled_back", "{second:#}");
+    assert_eq!(second["error"]["code"], "kubernetes_name_taken");
+    let cronjob = app
+        .stack
+        .kubernetes
+        .state()
+        .get("cronjobs", "incidentfox", "ai-pipeline-acme-eu-sre")
+        .expect("still there");
+    assert_eq!(
+        cronjob["spec"]["schedule"], "0 1 * * *",
+        "the first team's CronJob is untouched"
+    );
+    assert_eq!(
+        cronjob["metadata"]["annotations"]["incidentfox.io/team-node-id"],
+        "eu-sre"
+    );
+}
