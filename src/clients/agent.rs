@@ -84,6 +84,25 @@ pub enum AgentError {
     Failed(String),
 }
 
+/// An upstream error text may echo the request (a validation error quoting its input), and the
+/// investigate dialect sends the team token in the body: never let it travel on in an error.
+fn scrubbed(error: NeighbourError, token: &Secret) -> NeighbourError {
+    match error {
+        NeighbourError::Status {
+            neighbour,
+            status,
+            detail,
+            retry_after,
+        } => NeighbourError::Status {
+            neighbour,
+            status,
+            detail: detail.replace(token.expose(), "[redacted]"),
+            retry_after,
+        },
+        other => other,
+    }
+}
+
 impl From<NeighbourError> for AgentError {
     fn from(e: NeighbourError) -> Self {
         match e {
@@ -157,7 +176,8 @@ impl AgentClient {
         let response = self
             .transport
             .send_with_timeout(NEIGHBOUR, http, request.timeout)
-            .await?;
+            .await
+            .map_err(|e| scrubbed(e, request.team_token))?;
         let raw: Value = super::decode(NEIGHBOUR, response).await?;
         let success = raw.get("success").and_then(Value::as_bool).unwrap_or(false);
         if !success {
@@ -203,7 +223,8 @@ impl AgentClient {
         let response = self
             .transport
             .send_with_timeout(NEIGHBOUR, http, request.timeout)
-            .await?;
+            .await
+            .map_err(|e| scrubbed(e, request.team_token))?;
         let bytes = response.bytes_stream();
         Ok(Box::pin(sse_events(bytes)))
     }

@@ -34,13 +34,38 @@ impl TeamLock {
     /// Tries once, without waiting. The connection is returned to the pool when the lock is busy,
     /// so waiting requests never hold lock connections.
     pub async fn try_acquire(pool: &PgPool, org: &str, team: &str) -> Result<Option<TeamLock>, sqlx::Error> {
-        let key = lock_key(org, team);
-        let mut conn = pool.acquire().await?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(key)
-            .fetch_one(&mut *conn)
-            .await?;
-        Ok(locked.then_some(TeamLock { conn: Some(conn), key }))
+        // The connection is inside the guard before the lock query runs: if this future is
+        // cancelled mid-query, Drop closes the connection rather than pooling one that may hold
+        // the lock.
+        let mut guard = TeamLock {
+            conn: Some(pool.acquire().await?),
+            key: lock_key(org, team),
+        };
+        let locked: bool = match guard.conn.as_mut() {
+            Some(conn) => {
+                sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                    .bind(guard.key)
+                    .fetch_one(&mut **conn)
+                    .await?
+            }
+            None => false,
+        };
+        if locked {
+            Ok(Some(guard))
+        } else {
+            // Not locked: the connection holds nothing and may go back to the pool.
+            drop(guard.conn.take());
+            Ok(None)
+        }
+    }
+
+    /// Whether the session holding the lock is still alive. If it died (a failover, an idle
+    /// session killed), Postgres released the lock and another replica may be resuming the run.
+    pub async fn is_held(&mut self) -> bool {
+        match self.conn.as_mut() {
+            Some(conn) => sqlx::query("SELECT 1").execute(&mut **conn).await.is_ok(),
+            None => false,
+        }
     }
 
     /// Tries until `timeout`, backing off from 5 ms to 100 ms between tries.
@@ -68,15 +93,20 @@ impl TeamLock {
     /// Releases the lock. If the unlock fails the connection is closed instead, which releases
     /// the lock on the server all the same.
     pub async fn release(mut self) {
-        if let Some(mut conn) = self.conn.take() {
-            let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
+        // The connection stays in the guard while unlocking: cancelled mid-query, Drop closes it.
+        let unlocked = match self.conn.as_mut() {
+            Some(conn) => sqlx::query("SELECT pg_advisory_unlock($1)")
                 .bind(self.key)
-                .execute(&mut *conn)
-                .await;
-            if unlocked.is_err() {
-                let _ = conn.detach();
-            }
+                .execute(&mut **conn)
+                .await
+                .is_ok(),
+            None => return,
+        };
+        if unlocked {
+            // Unlocked: safe to pool.
+            drop(self.conn.take());
         }
+        // Otherwise Drop closes the connection, which releases the lock on the server.
     }
 }
 

@@ -99,9 +99,17 @@ pub struct RunRegistry {
 }
 
 impl RunRegistry {
-    pub fn notifier(&self, run_id: Uuid) -> Arc<Notify> {
+    /// Registers a run this process is about to execute.
+    fn started(&self, run_id: Uuid) {
         let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
-        waiters.entry(run_id).or_default().clone()
+        waiters.entry(run_id).or_default();
+    }
+
+    /// The notifier of a run executing in this process; `None` if it runs elsewhere (or is done),
+    /// so waiting never leaves entries behind.
+    pub fn notifier(&self, run_id: Uuid) -> Option<Arc<Notify>> {
+        let waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        waiters.get(&run_id).cloned()
     }
 
     fn finished(&self, run_id: Uuid) {
@@ -125,6 +133,7 @@ pub struct Execution {
 /// Starts executing a run in the background; it keeps going if the client goes away.
 pub fn spawn(state: &AppState, execution: Execution) {
     let tracker = state.provisioning.tracker.clone();
+    state.provisioning.registry.started(execution.run_id);
     let state = state.clone();
     tracker.spawn(async move {
         let run_id = execution.run_id;
@@ -152,16 +161,22 @@ enum Outcome {
 async fn execute(state: &AppState, execution: Execution) -> Result<(), sqlx::Error> {
     let Execution {
         run_id,
-        lock,
+        mut lock,
         credential,
         actor_subject,
     } = execution;
-    let result = execute_locked(state, run_id, &credential, &actor_subject).await;
+    let result = execute_locked(state, run_id, &mut lock, &credential, &actor_subject).await;
     lock.release().await;
     result
 }
 
-async fn execute_locked(state: &AppState, run_id: Uuid, credential: &Secret, actor: &str) -> Result<(), sqlx::Error> {
+async fn execute_locked(
+    state: &AppState,
+    run_id: Uuid,
+    lock: &mut TeamLock,
+    credential: &Secret,
+    actor: &str,
+) -> Result<(), sqlx::Error> {
     let Some(run) = store::get_run(&state.db, run_id).await? else {
         return Ok(());
     };
@@ -177,6 +192,13 @@ async fn execute_locked(state: &AppState, run_id: Uuid, credential: &Secret, act
             continue;
         }
         if state.provisioning.stop.is_cancelled() {
+            outcome = Outcome::Interrupted;
+            break;
+        }
+        // The lock dies with its session (a failover, an idle session killed); then another
+        // replica may already be resuming this run, and this executor must stop.
+        if !lock.is_held().await {
+            tracing::warn!(%run_id, "lost the team's provisioning lock; leaving the run to be resumed");
             outcome = Outcome::Interrupted;
             break;
         }
@@ -697,11 +719,13 @@ pub async fn wait_for_final(
     run_id: Uuid,
     deadline: tokio::time::Instant,
 ) -> Result<Option<store::RunRow>, sqlx::Error> {
-    let notify = state.provisioning.registry.notifier(run_id);
     loop {
-        let notified = notify.notified();
+        let notify = state.provisioning.registry.notifier(run_id);
+        let notified = notify.as_ref().map(|n| n.notified());
         tokio::pin!(notified);
-        notified.as_mut().enable();
+        if let Some(notified) = notified.as_mut().as_pin_mut() {
+            notified.enable();
+        }
         let run = store::get_run(&state.db, run_id).await?;
         match run {
             Some(run) if run.is_final() => return Ok(Some(run)),
@@ -709,10 +733,15 @@ pub async fn wait_for_final(
             Some(run) if tokio::time::Instant::now() >= deadline => return Ok(Some(run)),
             Some(_) => {}
         }
-        let poll = tokio::time::Instant::now() + Duration::from_millis(250);
-        tokio::select! {
-            () = &mut notified => {}
-            () = tokio::time::sleep_until(poll.min(deadline)) => {}
+        let poll = (tokio::time::Instant::now() + Duration::from_millis(250)).min(deadline);
+        match notified.as_mut().as_pin_mut() {
+            Some(notified) => {
+                tokio::select! {
+                    () = notified => {}
+                    () = tokio::time::sleep_until(poll) => {}
+                }
+            }
+            None => tokio::time::sleep_until(poll).await,
         }
     }
 }

@@ -80,28 +80,28 @@ async fn collect(pool: PgPool, mut receiver: mpsc::Receiver<Pending>, stored: Ar
 }
 
 async fn write(pool: &PgPool, batch: Vec<Pending>) {
-    let events: Vec<NewEvent> = batch.iter().map(|p| p.event.clone()).collect();
+    let (events, replies): (Vec<NewEvent>, Vec<_>) = batch.into_iter().map(|p| (p.event, p.reply)).unzip();
     match store::insert_events(pool, &events).await {
         Ok(results) => {
-            for (pending, result) in batch.into_iter().zip(results) {
-                let _ = pending.reply.send(Ok(result));
+            for (reply, result) in replies.into_iter().zip(results) {
+                let _ = reply.send(Ok(result));
             }
         }
-        Err(e) if is_database_unavailable(&e) || batch.len() == 1 => {
-            tracing::warn!(error = %e, rows = batch.len(), "storing webhook events failed");
-            for pending in batch {
-                let _ = pending.reply.send(Err(WriteError(e.to_string())));
+        Err(e) if is_database_unavailable(&e) || events.len() == 1 => {
+            tracing::warn!(error = %e, rows = events.len(), "storing webhook events failed");
+            for reply in replies {
+                let _ = reply.send(Err(WriteError(e.to_string())));
             }
         }
         Err(e) => {
             // One row the database refuses must not fail its neighbours: store them one by one.
-            tracing::warn!(error = %e, rows = batch.len(), "a webhook batch failed; storing its rows one by one");
-            for pending in batch {
-                let result = store::insert_events(pool, std::slice::from_ref(&pending.event))
+            tracing::warn!(error = %e, rows = events.len(), "a webhook batch failed; storing its rows one by one");
+            for (event, reply) in events.iter().zip(replies) {
+                let result = store::insert_events(pool, std::slice::from_ref(event))
                     .await
                     .map(|mut r| r.remove(0))
                     .map_err(|e| WriteError(e.to_string()));
-                let _ = pending.reply.send(result);
+                let _ = reply.send(result);
             }
         }
     }

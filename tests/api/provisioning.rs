@@ -991,3 +991,40 @@ async fn a_team_whose_name_sanitises_like_another_cannot_take_over_its_objects()
         "eu-sre"
     );
 }
+
+#[tokio::test]
+async fn a_run_whose_lock_session_dies_is_resumed_once_and_completes() {
+    let app = TestApp::spawn_with(|env| {
+        env.insert("ORCHESTRATOR_PROVISION_RESUME_INTERVAL_MS".into(), "200".into());
+    })
+    .await;
+    app.stack.ai_pipeline.faults().set_latency(Duration::from_millis(1500));
+    let response = provision_async(
+        &app,
+        json!({"org_id": ORG, "team_node_id": "lost-lock", "create_pipeline_schedule": true}),
+    )
+    .await;
+    let run_id = json_of(response).await["provisioning_run_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    eventually(20, "the bootstrap to be in flight", || async {
+        (!app.stack.ai_pipeline.calls_to("POST", "/bootstrap").is_empty()).then_some(())
+    })
+    .await;
+    // A failover or an idle-session killer ends the session that holds the advisory lock.
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(l.pid) FROM pg_locks l JOIN pg_database d ON d.oid = l.database
+         WHERE l.locktype = 'advisory' AND d.datname = current_database()) t",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(killed, 1);
+    app.stack.ai_pipeline.faults().reset();
+    let run = wait_for_status(&app, &run_id, "succeeded").await;
+    assert!(run["executions"].as_i64().unwrap() >= 2, "{run:#}");
+    assert_eq!(app.stack.config_service.state().issued_token_count(ORG, "lost-lock"), 1);
+    assert_eq!(app.stack.ai_pipeline.state().bootstraps().len(), 1);
+    assert_eq!(app.stack.kubernetes.state().objects("cronjobs").len(), 1);
+}
