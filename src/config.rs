@@ -195,6 +195,9 @@ pub struct WebhookConfig {
     pub pagerduty: SourceConfig,
     pub incidentio: SourceConfig,
     pub replay_window: Duration,
+    /// Deliveries being received at once, across sources: bodies are buffered before they can be
+    /// verified, so this bounds the memory unauthenticated senders can hold.
+    pub max_in_flight: usize,
     pub dispatch_workers: usize,
     pub dispatch_max_attempts: u32,
     pub dispatch_max_age: Duration,
@@ -450,6 +453,7 @@ impl Config {
             pagerduty: source("pagerduty", "PAGERDUTY_WEBHOOK_SECRET", MIB, 600)?,
             incidentio: source("incidentio", "INCIDENTIO_WEBHOOK_SECRET", MIB, 600)?,
             replay_window: env.seconds("ORCHESTRATOR_WEBHOOK_REPLAY_WINDOW_SECONDS", 300, 1, 3600)?,
+            max_in_flight: env.bounded_u64("ORCHESTRATOR_WEBHOOK_MAX_IN_FLIGHT", 256, 1, 100_000)? as usize,
             dispatch_workers: env.bounded_u64("ORCHESTRATOR_DISPATCH_WORKERS", 32, 1, 256)? as usize,
             dispatch_max_attempts: env.count("ORCHESTRATOR_DISPATCH_MAX_ATTEMPTS", 8, 1, 100)?,
             dispatch_max_age: env.seconds("ORCHESTRATOR_DISPATCH_MAX_AGE_SECONDS", 86_400, 60, 30 * 86_400)?,

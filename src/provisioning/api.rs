@@ -167,6 +167,19 @@ pub async fn provision_team(
         lock.release().await;
         return respond(&state, &admin, existing.id, wait).await;
     }
+    // Holding the lock, any other run still `running` for this team lost its owner: it must be
+    // resumed (by the resumer, within seconds) before a newer run, or it would later overwrite it.
+    match store::running_run_for_team(&state.db, org, team).await {
+        Ok(None) => {}
+        Ok(Some(_)) => {
+            lock.release().await;
+            return Err(team_busy(&state, org, team).await);
+        }
+        Err(e) => {
+            lock.release().await;
+            return Err(e.into());
+        }
+    }
 
     let run_id = Uuid::now_v7();
     let created = create_run(&state, &admin, &request, run_id).await;

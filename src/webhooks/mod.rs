@@ -40,6 +40,9 @@ pub fn ingress_router(config: &WebhookConfig) -> Router<AppState> {
             "/webhooks/incidentio",
             post(ingress::incidentio).layer(limit(config.incidentio.body_limit_bytes)),
         )
+        // One limit shared by every source: excess deliveries wait (their bodies unread) instead
+        // of all being buffered at once.
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(config.max_in_flight))
 }
 
 pub fn admin_router() -> Router<AppState> {

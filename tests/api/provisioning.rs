@@ -1028,3 +1028,52 @@ async fn a_run_whose_lock_session_dies_is_resumed_once_and_completes() {
     assert_eq!(app.stack.ai_pipeline.state().bootstraps().len(), 1);
     assert_eq!(app.stack.kubernetes.state().objects("cronjobs").len(), 1);
 }
+
+#[tokio::test]
+async fn an_orphaned_run_is_resumed_before_a_newer_run_can_start() {
+    use orchestrator::provisioning::{request::ProvisionRequest, store};
+    let app = TestApp::spawn_with(|env| {
+        // The resumer scanned at start-up and sleeps: the orphan below waits for it.
+        env.insert("ORCHESTRATOR_PROVISION_RESUME_INTERVAL_MS".into(), "600000".into());
+    })
+    .await;
+    let request = ProvisionRequest::parse(&json!({"org_id": ORG, "team_node_id": "haunted"})).unwrap();
+    let orphan = uuid::Uuid::now_v7();
+    let mut conn = app.db.pool.acquire().await.unwrap();
+    store::insert_run(
+        &mut conn,
+        store::NewRun {
+            id: orphan,
+            request: &request,
+            actor_subject: "someone",
+            actor_email: None,
+        },
+    )
+    .await
+    .unwrap();
+    let response = provision(
+        &app,
+        SUPER_ADMIN,
+        json!({"org_id": ORG, "team_node_id": "haunted", "create_pipeline_schedule": true}),
+    )
+    .await;
+    assert_eq!(response.status(), 409);
+    assert_eq!(json_of(response).await["provisioning_run_id"], orphan.to_string());
+    // Once a resumer finishes it, newer runs go ahead.
+    let resumer = app
+        .another(|env| {
+            env.insert("ORCHESTRATOR_PROVISION_RESUME_INTERVAL_MS".into(), "200".into());
+        })
+        .await;
+    wait_for_status(&resumer, &orphan.to_string(), "succeeded").await;
+    let newer = json_of(
+        provision(
+            &app,
+            SUPER_ADMIN,
+            json!({"org_id": ORG, "team_node_id": "haunted", "create_pipeline_schedule": true}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(newer["status"], "succeeded", "{newer:#}");
+}
