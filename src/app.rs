@@ -28,9 +28,20 @@ use crate::webhooks::ingress::RateLimits;
 use crate::webhooks::writer::InboxWriter;
 use crate::{db, http};
 
-/// Cheap-to-clone handles shared by every handler and background task.
+/// Shared by every handler and background task. One reference count to clone: axum clones the
+/// state for every request.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Services>);
+
+impl std::ops::Deref for AppState {
+    type Target = Services;
+    fn deref(&self) -> &Services {
+        &self.0
+    }
+}
+
+/// The handles the service runs on.
+pub struct Services {
     pub config: Arc<Config>,
     pub db: PgPool,
     pub lock_db: PgPool,
@@ -51,7 +62,7 @@ pub struct AppState {
     shutting_down: Arc<AtomicBool>,
 }
 
-impl AppState {
+impl Services {
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Relaxed)
     }
@@ -143,9 +154,9 @@ impl Application {
             stop: CancellationToken::new(),
         };
         let dispatch_wake = Arc::new(tokio::sync::Notify::new());
-        let inbox = InboxWriter::spawn(db.clone(), dispatch_wake.clone());
+        let inbox = InboxWriter::inbox(db.clone(), dispatch_wake.clone());
         let kube = KubeClient::new(kube, config.kubernetes.namespace.clone(), metrics.clone());
-        let state = AppState {
+        let state = AppState(Arc::new(Services {
             config: Arc::new(config),
             db,
             lock_db,
@@ -162,7 +173,7 @@ impl Application {
             dispatch_wake,
             provisioning,
             shutting_down: Arc::new(AtomicBool::new(false)),
-        };
+        }));
         Ok(Self { listener, state })
     }
 

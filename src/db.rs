@@ -4,7 +4,7 @@ use std::str::FromStr;
 
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::PgPool;
+use sqlx::{Connection, PgPool};
 
 use crate::config::DatabaseConfig;
 
@@ -20,8 +20,23 @@ pub fn request_pool(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
     Ok(PgPoolOptions::new()
         .max_connections(config.pool_size)
         .acquire_timeout(config.acquire_timeout)
+        // A ping on every acquire is a round trip per query, and under load most of the pool's
+        // work; a connection in steady use is known to be alive. One that sat idle (the server may
+        // have restarted or a proxy dropped it) is checked before it is handed out.
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IF_IDLE_FOR {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_lazy_with(connect_options(config)?))
 }
+
+/// An idle connection older than this is pinged before use.
+const PING_IF_IDLE_FOR: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Connections that hold session-level advisory locks for the length of a provisioning run.
 /// Separate from the request pool so long-held locks can never starve request handling.

@@ -15,7 +15,8 @@ use uuid::Uuid;
 use super::ingress::source_config;
 use super::signature::Source;
 use super::sources::{self, Plan, RunPlan};
-use super::store::{self, ClaimedEvent, Outcome};
+use super::store::{self, ClaimedEvent, OutcomeRow};
+use super::writer::OutcomeWriter;
 use crate::app::AppState;
 use crate::audit::{self, AuditEntry};
 use crate::clients::agent::{AgentError, AgentRequest};
@@ -28,6 +29,8 @@ const TEAM_CONFIG_TTL: Duration = Duration::from_secs(60);
 /// An impersonation token is renewed this long before it expires.
 const TOKEN_MARGIN: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
 const DEFAULT_AGENT: &str = "planner";
+/// How long a dispatcher with some workers still busy waits for more to free up before claiming.
+const CLAIM_GATHER: Duration = Duration::from_millis(5);
 
 /// Short-lived caches in front of the config service.
 #[derive(Clone, Default)]
@@ -85,16 +88,29 @@ impl DispatchCaches {
 /// NOTIFY, a finished event, or the poll interval.
 pub async fn run(state: AppState, stop: CancellationToken) {
     let config = &state.config.webhooks;
-    let workers = Arc::new(Semaphore::new(config.dispatch_workers));
+    let total = config.dispatch_workers;
+    let workers = Arc::new(Semaphore::new(total));
+    let claim_batch = (total / 4).max(1);
     let wake = state.dispatch_wake.clone();
     tokio::spawn(listen(state.clone(), wake.clone(), stop.clone()));
     let lease_secs = config.dispatch_lease.as_secs_f64();
+    // Outcomes of concurrent dispatches share a commit, as deliveries do at ingress.
+    let outcomes = OutcomeWriter::outcomes(state.db.clone());
 
     loop {
         if stop.is_cancelled() {
             break;
         }
-        let free = workers.available_permits();
+        let mut free = workers.available_permits();
+        if free > 0 && free < claim_batch && free < total {
+            // Others are still running: let a few more finish so one claim serves several. Each
+            // claim costs a plan, a commit and a round trip; this costs at most CLAIM_GATHER.
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(CLAIM_GATHER) => {}
+            }
+            free = workers.available_permits();
+        }
         let mut claimed_all = false;
         if free > 0 {
             match store::claim(&state.db, free as i64, lease_secs).await {
@@ -106,8 +122,9 @@ pub async fn run(state: AppState, stop: CancellationToken) {
                         };
                         let state = state.clone();
                         let wake = wake.clone();
+                        let outcomes = outcomes.clone();
                         tokio::spawn(async move {
-                            process(&state, event).await;
+                            process(&state, &outcomes, event).await;
                             drop(permit);
                             wake.notify_one();
                         });
@@ -128,8 +145,7 @@ pub async fn run(state: AppState, stop: CancellationToken) {
         }
     }
     // Let running dispatches finish within the lease; what does not is taken over after it.
-    let total = config.dispatch_workers as u32;
-    let _ = tokio::time::timeout(Duration::from_secs(10), workers.acquire_many(total)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), workers.acquire_many(total as u32)).await;
 }
 
 /// LISTEN for new events; reconnects with a pause when the connection drops.
@@ -173,7 +189,7 @@ enum Dispatched {
     Failed(String, Option<(String, String)>),
 }
 
-async fn process(state: &AppState, event: ClaimedEvent) {
+async fn process(state: &AppState, outcomes: &OutcomeWriter, event: ClaimedEvent) {
     let owner = event.lease;
     let Some(source) = Source::parse(&event.source) else {
         tracing::error!(event_id = %event.id, source = %event.source, "event of an unknown source");
@@ -216,41 +232,43 @@ async fn process(state: &AppState, event: ClaimedEvent) {
             .inc();
         observe_latency(state, label, &event);
     };
-    let write = match &result {
+    let outcome = match result {
         Dispatched::Delivered { org, team, result } => {
             finished("delivered");
-            let outcome = Outcome {
+            OutcomeRow {
                 org_id: Some(org),
                 team_node_id: Some(team),
-                correlation_id: Some(&correlation),
+                correlation_id: Some(correlation),
                 agent_result: Some(result),
-                ..Outcome::new("delivered")
-            };
-            store::record_outcome(&state.db, event.id, owner, &outcome).await
+                ..OutcomeRow::new(event.id, owner, "delivered")
+            }
         }
         Dispatched::Skipped(reason) => {
             finished("skipped");
-            let outcome = Outcome {
+            OutcomeRow {
                 skip_reason: Some(reason),
-                ..Outcome::new("skipped")
-            };
-            store::record_outcome(&state.db, event.id, owner, &outcome).await
+                ..OutcomeRow::new(event.id, owner, "skipped")
+            }
         }
         Dispatched::Unrouted(reason) => {
             finished("unrouted");
-            let outcome = Outcome {
+            OutcomeRow {
                 last_error: Some(reason),
-                ..Outcome::new("unrouted")
-            };
-            store::record_outcome(&state.db, event.id, owner, &outcome).await
+                ..OutcomeRow::new(event.id, owner, "unrouted")
+            }
         }
-        Dispatched::Failed(error, team) => record_failure(state, owner, source, &event, error, team.as_ref()).await,
+        Dispatched::Failed(error, team) => failure(state, owner, source, &event, error, team),
+    };
+    let write = if outcome.status == "dead_letter" {
+        record_dead_letter(state, source, &event, outcome).await
+    } else {
+        outcomes.submit(outcome).await.map_err(|e| e.to_string())
     };
     match write {
         Ok(true) => {}
         Ok(false) => tracing::warn!(event_id = %event.id, "the event's lease moved on before its outcome was written"),
-        Err(e) => {
-            tracing::error!(event_id = %event.id, error = %e, "writing a dispatch outcome failed; the lease will expire and it is retried")
+        Err(error) => {
+            tracing::error!(event_id = %event.id, %error, "writing a dispatch outcome failed; the lease will expire and it is retried")
         }
     }
     tracing::debug!(event_id = %event.id, source = label, elapsed_ms = started.elapsed().as_millis() as u64, "dispatched");
@@ -276,16 +294,17 @@ fn dispatch_policy(state: &AppState) -> RetryPolicy {
     }
 }
 
-async fn record_failure(
+/// What a failed attempt leads to: another attempt after a backoff, or a dead letter.
+fn failure(
     state: &AppState,
     owner: Uuid,
     source: Source,
     event: &ClaimedEvent,
-    error: &str,
-    team: Option<&(String, String)>,
-) -> Result<bool, sqlx::Error> {
+    error: String,
+    team: Option<(String, String)>,
+) -> OutcomeRow {
     // Keep the routed team on failed events so its org admins can see and replay them.
-    let (org_id, team_node_id) = (team.map(|t| t.0.as_str()), team.map(|t| t.1.as_str()));
+    let (org_id, team_node_id) = team.unzip();
     let policy = dispatch_policy(state);
     let attempts = event.attempts.max(1) as u32;
     let delay = policy.delay(attempts, None);
@@ -298,15 +317,13 @@ async fn record_failure(
             .with_label_values(&[label, "retry"])
             .inc();
         tracing::info!(event_id = %event.id, source = label, attempts, delay_ms = delay.as_millis() as u64, %error, "dispatch failed; will retry");
-        let next = Utc::now() + chrono::TimeDelta::from_std(delay).unwrap_or_default();
-        let outcome = Outcome {
-            next_attempt_at: Some(next),
+        return OutcomeRow {
+            next_attempt_at: Some(Utc::now() + chrono::TimeDelta::from_std(delay).unwrap_or_default()),
             last_error: Some(error),
             org_id,
             team_node_id,
-            ..Outcome::new("pending")
+            ..OutcomeRow::new(event.id, owner, "pending")
         };
-        return store::record_outcome(&state.db, event.id, owner, &outcome).await;
     }
     state
         .metrics
@@ -315,22 +332,35 @@ async fn record_failure(
         .inc();
     observe_latency(state, label, event);
     tracing::error!(event_id = %event.id, source = label, attempts, %error, "dispatch gave up; event dead-lettered");
-    let mut tx = state.db.begin().await?;
-    let outcome = Outcome {
+    OutcomeRow {
         last_error: Some(error),
         org_id,
         team_node_id,
-        ..Outcome::new("dead_letter")
-    };
-    let written = store::record_outcome(&mut *tx, event.id, owner, &outcome).await?;
-    if written {
-        let mut entry = AuditEntry::new("orchestrator", "webhook.dead_lettered", "dead_letter");
-        entry.webhook_event_id = Some(event.id);
-        entry.detail = json!({"source": label, "kind": event.kind, "attempts": attempts, "error": error});
-        audit::record(&mut *tx, entry).await?;
+        ..OutcomeRow::new(event.id, owner, "dead_letter")
     }
-    tx.commit().await?;
-    Ok(written)
+}
+
+/// A dead letter and its audit row commit together (rare: not group-committed).
+async fn record_dead_letter(
+    state: &AppState,
+    source: Source,
+    event: &ClaimedEvent,
+    outcome: OutcomeRow,
+) -> Result<bool, String> {
+    let write = async {
+        let mut tx = state.db.begin().await?;
+        let written = store::record_outcomes(&mut *tx, std::slice::from_ref(&outcome)).await?[0];
+        if written {
+            let mut entry = AuditEntry::new("orchestrator", "webhook.dead_lettered", "dead_letter");
+            entry.webhook_event_id = Some(event.id);
+            entry.detail = json!({"source": source.as_str(), "kind": event.kind, "attempts": event.attempts,
+                "error": outcome.last_error});
+            audit::record(&mut *tx, entry).await?;
+        }
+        tx.commit().await?;
+        Ok::<_, sqlx::Error>(written)
+    };
+    write.await.map_err(|e| e.to_string())
 }
 
 async fn dispatch(state: &AppState, source: Source, event: &ClaimedEvent) -> Dispatched {

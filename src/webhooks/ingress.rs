@@ -164,7 +164,7 @@ pub async fn ingest(
         body: body.to_vec(),
         ordering_key: meta.ordering_key,
     };
-    match state.inbox.insert(new).await {
+    match state.inbox.submit(new).await {
         Ok(Inserted::New(_)) => {
             outcome("accepted");
             Json(Ack {

@@ -111,7 +111,7 @@ pub async fn slack_trigger(
             .with_label_values(&["slack", o])
             .inc()
     };
-    let (event_id, duplicate) = match state.inbox.insert(new).await {
+    let (event_id, duplicate) = match state.inbox.submit(new).await {
         Ok(Inserted::New(id)) => {
             outcome("accepted");
             (id, false)

@@ -129,6 +129,13 @@ pub struct ClaimedEvent {
     pub ordering_key: Option<String>,
 }
 
+/// What operators see as an event's status. A claim only takes a lease and leaves `status` alone,
+/// so the claim is a HOT update (no column any index depends on changes) and an event being
+/// dispatched is one whose lease is live. Rows claimed by an older release still say 'processing'.
+const STATUS_EXPR: &str = "CASE WHEN status IN ('pending', 'processing')
+        THEN CASE WHEN lease_until > now() THEN 'processing' ELSE 'pending' END
+        ELSE status END";
+
 /// Claims up to `limit` due events, each with a fresh lease token. An event waits while an earlier
 /// event with the same ordering key is unfinished, which keeps a thread's events in order. An
 /// expired lease (its worker died) makes an event claimable again.
@@ -139,17 +146,20 @@ pub async fn claim(
 ) -> Result<Vec<ClaimedEvent>, sqlx::Error> {
     sqlx::query_as(
         "UPDATE webhook_events e
-         SET status = 'processing', lease_owner = gen_random_uuid(), lease_until = now() + make_interval(secs => $2),
+         SET lease_owner = gen_random_uuid(), lease_until = now() + make_interval(secs => $2),
              attempts = e.attempts + 1, updated_at = now()
          WHERE e.id IN (
              SELECT c.id FROM webhook_events c
              WHERE c.next_attempt_at <= now()
-               AND (c.status = 'pending' OR (c.status = 'processing' AND c.lease_until < now()))
-               AND NOT EXISTS (
+               AND c.status IN ('pending', 'processing')
+               AND (c.lease_until IS NULL OR c.lease_until < now())
+               -- Written as OR, not an anti join, so it probes the ordering index per candidate
+               -- instead of reading the whole backlog on every claim.
+               AND (c.ordering_key IS NULL OR NOT EXISTS (
                    SELECT 1 FROM webhook_events p
-                   WHERE c.ordering_key IS NOT NULL AND p.ordering_key = c.ordering_key
+                   WHERE p.ordering_key = c.ordering_key
                      AND p.status IN ('pending', 'processing')
-                     AND (p.received_at, p.id) < (c.received_at, c.id))
+                     AND (p.received_at, p.id) < (c.received_at, c.id)))
              ORDER BY c.next_attempt_at, c.received_at
              LIMIT $1
              FOR UPDATE SKIP LOCKED)
@@ -170,7 +180,7 @@ pub async fn renew_lease(
 ) -> Result<bool, sqlx::Error> {
     Ok(sqlx::query(
         "UPDATE webhook_events SET lease_until = now() + make_interval(secs => $3)
-         WHERE id = $1 AND lease_owner = $2 AND status = 'processing'",
+         WHERE id = $1 AND lease_owner = $2 AND status IN ('pending', 'processing')",
     )
     .bind(id)
     .bind(owner)
@@ -181,22 +191,28 @@ pub async fn renew_lease(
         == 1)
 }
 
-/// The final or next state of a dispatched event. Only the lease owner may write it.
-pub struct Outcome<'a> {
-    pub status: &'a str,
+/// The final or next state of a dispatched event, written only if `owner` still holds its lease.
+#[derive(Clone, Debug)]
+pub struct OutcomeRow {
+    pub id: Uuid,
+    pub owner: Uuid,
+    /// `pending` (to be retried at `next_attempt_at`) or a final status.
+    pub status: &'static str,
     pub next_attempt_at: Option<DateTime<Utc>>,
-    pub last_error: Option<&'a str>,
-    pub skip_reason: Option<&'a str>,
-    pub org_id: Option<&'a str>,
-    pub team_node_id: Option<&'a str>,
-    pub correlation_id: Option<&'a str>,
-    pub agent_result: Option<&'a Value>,
+    pub last_error: Option<String>,
+    pub skip_reason: Option<String>,
+    pub org_id: Option<String>,
+    pub team_node_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub agent_result: Option<Value>,
 }
 
-impl<'a> Outcome<'a> {
-    /// An outcome with only its status; the builders below add what each one carries.
-    pub fn new(status: &'a str) -> Self {
+impl OutcomeRow {
+    /// An outcome with only its status; callers add what each one carries.
+    pub fn new(id: Uuid, owner: Uuid, status: &'static str) -> Self {
         Self {
+            id,
+            owner,
             status,
             next_attempt_at: None,
             last_error: None,
@@ -209,36 +225,47 @@ impl<'a> Outcome<'a> {
     }
 }
 
-pub async fn record_outcome(
-    executor: impl PgExecutor<'_>,
-    id: Uuid,
-    owner: Uuid,
-    outcome: &Outcome<'_>,
-) -> Result<bool, sqlx::Error> {
-    let finished = outcome.status != "pending";
-    Ok(sqlx::query(
-        "UPDATE webhook_events SET status = $3, next_attempt_at = coalesce($4, next_attempt_at), last_error = $5,
-             skip_reason = $6, org_id = coalesce($7, org_id), team_node_id = coalesce($8, team_node_id),
-             correlation_id = coalesce($9, correlation_id), agent_result = coalesce($10, agent_result),
+/// Writes outcomes in one statement. Each result says whether that row's lease was still its
+/// owner's (and so whether it was written), in the order of `rows`.
+pub async fn record_outcomes(executor: impl PgExecutor<'_>, rows: &[OutcomeRow]) -> Result<Vec<bool>, sqlx::Error> {
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+    let owners: Vec<Uuid> = rows.iter().map(|r| r.owner).collect();
+    let statuses: Vec<&str> = rows.iter().map(|r| r.status).collect();
+    let next: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.next_attempt_at).collect();
+    let text = |f: fn(&OutcomeRow) -> &Option<String>| -> Vec<Option<String>> {
+        rows.iter().map(|r| f(r).as_deref().map(storable_text)).collect()
+    };
+    let results: Vec<Option<String>> = rows
+        .iter()
+        .map(|r| r.agent_result.as_ref().map(|v| storable_json(v).to_string()))
+        .collect();
+    let written: Vec<Uuid> = sqlx::query_scalar(
+        "UPDATE webhook_events e SET status = o.status, next_attempt_at = coalesce(o.next_attempt_at, e.next_attempt_at),
+             last_error = o.last_error, skip_reason = o.skip_reason, org_id = coalesce(o.org_id, e.org_id),
+             team_node_id = coalesce(o.team_node_id, e.team_node_id),
+             correlation_id = coalesce(o.correlation_id, e.correlation_id),
+             agent_result = coalesce(o.agent_result::jsonb, e.agent_result),
              lease_owner = NULL, lease_until = NULL, updated_at = now(),
-             finished_at = CASE WHEN $11 THEN now() ELSE NULL END
-         WHERE id = $1 AND lease_owner = $2",
+             finished_at = CASE WHEN o.status <> 'pending' THEN now() END
+         FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::text[],
+                     $8::text[], $9::text[], $10::text[])
+             AS o(id, owner, status, next_attempt_at, last_error, skip_reason, org_id, team_node_id, correlation_id, agent_result)
+         WHERE e.id = o.id AND e.lease_owner = o.owner
+         RETURNING e.id",
     )
-    .bind(id)
-    .bind(owner)
-    .bind(outcome.status)
-    .bind(outcome.next_attempt_at)
-    .bind(outcome.last_error.map(storable_text))
-    .bind(outcome.skip_reason.map(storable_text))
-    .bind(outcome.org_id)
-    .bind(outcome.team_node_id)
-    .bind(outcome.correlation_id)
-    .bind(outcome.agent_result.map(storable_json))
-    .bind(finished)
-    .execute(executor)
-    .await?
-    .rows_affected()
-        == 1)
+    .bind(&ids)
+    .bind(&owners)
+    .bind(&statuses)
+    .bind(&next)
+    .bind(text(|r| &r.last_error))
+    .bind(text(|r| &r.skip_reason))
+    .bind(text(|r| &r.org_id))
+    .bind(text(|r| &r.team_node_id))
+    .bind(text(|r| &r.correlation_id))
+    .bind(&results)
+    .fetch_all(executor)
+    .await?;
+    Ok(ids.iter().map(|id| written.contains(id)).collect())
 }
 
 #[derive(Clone, Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -266,11 +293,15 @@ pub struct EventRow {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
-const EVENT_COLUMNS: &str = "id, source, kind, delivery_id, headers, received_at, status, attempts, next_attempt_at,
-    ordering_key, last_error, skip_reason, org_id, team_node_id, correlation_id, agent_result, updated_at, finished_at";
+fn event_columns() -> String {
+    format!(
+        "id, source, kind, delivery_id, headers, received_at, {STATUS_EXPR} AS status, attempts, next_attempt_at,
+         ordering_key, last_error, skip_reason, org_id, team_node_id, correlation_id, agent_result, updated_at, finished_at"
+    )
+}
 
 pub async fn get_event(executor: impl PgExecutor<'_>, id: Uuid) -> Result<Option<EventRow>, sqlx::Error> {
-    sqlx::query_as(&format!("SELECT {EVENT_COLUMNS} FROM webhook_events WHERE id = $1"))
+    sqlx::query_as(&format!("SELECT {} FROM webhook_events WHERE id = $1", event_columns()))
         .bind(id)
         .fetch_optional(executor)
         .await
@@ -304,7 +335,7 @@ fn push_filter(sql: &mut QueryBuilder<'_, Postgres>, filter: &EventFilter) {
         sql.push(" AND source = ").push_bind(source.clone());
     }
     if let Some(status) = &filter.status {
-        sql.push(" AND status = ").push_bind(status.clone());
+        sql.push(format!(" AND {STATUS_EXPR} = ")).push_bind(status.clone());
     }
     if let Some(since) = filter.since {
         sql.push(" AND received_at >= ").push_bind(since);
@@ -322,7 +353,7 @@ fn push_filter(sql: &mut QueryBuilder<'_, Postgres>, filter: &EventFilter) {
 }
 
 pub async fn list_events(executor: impl PgExecutor<'_>, filter: &EventFilter) -> Result<Vec<EventRow>, sqlx::Error> {
-    let mut sql = QueryBuilder::<Postgres>::new(format!("SELECT {EVENT_COLUMNS} FROM webhook_events WHERE TRUE"));
+    let mut sql = QueryBuilder::<Postgres>::new(format!("SELECT {} FROM webhook_events WHERE TRUE", event_columns()));
     push_filter(&mut sql, filter);
     sql.push(" ORDER BY received_at DESC, id DESC LIMIT ")
         .push_bind(filter.limit);
@@ -363,9 +394,11 @@ pub async fn notify(executor: impl PgExecutor<'_>) -> Result<(), sqlx::Error> {
 }
 
 pub async fn counts_by_status(executor: impl PgExecutor<'_>) -> Result<Vec<(String, i64)>, sqlx::Error> {
-    sqlx::query_as("SELECT status, count(*) FROM webhook_events GROUP BY status")
-        .fetch_all(executor)
-        .await
+    sqlx::query_as(&format!(
+        "SELECT {STATUS_EXPR}, count(*) FROM webhook_events GROUP BY 1"
+    ))
+    .fetch_all(executor)
+    .await
 }
 
 /// Rows one retention statement deletes at most.

@@ -1,66 +1,108 @@
-//! Group commit for the inbox: concurrent deliveries are stored together, one statement and one
-//! commit per batch, and each request is answered only once its own row is committed. Under load
-//! this turns thousands of single-row commits into a few hundred batches; idle, a batch is one
-//! row and adds no delay (nothing waits for a timer).
+//! Group commit: concurrent writes of one kind are stored together, one statement and one commit
+//! per batch, and each caller is answered only once its own row is committed. Under load this
+//! turns thousands of single-row commits into a few hundred batches; idle, a batch is one row and
+//! adds no delay (nothing waits for a timer).
+//!
+//! Two writers use it: the inbox (every accepted delivery) and the dispatch outcomes (every
+//! finished attempt).
 
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 
-use super::store::{self, Inserted, NewEvent};
+use super::store::{self, Inserted, NewEvent, OutcomeRow};
 use crate::error::is_database_unavailable;
 
 /// Rows in one statement at most.
 const MAX_BATCH: usize = 256;
-/// Batches being written at once: overlap one batch's commit with the next one's insert.
+/// Batches being written at once: overlap one batch's commit with the next one's statement.
 const IN_FLIGHT: usize = 4;
 const QUEUE: usize = 10_000;
 
+/// Writes a batch in one statement; results are in the order of the items.
+pub type WriteBatch<T, R> = for<'a> fn(&'a PgPool, &'a [T]) -> BoxFuture<'a, Result<Vec<R>, sqlx::Error>>;
+
 #[derive(Debug, thiserror::Error)]
-#[error("the inbox could not store the event: {0}")]
+#[error("the write could not be committed: {0}")]
 pub struct WriteError(String);
 
-struct Pending {
-    event: NewEvent,
-    reply: oneshot::Sender<Result<Inserted, WriteError>>,
+struct Pending<T, R> {
+    item: T,
+    reply: oneshot::Sender<Result<R, WriteError>>,
 }
 
 /// A cheap handle; the writer task lives as long as any handle does.
-#[derive(Clone)]
-pub struct InboxWriter {
-    queue: mpsc::Sender<Pending>,
+pub struct GroupCommit<T, R> {
+    queue: mpsc::Sender<Pending<T, R>>,
 }
+
+impl<T, R> Clone for GroupCommit<T, R> {
+    fn clone(&self) -> Self {
+        Self {
+            queue: self.queue.clone(),
+        }
+    }
+}
+
+/// Stores accepted deliveries; `Ok` means committed (or known to be a duplicate).
+pub type InboxWriter = GroupCommit<NewEvent, Inserted>;
+/// Records dispatch outcomes; `Ok(false)` means the lease had moved on and nothing was written.
+pub type OutcomeWriter = GroupCommit<OutcomeRow, bool>;
 
 impl InboxWriter {
     /// `stored` is woken after every committed batch, so this replica's dispatcher starts at once.
-    pub fn spawn(pool: PgPool, stored: Arc<Notify>) -> Self {
-        let (queue, receiver) = mpsc::channel(QUEUE);
-        tokio::spawn(collect(pool, receiver, stored));
-        Self { queue }
-    }
-
-    /// Stores one event; returns when it is committed (or known to be a duplicate).
-    pub async fn insert(&self, event: NewEvent) -> Result<Inserted, WriteError> {
-        let (reply, answer) = oneshot::channel();
-        self.queue
-            .send(Pending { event, reply })
-            .await
-            .map_err(|_| WriteError("the inbox writer stopped".into()))?;
-        answer
-            .await
-            .map_err(|_| WriteError("the inbox writer dropped the event".into()))?
+    pub fn inbox(pool: PgPool, stored: Arc<Notify>) -> Self {
+        fn write<'a>(pool: &'a PgPool, events: &'a [NewEvent]) -> BoxFuture<'a, Result<Vec<Inserted>, sqlx::Error>> {
+            Box::pin(store::insert_events(pool, events))
+        }
+        Self::spawn(pool, write, Some(stored))
     }
 }
 
-async fn collect(pool: PgPool, mut receiver: mpsc::Receiver<Pending>, stored: Arc<Notify>) {
+impl OutcomeWriter {
+    pub fn outcomes(pool: PgPool) -> Self {
+        fn write<'a>(pool: &'a PgPool, rows: &'a [OutcomeRow]) -> BoxFuture<'a, Result<Vec<bool>, sqlx::Error>> {
+            Box::pin(store::record_outcomes(pool, rows))
+        }
+        Self::spawn(pool, write, None)
+    }
+}
+
+impl<T: Send + Sync + 'static, R: Send + 'static> GroupCommit<T, R> {
+    pub fn spawn(pool: PgPool, write: WriteBatch<T, R>, committed: Option<Arc<Notify>>) -> Self {
+        let (queue, receiver) = mpsc::channel(QUEUE);
+        tokio::spawn(collect(pool, write, receiver, committed));
+        Self { queue }
+    }
+
+    /// Returns when the item's batch is committed.
+    pub async fn submit(&self, item: T) -> Result<R, WriteError> {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .send(Pending { item, reply })
+            .await
+            .map_err(|_| WriteError("the writer stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| WriteError("the writer dropped the write".into()))?
+    }
+}
+
+async fn collect<T: Send + Sync + 'static, R: Send + 'static>(
+    pool: PgPool,
+    write: WriteBatch<T, R>,
+    mut receiver: mpsc::Receiver<Pending<T, R>>,
+    committed: Option<Arc<Notify>>,
+) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
         // Wait for the first row, then take whatever else is already queued: no timer, so an
-        // idle service writes a single delivery at once.
+        // idle service writes a single row at once.
         let Some(first) = receiver.recv().await else { return };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -70,37 +112,39 @@ async fn collect(pool: PgPool, mut receiver: mpsc::Receiver<Pending>, stored: Ar
             }
         }
         let pool = pool.clone();
-        let stored = stored.clone();
+        let committed = committed.clone();
         tokio::spawn(async move {
-            write(&pool, batch).await;
-            stored.notify_one();
+            write_batch(&pool, write, batch).await;
+            if let Some(committed) = committed {
+                committed.notify_one();
+            }
             drop(slot);
         });
     }
 }
 
-async fn write(pool: &PgPool, batch: Vec<Pending>) {
-    let (events, replies): (Vec<NewEvent>, Vec<_>) = batch.into_iter().map(|p| (p.event, p.reply)).unzip();
-    match store::insert_events(pool, &events).await {
+async fn write_batch<T, R>(pool: &PgPool, write: WriteBatch<T, R>, batch: Vec<Pending<T, R>>) {
+    let (items, replies): (Vec<T>, Vec<_>) = batch.into_iter().map(|p| (p.item, p.reply)).unzip();
+    match write(pool, &items).await {
         Ok(results) => {
             for (reply, result) in replies.into_iter().zip(results) {
                 let _ = reply.send(Ok(result));
             }
         }
-        Err(e) if is_database_unavailable(&e) || events.len() == 1 => {
-            tracing::warn!(error = %e, rows = events.len(), "storing webhook events failed");
+        Err(e) if is_database_unavailable(&e) || items.len() == 1 => {
+            tracing::warn!(error = %e, rows = items.len(), "a group-committed write failed");
             for reply in replies {
                 let _ = reply.send(Err(WriteError(e.to_string())));
             }
         }
         Err(e) => {
-            // One row the database refuses must not fail its neighbours: store them one by one.
-            tracing::warn!(error = %e, rows = events.len(), "a webhook batch failed; storing its rows one by one");
-            for (event, reply) in events.iter().zip(replies) {
-                let result = store::insert_events(pool, std::slice::from_ref(event))
+            // One row the database refuses must not fail its neighbours: write them one by one.
+            tracing::warn!(error = %e, rows = items.len(), "a batch failed; writing its rows one by one");
+            for (item, reply) in items.iter().zip(replies) {
+                let result = write(pool, std::slice::from_ref(item))
                     .await
-                    .map(|mut r| r.remove(0))
-                    .map_err(|e| WriteError(e.to_string()));
+                    .map_err(|e| WriteError(e.to_string()))
+                    .and_then(|mut r| r.pop().ok_or_else(|| WriteError("no result for the row".into())));
                 let _ = reply.send(result);
             }
         }

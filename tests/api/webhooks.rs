@@ -515,6 +515,20 @@ async fn a_crash_after_acknowledging_still_dispatches() {
         (!app.stack.config_service.calls_to("POST", "/routing/lookup").is_empty()).then_some(())
     })
     .await;
+    // A claim only takes a lease; operators see the leased event as processing, and the status
+    // filter agrees.
+    let processing = wait_for_event_status(&app, "processing", 1).await;
+    let filtered = json_of(
+        app.client
+            .get(app.at("/api/v1/admin/webhooks/events?status=processing"))
+            .bearer_auth(SUPER_ADMIN)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(filtered["items"][0]["id"], processing[0]["id"]);
+    assert_eq!(processing[0]["attempts"], 1);
     let successor = app.another(short_lease).await;
     app.stack.config_service.faults().reset();
     app.crash();
