@@ -6,6 +6,14 @@
 SET LOCAL lock_timeout = '5s';
 SET LOCAL statement_timeout = '60s';
 
+-- An older release claims by setting status = 'processing' and takes any 'pending' row, even one
+-- whose lease is live: during a rolling upgrade it would run an event a second time. From here on
+-- no row may become 'processing', so an older replica's claims fail (it dispatches nothing) until
+-- it is replaced. NOT VALID: rows claimed before the upgrade keep 'processing' until their outcome.
+-- (Rolling back to an older release after this migration stops its dispatch the same way.)
+ALTER TABLE webhook_events
+    ADD CONSTRAINT webhook_events_claims_keep_status CHECK (status <> 'processing') NOT VALID;
+
 -- Room for the claimed version of a row next to it. Applies to pages written from now on.
 ALTER TABLE webhook_events SET (fillfactor = 70);
 

@@ -136,7 +136,9 @@ const STATUS_EXPR: &str = "CASE WHEN status IN ('pending', 'processing')
         THEN CASE WHEN lease_until > now() THEN 'processing' ELSE 'pending' END
         ELSE status END";
 
-/// Claims up to `limit` due events, each with a fresh lease token. An event waits while an earlier
+/// Claims up to `limit` due events, each with a fresh lease token. Setting 'pending' changes
+/// nothing on a pending row (the update stays HOT) and turns a row an older release left
+/// 'processing' into one the table's constraint accepts. An event waits while an earlier
 /// event with the same ordering key is unfinished, which keeps a thread's events in order. An
 /// expired lease (its worker died) makes an event claimable again.
 pub async fn claim(
@@ -146,7 +148,7 @@ pub async fn claim(
 ) -> Result<Vec<ClaimedEvent>, sqlx::Error> {
     sqlx::query_as(
         "UPDATE webhook_events e
-         SET lease_owner = gen_random_uuid(), lease_until = now() + make_interval(secs => $2),
+         SET status = 'pending', lease_owner = gen_random_uuid(), lease_until = now() + make_interval(secs => $2),
              attempts = e.attempts + 1, updated_at = now()
          WHERE e.id IN (
              SELECT c.id FROM webhook_events c

@@ -755,3 +755,52 @@ async fn retention_purges_old_events_but_keeps_their_delivery_ids_for_dedupe() {
         (0, 1)
     );
 }
+
+#[tokio::test]
+async fn an_older_release_cannot_claim_an_event_a_newer_one_holds() {
+    let app = TestApp::spawn().await;
+    own(&app, "sre", json!({"github_repos": ["acme/api"]}));
+    app.stack.config_service.faults().set_latency(Duration::from_secs(3));
+    deliver(&app, Source::GitHub, &github_pr("acme/api", 9, "held"), "old-1", &[]).await;
+    wait_for_event_status(&app, "processing", 1).await;
+    // The claim of the release before migration 0005: it took any 'pending' row. Refused, so a
+    // replica still running it during a rolling upgrade dispatches nothing rather than twice.
+    let old_claim = sqlx::query(
+        "UPDATE webhook_events SET status = 'processing', lease_owner = gen_random_uuid(),
+             lease_until = now() + interval '60 seconds', attempts = attempts + 1
+         WHERE status = 'pending'",
+    )
+    .execute(&app.db.pool)
+    .await
+    .unwrap_err();
+    assert_eq!(
+        old_claim.as_database_error().and_then(|e| e.code()).as_deref(),
+        Some("23514"),
+        "{old_claim}"
+    );
+    // A row such a replica claimed before the upgrade, its lease gone, is taken over as usual.
+    sqlx::query("ALTER TABLE webhook_events DROP CONSTRAINT webhook_events_claims_keep_status")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO webhook_events (id, source, kind, delivery_id, body, ordering_key, status, attempts,
+             lease_owner, lease_until)
+         VALUES (gen_random_uuid(), 'github', 'pull_request', 'old-2', $1, 'github:acme/api#10', 'processing', 1,
+             gen_random_uuid(), now() - interval '1 second')",
+    )
+    .bind(github_pr("acme/api", 10, "legacy"))
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "ALTER TABLE webhook_events
+             ADD CONSTRAINT webhook_events_claims_keep_status CHECK (status <> 'processing') NOT VALID",
+    )
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    app.stack.config_service.faults().reset();
+    wait_for_event_status(&app, "delivered", 2).await;
+    assert_eq!(agent_messages(&app).len(), 2);
+}
