@@ -390,15 +390,7 @@ async fn the_internal_slack_trigger_goes_through_the_durable_inbox() {
     assert_eq!(again["event_id"], accepted["event_id"]);
     let id = accepted["event_id"].as_str().unwrap().to_string();
     let event = eventually(20, "the trigger to be delivered", || async {
-        let event = json_of(
-            app.client
-                .get(app.at(&format!("/api/v1/admin/webhooks/events/{id}")))
-                .bearer_auth(SUPER_ADMIN)
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let event = app.admin_json(&format!("/api/v1/admin/webhooks/events/{id}")).await;
         (event["status"] == "delivered").then_some(event)
     })
     .await;

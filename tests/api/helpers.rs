@@ -173,6 +173,19 @@ impl TestApp {
         self.client.get(self.at(path)).send().await.expect("request")
     }
 
+    /// `GET path` as the super admin, answered with JSON.
+    pub async fn admin_json(&self, path: &str) -> serde_json::Value {
+        json_of(
+            self.client
+                .get(self.at(path))
+                .bearer_auth(SUPER_ADMIN)
+                .send()
+                .await
+                .expect("request"),
+        )
+        .await
+    }
+
     /// Graceful shutdown, as on SIGTERM; returns once the app has stopped.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {

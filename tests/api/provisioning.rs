@@ -685,15 +685,7 @@ async fn runs_list_paginates_and_audit_records_every_run() {
             Some(c) => format!("/api/v1/admin/provision/runs?limit=2&cursor={c}"),
             None => "/api/v1/admin/provision/runs?limit=2".into(),
         };
-        let page = json_of(
-            app.client
-                .get(app.at(&path))
-                .bearer_auth(SUPER_ADMIN)
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let page = app.admin_json(&path).await;
         for item in page["items"].as_array().unwrap() {
             seen.push(item["team_node_id"].as_str().unwrap().to_string());
         }
@@ -704,15 +696,7 @@ async fn runs_list_paginates_and_audit_records_every_run() {
     }
     assert_eq!(seen, vec!["page-4", "page-3", "page-2", "page-1", "page-0"]);
 
-    let audit = json_of(
-        app.client
-            .get(app.at("/api/v1/admin/audit?org_id=acme&limit=100"))
-            .bearer_auth(SUPER_ADMIN)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let audit = app.admin_json("/api/v1/admin/audit?org_id=acme&limit=100").await;
     let items = audit["items"].as_array().unwrap();
     assert_eq!(items.iter().filter(|e| e["action"] == "provision.requested").count(), 5);
     assert_eq!(

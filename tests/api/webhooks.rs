@@ -85,15 +85,7 @@ fn own(app: &TestApp, team: &str, routing: Value) {
 }
 
 async fn event_rows(app: &TestApp) -> Vec<Value> {
-    let page = json_of(
-        app.client
-            .get(app.at("/api/v1/admin/webhooks/events?limit=100"))
-            .bearer_auth(SUPER_ADMIN)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let page = app.admin_json("/api/v1/admin/webhooks/events?limit=100").await;
     page["items"].as_array().cloned().unwrap_or_default()
 }
 
@@ -349,25 +341,11 @@ async fn exhausted_retries_dead_letter_and_an_operator_can_replay() {
     assert!(dead[0]["last_error"].as_str().unwrap().contains("500"), "{dead:?}");
     let id = dead[0]["id"].as_str().unwrap().to_string();
 
-    let detail = json_of(
-        app.client
-            .get(app.at(&format!("/api/v1/admin/webhooks/events/{id}?include_body=true")))
-            .bearer_auth(SUPER_ADMIN)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let detail = app
+        .admin_json(&format!("/api/v1/admin/webhooks/events/{id}?include_body=true"))
+        .await;
     assert!(detail["body_text"].as_str().unwrap().contains("doomed"));
-    let without = json_of(
-        app.client
-            .get(app.at(&format!("/api/v1/admin/webhooks/events/{id}")))
-            .bearer_auth(SUPER_ADMIN)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let without = app.admin_json(&format!("/api/v1/admin/webhooks/events/{id}")).await;
     assert!(without.get("body_text").is_none());
 
     let replay = app
@@ -380,15 +358,7 @@ async fn exhausted_retries_dead_letter_and_an_operator_can_replay() {
     assert_eq!(replay.status(), 200);
     assert_eq!(json_of(replay).await["replayed"], 1);
     wait_for_event_status(&app, "delivered", 1).await;
-    let audit = json_of(
-        app.client
-            .get(app.at("/api/v1/admin/audit?limit=100"))
-            .bearer_auth(SUPER_ADMIN)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let audit = app.admin_json("/api/v1/admin/audit?limit=100").await;
     let actions: Vec<&str> = audit["items"]
         .as_array()
         .unwrap()
@@ -518,15 +488,7 @@ async fn a_crash_after_acknowledging_still_dispatches() {
     // A claim only takes a lease; operators see the leased event as processing, and the status
     // filter agrees.
     let processing = wait_for_event_status(&app, "processing", 1).await;
-    let filtered = json_of(
-        app.client
-            .get(app.at("/api/v1/admin/webhooks/events?status=processing"))
-            .bearer_auth(SUPER_ADMIN)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let filtered = app.admin_json("/api/v1/admin/webhooks/events?status=processing").await;
     assert_eq!(filtered["items"][0]["id"], processing[0]["id"]);
     assert_eq!(processing[0]["attempts"], 1);
     let successor = app.another(short_lease).await;
@@ -600,15 +562,9 @@ async fn operators_see_only_their_org_and_bodies_only_on_request() {
         .await
         .unwrap();
     assert_eq!(foreign.status(), 404);
-    let filtered = json_of(
-        app.client
-            .get(app.at("/api/v1/admin/webhooks/events?source=github&status=unrouted"))
-            .bearer_auth(SUPER_ADMIN)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let filtered = app
+        .admin_json("/api/v1/admin/webhooks/events?source=github&status=unrouted")
+        .await;
     assert_eq!(filtered["items"].as_array().unwrap().len(), 1);
     let bad = app
         .client
