@@ -879,19 +879,11 @@ async fn ingest(options: &Options) -> Result<Report> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let stats_after = pg_activity(&db).await?;
 
-    // The ceiling, with the service stopped: the same statement into copies of the tables; then the
-    // same with the service's pg_notify, to show what the notification costs.
-    let ceiling = match pgbench_ceiling(&db, &pgbench, connections, duration, options, false).await {
+    // The ceiling, with the service stopped: the same statement into copies of the tables.
+    let ceiling = match pgbench_ceiling(&db, &pgbench, connections, duration, options).await {
         Ok(ceiling) => Some(ceiling),
         Err(e) => {
             eprintln!("[bench] error: the pgbench ceiling: {e:#}");
-            None
-        }
-    };
-    let with_notify = match pgbench_ceiling(&db, &pgbench, connections, duration, options, true).await {
-        Ok(ceiling) => Some(ceiling),
-        Err(e) => {
-            eprintln!("[bench] error: the pgbench ceiling with pg_notify: {e:#}");
             None
         }
     };
@@ -977,13 +969,6 @@ async fn ingest(options: &Options) -> Result<Report> {
         ),
         "",
     );
-    report.row(
-        "diagnostic: pgbench with the service's `pg_notify`",
-        with_notify.as_ref().map_or("pgbench failed".into(), |c| {
-            format!("{:.0} tps (service at {:.0}% of it)", c.tps, 100.0 * rate / c.tps)
-        }),
-        "",
-    );
     report.row("start-up to ready (fresh database, migrations)", ms(startup), "");
     report.note(format!(
         "Each delivery is a `pull_request` `opened` event of {body_size} bytes for `acme/bench` (routed to team \
@@ -996,10 +981,8 @@ async fn ingest(options: &Options) -> Result<Report> {
         report.note(format!(
             "Ceiling: `{}` after the service was stopped, into empty copies of the two tables \
              (`CREATE TABLE … (LIKE … INCLUDING ALL)`, same indexes), one delivery per transaction, its id and \
-             its event inserted by one CTE statement like the service's (same columns and body, without \
-             `pg_notify`), prepared like sqlx prepares it: {} transactions, {:.2} ms average latency. The diagnostic row runs \
-             the same with the service's `pg_notify('webhook_inbox', '')`, whose commit takes a \
-             cluster-wide lock held until the commit is flushed, so notifying transactions commit one at a time.",
+             its event inserted by one CTE statement like the service's (same columns and body), prepared like \
+             sqlx prepares it: {} transactions, {:.2} ms average latency.",
             ceiling.command, ceiling.transactions, ceiling.latency_ms
         ));
     }
@@ -1057,14 +1040,13 @@ struct Ceiling {
 }
 
 /// pgbench with the statement the service runs per delivery, into empty copies of the inbox tables,
-/// `connections` clients for `duration`. `notify` adds the service's `pg_notify` (a diagnostic).
+/// `connections` clients for `duration`.
 async fn pgbench_ceiling(
     db: &PgPool,
     pgbench: &str,
     connections: u64,
     duration: Duration,
     options: &Options,
-    notify: bool,
 ) -> Result<Ceiling> {
     for statement in [
         "DROP TABLE IF EXISTS bench_events, bench_deliveries",
@@ -1080,11 +1062,6 @@ async fn pgbench_ceiling(
     // script has no colon followed by a letter or digit except `:n`. The body is a hex bytea literal
     // (nothing to escape).
     let body = hex::encode(pull_request_body(123_456));
-    let wake = if notify {
-        ", LATERAL (SELECT pg_notify('webhook_inbox', '')) AS wake"
-    } else {
-        ""
-    };
     let script = format!(
         "\\set n random(1, 1000000000)\n\
          WITH delivery AS (INSERT INTO bench_deliveries (source, delivery_id, event_id) \
@@ -1092,7 +1069,7 @@ async fn pgbench_ceiling(
          event AS (INSERT INTO bench_events (id, source, kind, delivery_id, headers, body, ordering_key) \
          SELECT event_id, 'github', 'pull_request', delivery_id, '{{\"x-github-delivery\": \"bench\", \"x-github-hook-id\": null}}'::jsonb, \
          '\\x{body}'::bytea, 'github' || ':' || 'acme/bench#' || (:n)::text FROM delivery RETURNING id) \
-         SELECT id FROM event{wake};\n"
+         SELECT id FROM event;\n"
     );
     let dir = Scratch(std::env::temp_dir().join(format!("orchestrator-bench-pgbench-{}", std::process::id())));
     std::fs::create_dir_all(&dir.0)?;
@@ -1109,10 +1086,7 @@ async fn pgbench_ceiling(
         "-n", "-M", "prepared", "-c", &clients, "-j", &threads, "-T", &secs, "-f",
     ];
     let command = format!("pgbench {} <script>", args[..args.len() - 1].join(" "));
-    println!(
-        "[bench] ceiling{}: {command}",
-        if notify { " with pg_notify (diagnostic)" } else { "" }
-    );
+    println!("[bench] ceiling: {command}");
     let result = run_pgbench(pgbench, &args, &script_path, &options.database_url, duration).await;
     drop(dir);
     let _ = sqlx::query("DROP TABLE IF EXISTS bench_events, bench_deliveries")

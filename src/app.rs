@@ -23,7 +23,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::provisioning::sealing::Sealer;
 use crate::provisioning::workflow::{Provisioning, RunRegistry};
-use crate::webhooks::dispatch::DispatchCaches;
+use crate::webhooks::dispatch::{DispatchCaches, Dispatcher};
 use crate::webhooks::ingress::RateLimits;
 use crate::webhooks::writer::InboxWriter;
 use crate::{db, http};
@@ -56,8 +56,8 @@ pub struct Services {
     pub dispatch_caches: DispatchCaches,
     /// Stores webhook events with group commit.
     pub inbox: InboxWriter,
-    /// Wakes this replica's dispatcher when events were stored here.
-    pub dispatch_wake: Arc<tokio::sync::Notify>,
+    /// This replica's webhook dispatch workers.
+    pub dispatcher: Dispatcher,
     pub provisioning: Provisioning,
     shutting_down: Arc<AtomicBool>,
 }
@@ -153,8 +153,8 @@ impl Application {
             tracker: tokio_util::task::TaskTracker::new(),
             stop: CancellationToken::new(),
         };
-        let dispatch_wake = Arc::new(tokio::sync::Notify::new());
-        let inbox = InboxWriter::inbox(db.clone(), dispatch_wake.clone());
+        let dispatcher = Dispatcher::new(&db, config.webhooks.dispatch_workers);
+        let inbox = InboxWriter::inbox(db.clone(), dispatcher.queued.clone());
         let kube = KubeClient::new(kube, config.kubernetes.namespace.clone(), metrics.clone());
         let state = AppState(Arc::new(Services {
             config: Arc::new(config),
@@ -170,7 +170,7 @@ impl Application {
             webhook_rate_limits,
             dispatch_caches: DispatchCaches::default(),
             inbox,
-            dispatch_wake,
+            dispatcher,
             provisioning,
             shutting_down: Arc::new(AtomicBool::new(false)),
         }));

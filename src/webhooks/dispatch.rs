@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use serde_json::{json, Value};
 use sqlx::postgres::PgListener;
+use sqlx::PgPool;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -84,25 +85,51 @@ impl DispatchCaches {
     }
 }
 
-/// The dispatcher of this replica: claims as many events as it has free workers, wakes on
-/// NOTIFY, a finished event, or the poll interval.
+/// This replica's dispatch workers and what wakes its claim loop.
+pub struct Dispatcher {
+    workers: Arc<Semaphore>,
+    total: usize,
+    /// Events may be due: stored here, or announced by another replica.
+    pub queued: Arc<Notify>,
+    /// A worker is free again.
+    freed: Notify,
+    /// Outcomes of concurrent dispatches share a commit, as deliveries do at ingress.
+    outcomes: OutcomeWriter,
+}
+
+impl Dispatcher {
+    pub fn new(pool: &PgPool, workers: usize) -> Self {
+        Self {
+            workers: Arc::new(Semaphore::new(workers)),
+            total: workers,
+            queued: Arc::new(Notify::new()),
+            freed: Notify::new(),
+            outcomes: OutcomeWriter::outcomes(pool.clone()),
+        }
+    }
+}
+
+/// The claim loop of this replica: claims as many due events as it has free workers, whenever
+/// events may be due (stored here, announced by another replica, or the poll interval passed) and
+/// a worker is free. A worker that finishes leads to a claim only if the last claim suggested more
+/// were waiting: an empty claim costs a plan, a commit and a round trip.
 pub async fn run(state: AppState, stop: CancellationToken) {
     let config = &state.config.webhooks;
-    let total = config.dispatch_workers;
-    let workers = Arc::new(Semaphore::new(total));
+    let dispatcher = &state.dispatcher;
+    let total = dispatcher.total;
+    let workers = &dispatcher.workers;
     let claim_batch = (total / 4).max(1);
-    let wake = state.dispatch_wake.clone();
-    tokio::spawn(listen(state.clone(), wake.clone(), stop.clone()));
+    tokio::spawn(listen(state.clone(), dispatcher.queued.clone(), stop.clone()));
     let lease_secs = config.dispatch_lease.as_secs_f64();
-    // Outcomes of concurrent dispatches share a commit, as deliveries do at ingress.
-    let outcomes = OutcomeWriter::outcomes(state.db.clone());
+    // At start-up, events left by a previous process may be due.
+    let mut maybe_due = true;
 
     loop {
         if stop.is_cancelled() {
             break;
         }
         let mut free = workers.available_permits();
-        if free > 0 && free < claim_batch && free < total {
+        if maybe_due && free > 0 && free < claim_batch && free < total {
             // Others are still running: let a few more finish so one claim serves several. Each
             // claim costs a plan, a commit and a round trip; this costs at most CLAIM_GATHER.
             tokio::select! {
@@ -112,21 +139,21 @@ pub async fn run(state: AppState, stop: CancellationToken) {
             free = workers.available_permits();
         }
         let mut claimed_all = false;
-        if free > 0 {
+        if maybe_due && free > 0 {
             match store::claim(&state.db, free as i64, lease_secs).await {
                 Ok(events) => {
+                    // Fewer than asked for: nothing else is due right now.
                     claimed_all = events.len() == free;
+                    maybe_due = claimed_all;
                     for event in events {
                         let Ok(permit) = workers.clone().acquire_owned().await else {
                             break;
                         };
                         let state = state.clone();
-                        let wake = wake.clone();
-                        let outcomes = outcomes.clone();
                         tokio::spawn(async move {
-                            process(&state, &outcomes, event).await;
+                            process(&state, &state.dispatcher.outcomes, event).await;
                             drop(permit);
-                            wake.notify_one();
+                            state.dispatcher.freed.notify_one();
                         });
                     }
                 }
@@ -140,8 +167,10 @@ pub async fn run(state: AppState, stop: CancellationToken) {
         }
         tokio::select! {
             () = stop.cancelled() => break,
-            () = wake.notified() => {}
-            () = tokio::time::sleep(config.dispatch_poll_interval) => {}
+            () = dispatcher.queued.notified() => maybe_due = true,
+            // Only worth a claim if events are waiting for a worker.
+            () = dispatcher.freed.notified() => {}
+            () = tokio::time::sleep(config.dispatch_poll_interval) => maybe_due = true,
         }
     }
     // Let running dispatches finish within the lease; what does not is taken over after it.

@@ -40,9 +40,10 @@ pub enum Inserted {
     Duplicate(Uuid),
 }
 
-/// Stores a batch of events and their delivery ids in one statement (one transaction) and
-/// notifies the dispatchers of every replica once, on commit. A delivery id seen before, in the
-/// table or earlier in the batch, stores nothing. Results are in the order of `events`.
+/// Stores a batch of events and their delivery ids in one statement (one transaction). A delivery
+/// id seen before, in the table or earlier in the batch, stores nothing. Results are in the order
+/// of `events`. Other replicas are told separately ([`notify`]): a NOTIFY in this transaction
+/// would make every batch commit under one database-wide lock, held until its WAL is flushed.
 pub async fn insert_events(
     executor: impl PgExecutor<'_> + Copy,
     events: &[NewEvent],
@@ -55,9 +56,7 @@ pub async fn insert_events(
     let bodies: Vec<&[u8]> = events.iter().map(|e| e.body.as_slice()).collect();
     let ordering: Vec<Option<&str>> = events.iter().map(|e| e.ordering_key.as_deref()).collect();
     // WITH ORDINALITY keeps the request order, so the first of two deliveries with the same id wins.
-    // One NOTIFY per batch: NOTIFY serialises committing transactions on a database-wide lock,
-    // so one per delivery would cap ingestion.
-    let inserted: Vec<Uuid> = sqlx::query_scalar::<_, Option<Uuid>>(
+    let inserted: Vec<Uuid> = sqlx::query_scalar(
         "WITH input AS (
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[], $7::text[])
                  WITH ORDINALITY AS t(id, source, kind, delivery_id, headers, body, ordering_key, n)),
@@ -69,9 +68,8 @@ pub async fn insert_events(
              INSERT INTO webhook_events (id, source, kind, delivery_id, headers, body, ordering_key)
              SELECT i.id, i.source, i.kind, i.delivery_id, i.headers::jsonb, i.body, i.ordering_key
              FROM input i JOIN delivery d ON d.event_id = i.id ORDER BY i.n
-             RETURNING id),
-         wake AS (SELECT pg_notify('webhook_inbox', '') WHERE EXISTS (SELECT 1 FROM event))
-         SELECT id FROM event UNION ALL SELECT NULL FROM wake",
+             RETURNING id)
+         SELECT id FROM event",
     )
     .bind(&ids)
     .bind(&sources)
@@ -81,10 +79,7 @@ pub async fn insert_events(
     .bind(&bodies)
     .bind(&ordering)
     .fetch_all(executor)
-    .await?
-    .into_iter()
-    .flatten()
-    .collect();
+    .await?;
     if inserted.len() == events.len() {
         return Ok(ids.into_iter().map(Inserted::New).collect());
     }

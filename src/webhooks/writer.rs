@@ -52,14 +52,46 @@ pub type InboxWriter = GroupCommit<NewEvent, Inserted>;
 pub type OutcomeWriter = GroupCommit<OutcomeRow, bool>;
 
 impl InboxWriter {
-    /// `stored` is woken after every committed batch, so this replica's dispatcher starts at once.
+    /// After every batch, `stored` is woken, so this replica's claim loop starts at once, and the
+    /// dispatchers of other replicas are told with a NOTIFY of their own.
     pub fn inbox(pool: PgPool, stored: Arc<Notify>) -> Self {
         fn write<'a>(pool: &'a PgPool, events: &'a [NewEvent]) -> BoxFuture<'a, Result<Vec<Inserted>, sqlx::Error>> {
             Box::pin(store::insert_events(pool, events))
         }
-        Self::spawn(pool, write, Some(stored))
+        let announce = announcer(pool.clone());
+        let committed: OnCommit = Arc::new(move || {
+            stored.notify_one();
+            // Full means a NOTIFY is already due, which covers this batch too.
+            let _ = announce.try_send(());
+        });
+        Self::spawn(pool, write, Some(committed))
     }
 }
+
+/// Tells every replica's dispatcher that events were stored: one NOTIFY transaction at a time and
+/// at most one per ANNOUNCE_SPACING, however many batches commit meanwhile. Not in the batch's own
+/// transaction: a NOTIFY makes its transaction commit under a database-wide lock held until the
+/// commit is flushed, so batches carrying one would commit one at a time. A NOTIFY lost to a crash
+/// only delays other replicas until their next poll.
+fn announcer(pool: PgPool) -> mpsc::Sender<()> {
+    let (announce, mut requests) = mpsc::channel::<()>(1);
+    tokio::spawn(async move {
+        while requests.recv().await.is_some() {
+            if let Err(e) = store::notify(&pool).await {
+                tracing::debug!(error = %e, "notifying other replicas of new webhook events failed; they poll");
+            }
+            // Each NOTIFY is a commit of its own; under load one per batch would double the commits.
+            tokio::time::sleep(ANNOUNCE_SPACING).await;
+        }
+    });
+    announce
+}
+
+/// Other replicas hear of new events at most this much later than this replica's own dispatcher.
+const ANNOUNCE_SPACING: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Called after each batch.
+pub type OnCommit = Arc<dyn Fn() + Send + Sync>;
 
 impl OutcomeWriter {
     pub fn outcomes(pool: PgPool) -> Self {
@@ -71,7 +103,7 @@ impl OutcomeWriter {
 }
 
 impl<T: Send + Sync + 'static, R: Send + 'static> GroupCommit<T, R> {
-    pub fn spawn(pool: PgPool, write: WriteBatch<T, R>, committed: Option<Arc<Notify>>) -> Self {
+    pub fn spawn(pool: PgPool, write: WriteBatch<T, R>, committed: Option<OnCommit>) -> Self {
         let (queue, receiver) = mpsc::channel(QUEUE);
         tokio::spawn(collect(pool, write, receiver, committed));
         Self { queue }
@@ -94,7 +126,7 @@ async fn collect<T: Send + Sync + 'static, R: Send + 'static>(
     pool: PgPool,
     write: WriteBatch<T, R>,
     mut receiver: mpsc::Receiver<Pending<T, R>>,
-    committed: Option<Arc<Notify>>,
+    committed: Option<OnCommit>,
 ) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     loop {
@@ -116,7 +148,7 @@ async fn collect<T: Send + Sync + 'static, R: Send + 'static>(
         tokio::spawn(async move {
             write_batch(&pool, write, batch).await;
             if let Some(committed) = committed {
-                committed.notify_one();
+                committed();
             }
             drop(slot);
         });

@@ -760,3 +760,18 @@ async fn an_older_release_cannot_claim_an_event_a_newer_one_holds() {
     wait_for_event_status(&app, "delivered", 2).await;
     assert_eq!(agent_messages(&app).len(), 2);
 }
+
+#[tokio::test]
+async fn other_replicas_hear_of_a_stored_delivery() {
+    let app = TestApp::spawn().await;
+    // What another replica's dispatcher listens on.
+    let mut listener = sqlx::postgres::PgListener::connect_with(&app.db.pool).await.unwrap();
+    listener.listen("webhook_inbox").await.unwrap();
+    let response = deliver(&app, Source::GitHub, &github_pr("acme/api", 9, "Heard"), "n-1", &[]).await;
+    assert_eq!(response.status(), 200);
+    let heard = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await;
+    assert!(
+        matches!(heard, Ok(Ok(_))),
+        "no NOTIFY after a stored delivery: {heard:?}"
+    );
+}
