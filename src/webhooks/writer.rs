@@ -19,8 +19,9 @@ use crate::error::is_database_unavailable;
 const MAX_BATCH: usize = 256;
 /// Inbox batches being written at once. One: while a batch commits, the next one gathers every
 /// delivery that arrives meanwhile, so under load each commit carries as many as it can (measured
-/// with `scripts/bench ingest`: 0.2 to 0.3 Postgres transactions per delivery and 61 to 64% of the
-/// pgbench ceiling, against 0.4 to 0.5 and 44 to 54% with two or four in flight).
+/// with `scripts/bench ingest`: 0.2 to 0.3 Postgres transactions per delivery and 60 to 64% of the
+/// pgbench ceiling, against 0.4 to 0.5 and 44 to 54% with two or four in flight). The price: a
+/// slow batch (a refused row makes its batch retry row by row) holds up the ones behind it.
 const INBOX_IN_FLIGHT: usize = 1;
 /// Outcome batches being written at once: a dispatch worker waits for its outcome's commit.
 const OUTCOMES_IN_FLIGHT: usize = 2;
