@@ -151,7 +151,7 @@ pub async fn run(state: AppState, stop: CancellationToken) {
                         };
                         let state = state.clone();
                         tokio::spawn(async move {
-                            process(&state, &state.dispatcher.outcomes, event).await;
+                            process(&state, event).await;
                             drop(permit);
                             state.dispatcher.freed.notify_one();
                         });
@@ -218,7 +218,7 @@ enum Dispatched {
     Failed(String, Option<(String, String)>),
 }
 
-async fn process(state: &AppState, outcomes: &OutcomeWriter, event: ClaimedEvent) {
+async fn process(state: &AppState, event: ClaimedEvent) {
     let owner = event.lease;
     let Some(source) = Source::parse(&event.source) else {
         tracing::error!(event_id = %event.id, source = %event.source, "event of an unknown source");
@@ -291,7 +291,12 @@ async fn process(state: &AppState, outcomes: &OutcomeWriter, event: ClaimedEvent
     let write = if outcome.status == "dead_letter" {
         record_dead_letter(state, source, &event, outcome).await
     } else {
-        outcomes.submit(outcome).await.map_err(|e| e.to_string())
+        state
+            .dispatcher
+            .outcomes
+            .submit(outcome)
+            .await
+            .map_err(|e| e.to_string())
     };
     match write {
         Ok(true) => {}
