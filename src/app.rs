@@ -153,7 +153,8 @@ impl Application {
             tracker: tokio_util::task::TaskTracker::new(),
             stop: CancellationToken::new(),
         };
-        let dispatcher = Dispatcher::new(&db, config.webhooks.dispatch_workers);
+        let queue_db = db::queue_pool(&config.database).context("DATABASE_URL")?;
+        let dispatcher = Dispatcher::new(queue_db, config.webhooks.dispatch_workers);
         let inbox = InboxWriter::inbox(db.clone(), dispatcher.queued.clone());
         let kube = KubeClient::new(kube, config.kubernetes.namespace.clone(), metrics.clone());
         let state = AppState(Arc::new(Services {
@@ -248,6 +249,7 @@ impl Application {
             background.abort_all();
         }
         state.db.close().await;
+        state.dispatcher.queue_db.close().await;
         state.lock_db.close().await;
         tracing::info!("stopped");
         Ok(())

@@ -95,16 +95,19 @@ pub struct Dispatcher {
     freed: Notify,
     /// Outcomes of concurrent dispatches share a commit, as deliveries do at ingress.
     outcomes: OutcomeWriter,
+    /// Claims, outcomes and lease renewals run here, with their plans pinned ([`crate::db::queue_pool`]).
+    pub queue_db: PgPool,
 }
 
 impl Dispatcher {
-    pub fn new(pool: &PgPool, workers: usize) -> Self {
+    pub fn new(queue_db: PgPool, workers: usize) -> Self {
         Self {
             workers: Arc::new(Semaphore::new(workers)),
             total: workers,
             queued: Arc::new(Notify::new()),
             freed: Notify::new(),
-            outcomes: OutcomeWriter::outcomes(pool.clone()),
+            outcomes: OutcomeWriter::outcomes(queue_db.clone()),
+            queue_db,
         }
     }
 }
@@ -140,7 +143,7 @@ pub async fn run(state: AppState, stop: CancellationToken) {
         }
         let mut claimed_all = false;
         if maybe_due && free > 0 {
-            match store::claim(&state.db, free as i64, lease_secs).await {
+            match store::claim(&dispatcher.queue_db, free as i64, lease_secs).await {
                 Ok(events) => {
                     // Fewer than asked for: nothing else is due right now.
                     claimed_all = events.len() == free;
@@ -233,7 +236,7 @@ async fn process(state: &AppState, event: ClaimedEvent) {
         let mut renewed = Instant::now();
         loop {
             tokio::time::sleep(lease / 3).await;
-            match store::renew_lease(&state.db, event.id, owner, lease.as_secs_f64()).await {
+            match store::renew_lease(&state.dispatcher.queue_db, event.id, owner, lease.as_secs_f64()).await {
                 Ok(true) => renewed = Instant::now(),
                 Ok(false) => {
                     tracing::warn!(event_id = %event.id, "lost the lease of an event being dispatched");
@@ -382,7 +385,7 @@ async fn record_dead_letter(
     outcome: OutcomeRow,
 ) -> Result<bool, String> {
     let write = async {
-        let mut tx = state.db.begin().await?;
+        let mut tx = state.dispatcher.queue_db.begin().await?;
         let written = store::record_outcomes(&mut *tx, std::slice::from_ref(&outcome)).await?[0];
         if written {
             let mut entry = AuditEntry::new("orchestrator", "webhook.dead_lettered", "dead_letter");

@@ -131,18 +131,9 @@ const STATUS_EXPR: &str = "CASE WHEN status IN ('pending', 'processing')
         THEN CASE WHEN lease_until > now() THEN 'processing' ELSE 'pending' END
         ELSE status END";
 
-/// Claims up to `limit` due events, each with a fresh lease token. Setting 'pending' changes
-/// nothing on a pending row (the update stays HOT) and turns a row an older release left
-/// 'processing' into one the table's constraint accepts. An event waits while an earlier
-/// event with the same ordering key is unfinished, which keeps a thread's events in order. An
-/// expired lease (its worker died) makes an event claimable again.
-pub async fn claim(
-    executor: impl PgExecutor<'_>,
-    limit: i64,
-    lease_secs: f64,
-) -> Result<Vec<ClaimedEvent>, sqlx::Error> {
-    sqlx::query_as(
-        "UPDATE webhook_events e
+/// The claim, `$1` the limit and `$2` the lease in seconds. Run on [`crate::db::queue_pool`],
+/// where walking the due index in order is the only plan it can get.
+pub const CLAIM_SQL: &str = "UPDATE webhook_events e
          SET status = 'pending', lease_owner = gen_random_uuid(), lease_until = now() + make_interval(secs => $2),
              attempts = e.attempts + 1, updated_at = now()
          WHERE e.id IN (
@@ -160,12 +151,23 @@ pub async fn claim(
              ORDER BY c.next_attempt_at, c.received_at
              LIMIT $1
              FOR UPDATE SKIP LOCKED)
-         RETURNING e.id, e.lease_owner AS lease, e.source, e.kind, e.delivery_id, e.headers, e.body, e.received_at, e.attempts, e.ordering_key",
-    )
-    .bind(limit)
-    .bind(lease_secs)
-    .fetch_all(executor)
-    .await
+         RETURNING e.id, e.lease_owner AS lease, e.source, e.kind, e.delivery_id, e.headers, e.body, e.received_at, e.attempts, e.ordering_key";
+
+/// Claims up to `limit` due events, each with a fresh lease token. Setting 'pending' changes
+/// nothing on a pending row (the update stays HOT) and turns a row an older release left
+/// 'processing' into one the table's constraint accepts. An event waits while an earlier
+/// event with the same ordering key is unfinished, which keeps a thread's events in order. An
+/// expired lease (its worker died) makes an event claimable again.
+pub async fn claim(
+    executor: impl PgExecutor<'_>,
+    limit: i64,
+    lease_secs: f64,
+) -> Result<Vec<ClaimedEvent>, sqlx::Error> {
+    sqlx::query_as(CLAIM_SQL)
+        .bind(limit)
+        .bind(lease_secs)
+        .fetch_all(executor)
+        .await
 }
 
 /// Extends a lease while the agent runs; `false` if the lease was lost.
@@ -222,6 +224,21 @@ impl OutcomeRow {
     }
 }
 
+/// Outcomes from ten parallel arrays, joined to their events by primary key. Run on
+/// [`crate::db::queue_pool`], where a lookup per row is the only plan it can get.
+pub const RECORD_OUTCOMES_SQL: &str = "UPDATE webhook_events e SET status = o.status, next_attempt_at = coalesce(o.next_attempt_at, e.next_attempt_at),
+             last_error = o.last_error, skip_reason = o.skip_reason, org_id = coalesce(o.org_id, e.org_id),
+             team_node_id = coalesce(o.team_node_id, e.team_node_id),
+             correlation_id = coalesce(o.correlation_id, e.correlation_id),
+             agent_result = coalesce(o.agent_result::jsonb, e.agent_result),
+             lease_owner = NULL, lease_until = NULL, updated_at = now(),
+             finished_at = CASE WHEN o.status <> 'pending' THEN now() END
+         FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::text[],
+                     $8::text[], $9::text[], $10::text[])
+             AS o(id, owner, status, next_attempt_at, last_error, skip_reason, org_id, team_node_id, correlation_id, agent_result)
+         WHERE e.id = o.id AND e.lease_owner = o.owner
+         RETURNING e.id";
+
 /// Writes outcomes in one statement. Each result says whether that row's lease was still its
 /// owner's (and so whether it was written), in the order of `rows`.
 pub async fn record_outcomes(executor: impl PgExecutor<'_>, rows: &[OutcomeRow]) -> Result<Vec<bool>, sqlx::Error> {
@@ -236,32 +253,19 @@ pub async fn record_outcomes(executor: impl PgExecutor<'_>, rows: &[OutcomeRow])
         .iter()
         .map(|r| r.agent_result.as_ref().map(|v| storable_json(v).to_string()))
         .collect();
-    let written: Vec<Uuid> = sqlx::query_scalar(
-        "UPDATE webhook_events e SET status = o.status, next_attempt_at = coalesce(o.next_attempt_at, e.next_attempt_at),
-             last_error = o.last_error, skip_reason = o.skip_reason, org_id = coalesce(o.org_id, e.org_id),
-             team_node_id = coalesce(o.team_node_id, e.team_node_id),
-             correlation_id = coalesce(o.correlation_id, e.correlation_id),
-             agent_result = coalesce(o.agent_result::jsonb, e.agent_result),
-             lease_owner = NULL, lease_until = NULL, updated_at = now(),
-             finished_at = CASE WHEN o.status <> 'pending' THEN now() END
-         FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::text[],
-                     $8::text[], $9::text[], $10::text[])
-             AS o(id, owner, status, next_attempt_at, last_error, skip_reason, org_id, team_node_id, correlation_id, agent_result)
-         WHERE e.id = o.id AND e.lease_owner = o.owner
-         RETURNING e.id",
-    )
-    .bind(&ids)
-    .bind(&owners)
-    .bind(&statuses)
-    .bind(&next)
-    .bind(text(|r| &r.last_error))
-    .bind(text(|r| &r.skip_reason))
-    .bind(text(|r| &r.org_id))
-    .bind(text(|r| &r.team_node_id))
-    .bind(text(|r| &r.correlation_id))
-    .bind(&results)
-    .fetch_all(executor)
-    .await?;
+    let written: Vec<Uuid> = sqlx::query_scalar(RECORD_OUTCOMES_SQL)
+        .bind(&ids)
+        .bind(&owners)
+        .bind(&statuses)
+        .bind(&next)
+        .bind(text(|r| &r.last_error))
+        .bind(text(|r| &r.skip_reason))
+        .bind(text(|r| &r.org_id))
+        .bind(text(|r| &r.team_node_id))
+        .bind(text(|r| &r.correlation_id))
+        .bind(&results)
+        .fetch_all(executor)
+        .await?;
     Ok(ids.iter().map(|id| written.contains(id)).collect())
 }
 

@@ -775,3 +775,74 @@ async fn other_replicas_hear_of_a_stored_delivery() {
         "no NOTIFY after a stored delivery: {heard:?}"
     );
 }
+
+/// The plan Postgres picks for `sql` with these parameters on `pool`, as text.
+async fn plan_of(pool: &sqlx::PgPool, sql: &str, bind: impl FnOnce(PlanQuery<'_>) -> PlanQuery<'_>) -> String {
+    let explain = format!("EXPLAIN {sql}");
+    let rows: Vec<String> = bind(sqlx::query_scalar(&explain)).fetch_all(pool).await.unwrap();
+    rows.join("\n")
+}
+
+type PlanQuery<'q> = sqlx::query::QueryScalar<'q, sqlx::Postgres, String, sqlx::postgres::PgArguments>;
+
+#[tokio::test]
+async fn claims_and_outcomes_keep_their_plans_when_the_statistics_say_the_inbox_is_empty() {
+    use orchestrator::webhooks::store::{CLAIM_SQL, RECORD_OUTCOMES_SQL};
+    let db = TestDb::create().await;
+    // Statistics taken while the inbox was empty, then a burst they have not seen.
+    sqlx::query("ANALYZE webhook_events").execute(&db.pool).await.unwrap();
+    sqlx::query(
+        "INSERT INTO webhook_events (id, source, kind, delivery_id, body, ordering_key)
+         SELECT gen_random_uuid(), 'github', 'pull_request', 'd-' || g, convert_to(repeat('x', 400), 'UTF8'),
+                'github:acme/api#' || g
+         FROM generate_series(1, 5000) g",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let config = orchestrator::config::DatabaseConfig {
+        display_url: String::new(),
+        url: Secret::new(db.url.clone()),
+        pool_size: 1,
+        acquire_timeout: Duration::from_secs(10),
+        lock_pool_size: 1,
+        auto_migrate: false,
+    };
+    let queue = orchestrator::db::queue_pool(&config).unwrap();
+
+    let claim = plan_of(&queue, CLAIM_SQL, |q| q.bind(32_i64).bind(60.0_f64)).await;
+    assert!(claim.contains("Index Scan using webhook_events_due_idx"), "{claim}");
+    for unbounded in ["Sort", "Bitmap", "Seq Scan"] {
+        assert!(
+            !claim.contains(unbounded),
+            "a claim must not read the whole backlog:\n{claim}"
+        );
+    }
+
+    let ids: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM webhook_events LIMIT 30")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    let texts = vec![None::<String>; ids.len()];
+    let outcomes = plan_of(&queue, RECORD_OUTCOMES_SQL, |q| {
+        q.bind(ids.clone())
+            .bind(ids.clone())
+            .bind(vec!["delivered"; ids.len()])
+            .bind(vec![None::<chrono::DateTime<chrono::Utc>>; ids.len()])
+            .bind(texts.clone())
+            .bind(texts.clone())
+            .bind(texts.clone())
+            .bind(texts.clone())
+            .bind(texts.clone())
+            .bind(texts.clone())
+    })
+    .await;
+    assert!(outcomes.contains("Index Scan using webhook_events_pkey"), "{outcomes}");
+    for unbounded in ["Seq Scan", "Hash Join", "Merge Join"] {
+        assert!(
+            !outcomes.contains(unbounded),
+            "an outcome batch must not read the whole table:\n{outcomes}"
+        );
+    }
+    queue.close().await;
+}
