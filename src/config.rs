@@ -199,6 +199,8 @@ pub struct WebhookConfig {
     /// verified, so this bounds the memory unauthenticated senders can hold.
     pub max_in_flight: usize,
     pub dispatch_workers: usize,
+    /// How much lower than request handling the dispatch threads run (a nice increment, 0 to 19).
+    pub dispatch_nice: u32,
     pub dispatch_max_attempts: u32,
     pub dispatch_max_age: Duration,
     pub dispatch_lease: Duration,
@@ -455,6 +457,7 @@ impl Config {
             replay_window: env.seconds("ORCHESTRATOR_WEBHOOK_REPLAY_WINDOW_SECONDS", 300, 1, 3600)?,
             max_in_flight: env.bounded_u64("ORCHESTRATOR_WEBHOOK_MAX_IN_FLIGHT", 256, 1, 100_000)? as usize,
             dispatch_workers: env.bounded_u64("ORCHESTRATOR_DISPATCH_WORKERS", 32, 1, 256)? as usize,
+            dispatch_nice: env.count("ORCHESTRATOR_DISPATCH_NICE", 10, 0, 19)?,
             dispatch_max_attempts: env.count("ORCHESTRATOR_DISPATCH_MAX_ATTEMPTS", 8, 1, 100)?,
             dispatch_max_age: env.seconds("ORCHESTRATOR_DISPATCH_MAX_AGE_SECONDS", 86_400, 60, 30 * 86_400)?,
             dispatch_lease: env.seconds("ORCHESTRATOR_DISPATCH_LEASE_SECONDS", 60, 5, 3600)?,

@@ -69,7 +69,7 @@ pub fn router(state: AppState) -> Router {
 /// Starts every background task of every capability.
 pub fn spawn_background(state: &AppState, stop: &CancellationToken, tasks: &mut JoinSet<()>) {
     tasks.spawn(provisioning::workflow::resume_orphans(state.clone(), stop.clone()));
-    tasks.spawn(webhooks::dispatch::run(state.clone(), stop.clone()));
+    tasks.spawn(webhooks::dispatch::run_at_lower_priority(state.clone(), stop.clone()));
     tasks.spawn(webhooks::dispatch::housekeeping(state.clone(), stop.clone()));
     tasks.spawn(agent_runs::api::sweep_orphans(state.clone(), stop.clone()));
 }

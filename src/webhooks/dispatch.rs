@@ -112,6 +112,58 @@ impl Dispatcher {
     }
 }
 
+/// Runs [`run`] on threads of its own whose CPU priority is `ORCHESTRATOR_DISPATCH_NICE` below
+/// request handling. Acknowledging a delivery is the time-critical path (Slack retries after 3 s,
+/// GitHub after 10, and a source that keeps timing out disables the hook); dispatch works from a
+/// durable inbox and can lag. When both want the CPU, the kernel gives it to acknowledgements, and
+/// dispatch takes the rest. Measured with `scripts/bench ingest` on 2 cores, where a dispatch at
+/// full speed halved the rate at which deliveries were accepted.
+///
+/// Everything dispatch starts lives on these threads and ends with this future: on shutdown, and
+/// when the service's own runtime is dropped (a crash in tests), so a dead service never dispatches.
+pub async fn run_at_lower_priority(state: AppState, stop: CancellationToken) {
+    let nice = state.config.webhooks.dispatch_nice as i32;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("dispatch")
+        .on_thread_start(move || lower_this_thread(nice))
+        .enable_all()
+        .build();
+    let runtime = match runtime {
+        Ok(runtime) => DispatchRuntime(Some(runtime)),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the dispatch threads; dispatching on the request threads");
+            return run(state, stop).await;
+        }
+    };
+    let Some(handle) = runtime.0.as_ref().map(|r| r.spawn(run(state, stop))) else {
+        return;
+    };
+    if let Err(e) = handle.await {
+        tracing::error!(error = %e, "the dispatch loop failed");
+    }
+}
+
+/// Stops the dispatch threads when dropped, without waiting for them (allowed in async code).
+struct DispatchRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for DispatchRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Linux gives every thread its own nice value: this lowers only the calling thread's priority.
+fn lower_this_thread(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    if let Err(e) = rustix::process::nice(nice) {
+        tracing::warn!(error = %e, "cannot lower the priority of a dispatch thread");
+    }
+}
+
 /// The claim loop of this replica: claims as many due events as it has free workers, whenever
 /// events may be due (stored here, announced by another replica, or the poll interval passed) and
 /// a worker is free. A worker that finishes leads to a claim only if the last claim suggested more

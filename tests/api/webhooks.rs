@@ -846,3 +846,44 @@ async fn claims_and_outcomes_keep_their_plans_when_the_statistics_say_the_inbox_
     }
     queue.close().await;
 }
+
+/// The nice value of each of this process's threads with the given name.
+fn nice_of_threads(name: &str) -> Vec<i64> {
+    let mut nices = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // Fields after the command's closing parenthesis start at the third (state); nice is the 19th.
+        if let Some(nice) = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(16))
+            .and_then(|n| n.parse().ok())
+        {
+            nices.push(nice);
+        }
+    }
+    nices
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn dispatch_runs_on_threads_of_lower_priority_than_requests() {
+    let app = TestApp::spawn().await;
+    own(&app, "sre", json!({"github_repos": ["acme/api"]}));
+    assert_eq!(
+        deliver(&app, Source::GitHub, &github_pr("acme/api", 9, "nice"), "n-1", &[])
+            .await
+            .status(),
+        200
+    );
+    wait_for_event_status(&app, "delivered", 1).await;
+    let nices = nice_of_threads("dispatch");
+    assert!(!nices.is_empty(), "no dispatch threads");
+    // Tests run in parallel, each app with its own dispatch threads, all at the default.
+    assert!(nices.iter().all(|&n| n == 10), "{nices:?}");
+    // The request threads keep their priority.
+    assert!(nice_of_threads("tokio-runtime-w").iter().all(|&n| n == 0));
+}
