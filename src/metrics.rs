@@ -138,7 +138,7 @@ impl Metrics {
             )?,
             webhook_inbox_events: gauge_vec(
                 "webhook_inbox_events",
-                "Inbox events by status, sampled periodically.",
+                "Inbox events by status: pending and processing sampled every 15 s, the other statuses every hour.",
                 &["status"],
             )?,
             webhook_dispatch_attempts_total: counter(

@@ -625,20 +625,27 @@ fn bounded(value: Value) -> Value {
 }
 
 /// Samples the inbox depth for the gauge and applies retention, on every replica (cheap, and
-/// idempotent).
+/// idempotent). The open statuses are counted every tick from their partial indexes; every status,
+/// which reads the whole retained history, once an hour with retention.
 pub async fn housekeeping(state: AppState, stop: CancellationToken) {
     let mut ticks: u64 = 0;
     loop {
-        match store::counts_by_status(&state.db).await {
+        let hourly = ticks % 240 == 0;
+        let (counts, statuses): (_, &[&str]) = if hourly {
+            (store::counts_by_status(&state.db).await, &store::STATUSES)
+        } else {
+            (store::open_counts(&state.db).await, &store::OPEN_STATUSES)
+        };
+        match counts {
             Ok(counts) => {
-                for status in store::STATUSES {
+                for status in statuses {
                     let n = counts.iter().find(|(s, _)| s == status).map_or(0, |(_, n)| *n);
                     state.metrics.webhook_inbox_events.with_label_values(&[status]).set(n);
                 }
             }
             Err(e) => tracing::debug!(error = %e, "sampling the inbox failed"),
         }
-        if ticks % 240 == 0 {
+        if hourly {
             let c = &state.config.webhooks;
             // Batches of at most PURGE_BATCH rows keep each statement short; loop until one is short.
             loop {

@@ -394,6 +394,18 @@ pub async fn notify(executor: impl PgExecutor<'_>) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
+/// The statuses of events still waiting or being dispatched, counted from the partial indexes that
+/// hold only those rows: cheap however large the inbox's history is.
+pub const OPEN_STATUSES: [&str; 2] = ["pending", "processing"];
+
+pub const OPEN_COUNTS_SQL: &str = "SELECT CASE WHEN lease_until > now() THEN 'processing' ELSE 'pending' END, count(*)
+     FROM webhook_events WHERE status IN ('pending', 'processing') GROUP BY 1";
+
+pub async fn open_counts(executor: impl PgExecutor<'_>) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as(OPEN_COUNTS_SQL).fetch_all(executor).await
+}
+
+/// Every status, counted over the whole table (a sequential scan of the retained history).
 pub async fn counts_by_status(executor: impl PgExecutor<'_>) -> Result<Vec<(String, i64)>, sqlx::Error> {
     sqlx::query_as(&format!(
         "SELECT {STATUS_EXPR}, count(*) FROM webhook_events GROUP BY 1"

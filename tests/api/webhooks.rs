@@ -887,3 +887,26 @@ async fn dispatch_runs_on_threads_of_lower_priority_than_requests() {
     // The request threads keep their priority.
     assert!(nice_of_threads("tokio-runtime-w").iter().all(|&n| n == 0));
 }
+
+#[tokio::test]
+async fn the_inbox_depth_gauge_reads_only_open_events() {
+    use orchestrator::webhooks::store::{open_counts, OPEN_COUNTS_SQL};
+    let db = TestDb::create().await;
+    // A long history of finished events and a few waiting ones, with statistics that know it.
+    sqlx::query(
+        "INSERT INTO webhook_events (id, source, kind, delivery_id, body, status, finished_at)
+         SELECT gen_random_uuid(), 'github', 'push', 'd-' || g, NULL,
+                CASE WHEN g <= 3 THEN 'pending' ELSE 'delivered' END, CASE WHEN g > 3 THEN now() END
+         FROM generate_series(1, 20000) g",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE webhook_events").execute(&db.pool).await.unwrap();
+    let plan = plan_of(&db.pool, OPEN_COUNTS_SQL, |q| q).await;
+    assert!(
+        !plan.contains("Seq Scan"),
+        "counting open events must not read the history:\n{plan}"
+    );
+    assert_eq!(open_counts(&db.pool).await.unwrap(), vec![("pending".to_string(), 3)]);
+}
