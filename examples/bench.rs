@@ -959,7 +959,8 @@ async fn ingest(options: &Options) -> Result<Report> {
          `acme/bench` by `github_repos`), with a unique `X-GitHub-Delivery` and pull request number, signed with \
          HMAC-SHA256. Each of the {connections} workers holds one keep-alive connection and sends the next \
          delivery when the previous one is acknowledged. Dispatch runs in the same process during the load \
-         (default `ORCHESTRATOR_DISPATCH_WORKERS`), to the agent stand-in with no delay."
+         (default `ORCHESTRATOR_DISPATCH_WORKERS` and `ORCHESTRATOR_DISPATCH_NICE`: its threads run niced by \
+         10), to the agent stand-in with no delay."
     ));
     if let Some(ceiling) = median.before.as_ref().or(median.after.as_ref()) {
         report.note(format!(
