@@ -751,6 +751,80 @@ fn github_signature(body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
+/// One keep-alive HTTP/1.1 connection that writes each request as one buffer and reads the answer
+/// by its Content-Length, like wrk: the load generator shares the machine's two cores with the
+/// service it measures, and a general-purpose client (reqwest) spent more of them than the
+/// requests needed.
+struct RawClient {
+    stream: tokio::net::TcpStream,
+    head: String,
+    request: Vec<u8>,
+    response: Vec<u8>,
+}
+
+impl RawClient {
+    async fn connect(address: std::net::SocketAddr, path: &str) -> Result<RawClient> {
+        let stream = tokio::net::TcpStream::connect(address)
+            .await
+            .with_context(|| format!("connecting to {address}"))?;
+        stream.set_nodelay(true)?;
+        Ok(RawClient {
+            stream,
+            head: format!("POST {path} HTTP/1.1\r\nHost: {address}\r\n"),
+            request: Vec::with_capacity(4096),
+            response: Vec::with_capacity(1024),
+        })
+    }
+
+    /// The status and body of the answer to one POST.
+    async fn post(&mut self, headers: &[(&str, &str)], body: &[u8]) -> Result<(u16, Vec<u8>)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.request.clear();
+        self.request.extend_from_slice(self.head.as_bytes());
+        for (name, value) in headers {
+            let _ = write!(self.request, "{name}: {value}\r\n");
+        }
+        let _ = write!(self.request, "Content-Length: {}\r\n\r\n", body.len());
+        self.request.extend_from_slice(body);
+        self.stream.write_all(&self.request).await?;
+
+        self.response.clear();
+        let mut chunk = [0u8; 2048];
+        let (head_end, length) = loop {
+            let read = self.stream.read(&mut chunk).await?;
+            if read == 0 {
+                bail!("the service closed the connection");
+            }
+            self.response.extend_from_slice(&chunk[..read]);
+            if let Some(end) = self.response.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = std::str::from_utf8(&self.response[..end]).context("a response head that is not text")?;
+                let length = head
+                    .lines()
+                    .find_map(|line| {
+                        let (name, value) = line.split_once(':')?;
+                        name.eq_ignore_ascii_case("content-length")
+                            .then(|| value.trim().parse::<usize>().ok())?
+                    })
+                    .ok_or_else(|| anyhow!("a response without Content-Length: {head}"))?;
+                break (end + 4, length);
+            }
+        };
+        while self.response.len() < head_end + length {
+            let read = self.stream.read(&mut chunk).await?;
+            if read == 0 {
+                bail!("the service closed the connection mid-answer");
+            }
+            self.response.extend_from_slice(&chunk[..read]);
+        }
+        let status = std::str::from_utf8(&self.response[..head_end])
+            .ok()
+            .and_then(|head| head.split_whitespace().nth(1))
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| anyhow!("a response without a status line"))?;
+        Ok((status, self.response[head_end..head_end + length].to_vec()))
+    }
+}
+
 #[derive(Default)]
 struct IngestWorker {
     latencies: Vec<Duration>,
@@ -1031,8 +1105,13 @@ async fn ingest_round(options: &Options, round: u64, duration: Duration, connect
     };
     let before = ceiling("before the load").await;
 
-    // Parsed once: reqwest would parse a string URL on every request.
     let url: reqwest::Url = bench.url("/webhooks/github").parse().context("the webhook URL")?;
+    let address = url
+        .socket_addrs(|| None)
+        .context("the webhook address")?
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow!("the webhook URL names no address"))?;
     let next = Arc::new(AtomicU64::new(1));
     let stats_before = pg_activity(&db).await?;
     let cpu_before = bench.cpu();
@@ -1040,11 +1119,8 @@ async fn ingest_round(options: &Options, round: u64, duration: Duration, connect
     let deadline = tokio::time::Instant::now() + duration;
     let mut workers = Vec::new();
     for _ in 0..connections {
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(1)
-            .timeout(Duration::from_secs(30))
-            .build()?;
-        let (next, url) = (next.clone(), url.clone());
+        let mut client = RawClient::connect(address, url.path()).await?;
+        let (next, path) = (next.clone(), url.path().to_owned());
         workers.push(tokio::spawn(async move {
             let mut stats = IngestWorker::default();
             while tokio::time::Instant::now() < deadline {
@@ -1053,33 +1129,39 @@ async fn ingest_round(options: &Options, round: u64, duration: Duration, connect
                 let body = pull_request_body(n);
                 let signature = github_signature(&body);
                 let delivery = uuid::Uuid::new_v4().to_string();
+                let headers = [
+                    ("X-GitHub-Event", "pull_request"),
+                    ("X-GitHub-Delivery", delivery.as_str()),
+                    ("X-Hub-Signature-256", signature.as_str()),
+                    ("Content-Type", "application/json"),
+                ];
                 let t = Instant::now();
-                let outcome = async {
-                    let response = client
-                        .post(url.clone())
-                        .header("X-GitHub-Event", "pull_request")
-                        .header("X-GitHub-Delivery", &delivery)
-                        .header("X-Hub-Signature-256", &signature)
-                        .header("Content-Type", "application/json")
-                        .body(body)
-                        .send()
-                        .await?;
-                    let status = response.status();
-                    let bytes = response.bytes().await?;
-                    Ok::<_, reqwest::Error>((status, bytes))
-                }
-                .await;
+                let outcome = tokio::time::timeout(Duration::from_secs(30), client.post(&headers, &body)).await;
                 let elapsed = t.elapsed();
                 match outcome {
-                    Ok((status, bytes)) if status == reqwest::StatusCode::OK && bytes.as_ref() == br#"{"ok":true}"# => {
+                    Ok(Ok((200, response))) if response == br#"{"ok":true}"# => {
                         stats.accepted += 1;
                         stats.latencies.push(elapsed);
                     }
-                    Ok((status, bytes)) => stats.errors.push(format!(
+                    Ok(Ok((status, response))) => stats.errors.push(format!(
                         "delivery {delivery}: {status} {}",
-                        snippet(&String::from_utf8_lossy(&bytes))
+                        snippet(&String::from_utf8_lossy(&response))
                     )),
-                    Err(e) => stats.errors.push(format!("delivery {delivery}: {e}")),
+                    Ok(Err(e)) => {
+                        stats.errors.push(format!("delivery {delivery}: {e:#}"));
+                        // The connection is in an unknown state: start a new one.
+                        match RawClient::connect(address, &path).await {
+                            Ok(fresh) => client = fresh,
+                            Err(e) => {
+                                stats.errors.push(format!("reconnecting: {e:#}"));
+                                break;
+                            }
+                        }
+                    }
+                    Err(_) => {
+                        stats.errors.push(format!("delivery {delivery}: no answer within 30 s"));
+                        break;
+                    }
                 }
             }
             stats
