@@ -560,6 +560,11 @@ fn mb(kb: u64) -> String {
     format!("{:.1} MB", kb as f64 / 1024.0)
 }
 
+/// A ratio as a whole percentage, or "-" when there is none.
+fn percent(ratio: Option<f64>) -> String {
+    ratio.map_or("-".into(), |r| format!("{:.0}%", r * 100.0))
+}
+
 fn aim(ok: bool, text: &str) -> String {
     format!("{text} {}", if ok { "✅" } else { "❌" })
 }
@@ -913,9 +918,7 @@ async fn ingest(options: &Options) -> Result<Report> {
             "[bench] round {round}: {:.0}/s against a ceiling of {} tps: {}",
             result.rate,
             result.ceilings_text(),
-            result
-                .ratio()
-                .map_or("no ratio".into(), |r| format!("{:.0}%", r * 100.0))
+            percent(result.ratio())
         );
         results.push(result);
     }
@@ -946,7 +949,7 @@ async fn ingest(options: &Options) -> Result<Report> {
                     "{:.0} ÷ {} = {}",
                     r.rate,
                     r.ceiling_tps().map_or("-".into(), |c| format!("{c:.0}")),
-                    r.ratio().map_or("-".into(), |x| format!("{:.0}%", x * 100.0))
+                    percent(r.ratio())
                 )
             })
             .collect::<Vec<_>>()
@@ -955,7 +958,7 @@ async fn ingest(options: &Options) -> Result<Report> {
     );
     report.row(
         "ratio to the ceiling (median round)",
-        ratio.map_or("-".into(), |r| format!("{:.0}%", r * 100.0)),
+        percent(ratio),
         &aim(ratio.is_some_and(|r| r >= 0.7), "≥ 70%"),
     );
     report.row(

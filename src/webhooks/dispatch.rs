@@ -129,15 +129,14 @@ pub async fn run_at_lower_priority(state: AppState, stop: CancellationToken) {
         .enable_all()
         .build();
     let runtime = match runtime {
-        Ok(runtime) => DispatchRuntime(Some(runtime)),
+        Ok(runtime) => runtime,
         Err(e) => {
             tracing::warn!(error = %e, "cannot start the dispatch threads; dispatching on the request threads");
             return run(state, stop).await;
         }
     };
-    let Some(handle) = runtime.0.as_ref().map(|r| r.spawn(run(state, stop))) else {
-        return;
-    };
+    let handle = runtime.spawn(run(state, stop));
+    let _stops_with_this_future = DispatchRuntime(Some(runtime));
     if let Err(e) = handle.await {
         tracing::error!(error = %e, "the dispatch loop failed");
     }

@@ -848,6 +848,7 @@ async fn claims_and_outcomes_keep_their_plans_when_the_statistics_say_the_inbox_
 }
 
 /// The nice value of each of this process's threads with the given name.
+#[cfg(target_os = "linux")]
 fn nice_of_threads(name: &str) -> Vec<i64> {
     let mut nices = Vec::new();
     for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
