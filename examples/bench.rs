@@ -1086,7 +1086,7 @@ async fn ingest_round(options: &Options, round: u64, duration: Duration, connect
     let db = bench_db(options).await?;
     if round > 1 {
         // Every round starts from an empty inbox (the tables exist since the first round's migrations).
-        sqlx::query("TRUNCATE webhook_events, webhook_deliveries")
+        sqlx::query("TRUNCATE orchestrator_webhook_events, orchestrator_webhook_deliveries")
             .execute(&db)
             .await
             .context("emptying the inbox between rounds")?;
@@ -1193,12 +1193,14 @@ async fn ingest_round(options: &Options, round: u64, duration: Duration, connect
     let drain_started = Instant::now();
     let mut statuses: BTreeMap<String, i64>;
     loop {
-        statuses = sqlx::query_as::<_, (String, i64)>("SELECT status, count(*) FROM webhook_events GROUP BY status")
-            .fetch_all(&db)
-            .await
-            .context("reading webhook_events")?
-            .into_iter()
-            .collect();
+        statuses = sqlx::query_as::<_, (String, i64)>(
+            "SELECT status, count(*) FROM orchestrator_webhook_events GROUP BY status",
+        )
+        .fetch_all(&db)
+        .await
+        .context("reading orchestrator_webhook_events")?
+        .into_iter()
+        .collect();
         let open = statuses.get("pending").copied().unwrap_or(0) + statuses.get("processing").copied().unwrap_or(0);
         if open == 0 || drain_started.elapsed() > DRAIN_TIMEOUT {
             break;
@@ -1210,10 +1212,11 @@ async fn ingest_round(options: &Options, round: u64, duration: Duration, connect
     let open = statuses.get("pending").copied().unwrap_or(0) + statuses.get("processing").copied().unwrap_or(0);
     let stored: i64 = statuses.values().sum();
     let delivered = statuses.get("delivered").copied().unwrap_or(0);
-    let duplicates: i64 = sqlx::query_scalar("SELECT count(*) - count(DISTINCT delivery_id) FROM webhook_events")
-        .fetch_one(&db)
-        .await
-        .context("counting duplicate delivery ids")?;
+    let duplicates: i64 =
+        sqlx::query_scalar("SELECT count(*) - count(DISTINCT delivery_id) FROM orchestrator_webhook_events")
+            .fetch_one(&db)
+            .await
+            .context("counting duplicate delivery ids")?;
     let agent = bench.stack.agent.state();
     let (runs_started, runs_completed, runs_cancelled) =
         (agent.runs_started(), agent.runs_completed(), agent.runs_cancelled());
@@ -1297,8 +1300,8 @@ async fn pgbench_ceiling(
 ) -> Result<Ceiling> {
     for statement in [
         "DROP TABLE IF EXISTS bench_events, bench_deliveries",
-        "CREATE TABLE bench_deliveries (LIKE webhook_deliveries INCLUDING ALL)",
-        "CREATE TABLE bench_events (LIKE webhook_events INCLUDING ALL)",
+        "CREATE TABLE bench_deliveries (LIKE orchestrator_webhook_deliveries INCLUDING ALL)",
+        "CREATE TABLE bench_events (LIKE orchestrator_webhook_events INCLUDING ALL)",
     ] {
         sqlx::query(statement)
             .execute(db)
@@ -1308,8 +1311,8 @@ async fn pgbench_ceiling(
     // LIKE copies columns, indexes and column storage but not the table's storage parameters
     // (fillfactor, toast_tuple_target), which decide how much an insert writes.
     for (copy, original) in [
-        ("bench_deliveries", "webhook_deliveries"),
-        ("bench_events", "webhook_events"),
+        ("bench_deliveries", "orchestrator_webhook_deliveries"),
+        ("bench_events", "orchestrator_webhook_events"),
     ] {
         let options: Option<String> =
             sqlx::query_scalar("SELECT array_to_string(reloptions, ', ') FROM pg_class WHERE oid = $1::regclass")

@@ -1,10 +1,12 @@
 -- Admin-triggered agent runs: opened before the agent is called, closed with their outcome on
--- every path (success, agent error, timeout, client gone), so no run is ever left open.
+-- every path (success, agent error, timeout, client gone), so no run is ever left open. Not to be
+-- confused with the config service's `agent_runs` (the platform audit), which the orchestrator
+-- only ever writes to through that service's API.
 -- Bounded waits: a migration must never queue behind (or hold up) live traffic indefinitely.
 SET LOCAL lock_timeout = '5s';
 SET LOCAL statement_timeout = '60s';
 
-CREATE TABLE agent_runs (
+CREATE TABLE orchestrator_agent_runs (
     id UUID PRIMARY KEY,
     correlation_id UUID NOT NULL,
     org_id TEXT NOT NULL,
@@ -24,5 +26,5 @@ CREATE TABLE agent_runs (
     error JSONB
 );
 
-CREATE INDEX agent_runs_org_started_idx ON agent_runs (org_id, started_at DESC);
-CREATE INDEX agent_runs_running_idx ON agent_runs (started_at) WHERE status = 'running';
+CREATE INDEX orchestrator_agent_runs_org_started_idx ON orchestrator_agent_runs (org_id, started_at DESC);
+CREATE INDEX orchestrator_agent_runs_running_idx ON orchestrator_agent_runs (started_at) WHERE status = 'running';

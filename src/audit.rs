@@ -45,7 +45,7 @@ impl<'a> AuditEntry<'a> {
 
 pub async fn record(executor: impl PgExecutor<'_>, entry: AuditEntry<'_>) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO audit_events (actor_subject, actor_email, action, org_id, team_node_id, provisioning_run_id, webhook_event_id, outcome, detail)
+        "INSERT INTO orchestrator_audit_events (actor_subject, actor_email, action, org_id, team_node_id, provisioning_run_id, webhook_event_id, outcome, detail)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(entry.actor_subject)
@@ -136,7 +136,7 @@ pub async fn list_audit(
         None => None,
     };
 
-    let mut sql = QueryBuilder::<Postgres>::new("SELECT * FROM audit_events WHERE TRUE");
+    let mut sql = QueryBuilder::<Postgres>::new("SELECT * FROM orchestrator_audit_events WHERE TRUE");
     if let Some(org) = &org {
         sql.push(" AND org_id = ").push_bind(org);
     }

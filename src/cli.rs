@@ -49,7 +49,7 @@ pub enum WebhookCommand {
         #[arg(long)]
         body: std::path::PathBuf,
         /// Base URL of the orchestrator.
-        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        #[arg(long, default_value = "http://127.0.0.1:8070")]
         url: String,
         /// Delivery id (GitHub, PagerDuty, Incident.io); a random one by default.
         #[arg(long)]
@@ -83,6 +83,9 @@ fn load_config() -> anyhow::Result<Config> {
 async fn serve() -> anyhow::Result<()> {
     let config = load_config()?;
     telemetry::init(&config.log_level, config.log_format);
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
     let app = Application::build(config).await?;
     tracing::info!(addr = %app.local_addr(), version = env!("CARGO_PKG_VERSION"), "serving");
     app.run_until(app::shutdown_signal()).await
@@ -106,8 +109,8 @@ fn check_config() -> anyhow::Result<()> {
 
 /// Needs only the listen address, so it works even when the rest of the environment is absent.
 async fn healthcheck() -> anyhow::Result<()> {
-    let addr = std::env::var("ORCHESTRATOR_LISTEN_ADDR").unwrap_or_else(|_| "0.0.0.0:8080".into());
-    let port = addr.rsplit(':').next().unwrap_or("8080");
+    let addr = std::env::var("ORCHESTRATOR_LISTEN_ADDR").unwrap_or_else(|_| "0.0.0.0:8070".into());
+    let port = addr.rsplit(':').next().unwrap_or("8070");
     let url = format!("http://127.0.0.1:{port}/health");
     let response = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(3))

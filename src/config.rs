@@ -104,7 +104,25 @@ pub struct Config {
     pub internal_token: Option<Secret>,
     /// AES-256-GCM key that seals one-time team tokens at rest until they are handed out.
     pub secrets_key: Option<SecretKey>,
+    /// The Slack bot token for answers of teams whose config has none (`SLACK_BOT_TOKEN`, as the
+    /// existing service reads it).
+    pub slack_bot_token: Option<Secret>,
+    /// Things about the environment worth a warning at start-up (never a secret).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
+
+/// Variables the existing service read for features this one does not have: set, they are
+/// reported at start-up rather than silently ignored.
+const UNSUPPORTED_VARIABLES: &[(&str, &str)] = &[
+    ("TELEMETRY_COLLECTOR_URL", "license quota checks are not implemented"),
+    ("CORRELATION_SERVICE_URL", "alert correlation is not implemented"),
+    ("CIRCLEBACK_SIGNING_SECRET", "Circleback webhooks are not accepted"),
+    (
+        "ORCHESTRATOR_DISABLE_ADVISORY_LOCKS",
+        "the per-team lock is what keeps two replicas off one team; it cannot be disabled",
+    ),
+];
 
 #[derive(Clone, Serialize)]
 pub struct SecretKey(#[serde(skip)] pub [u8; 32]);
@@ -144,7 +162,9 @@ pub struct KubernetesConfig {
     pub ai_pipeline_image: String,
     pub ai_pipeline_service_account: String,
     pub dependency_service_image: String,
+    pub dependency_service_account: String,
     pub agent_image: String,
+    pub agent_service_account: String,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -223,7 +243,7 @@ pub struct AgentRunConfig {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error("{var} is required: {hint}")]
-    Missing { var: &'static str, hint: &'static str },
+    Missing { var: String, hint: &'static str },
     #[error("{var} is invalid: {reason}")]
     Invalid { var: String, reason: String },
 }
@@ -238,9 +258,32 @@ fn invalid(var: impl Into<String>, reason: impl Into<String>) -> ConfigError {
 /// Reads variables through a lookup so tests never touch the process environment.
 struct Env<'a> {
     lookup: &'a dyn Fn(&str) -> Option<String>,
+    /// What an operator should know about the environment that is not an error.
+    warnings: std::cell::RefCell<Vec<String>>,
 }
 
 impl Env<'_> {
+    /// The variable to read among names for one setting, the first one set winning: the
+    /// existing deployment's name comes first, so its configuration keeps working unchanged. A
+    /// second name set to another value is a warning, never a silent choice.
+    fn pick(&self, names: &[&str]) -> String {
+        let set: Vec<(&str, String)> = names
+            .iter()
+            .filter_map(|name| self.raw(name).map(|value| (*name, value)))
+            .collect();
+        let Some((winner, value)) = set.first() else {
+            return names[0].to_string();
+        };
+        for (other, other_value) in &set[1..] {
+            if other_value != value {
+                self.warnings.borrow_mut().push(format!(
+                    "{winner} and {other} are both set and differ; {winner} is used"
+                ));
+            }
+        }
+        winner.to_string()
+    }
+
     fn raw(&self, var: &str) -> Option<String> {
         (self.lookup)(var)
             .map(|v| v.trim().to_string())
@@ -311,9 +354,9 @@ impl Env<'_> {
         )
     }
 
-    fn url(&self, var: &'static str) -> Result<Url, ConfigError> {
-        let raw = self.raw(var).ok_or(ConfigError::Missing {
-            var,
+    fn url(&self, var: &str) -> Result<Url, ConfigError> {
+        let raw = self.raw(var).ok_or_else(|| ConfigError::Missing {
+            var: var.to_string(),
             hint: "set it to the neighbour's base URL, e.g. http://config-service:8080",
         })?;
         let url = Url::parse(&raw).map_err(|e| invalid(var, format!("not a URL: {e}")))?;
@@ -339,9 +382,13 @@ impl Config {
     }
 
     pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let env = Env { lookup };
+        let env = Env {
+            lookup,
+            warnings: Default::default(),
+        };
 
-        let listen_addr = env.parse("ORCHESTRATOR_LISTEN_ADDR", SocketAddr::from(([0, 0, 0, 0], 8080)))?;
+        // 8070: the port the existing service listens on, so Services and probes keep working.
+        let listen_addr = env.parse("ORCHESTRATOR_LISTEN_ADDR", SocketAddr::from(([0, 0, 0, 0], 8070)))?;
         let log_format = match env.string("LOG_FORMAT", "text").to_ascii_lowercase().as_str() {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -350,7 +397,7 @@ impl Config {
 
         let database = database_config(&env)?;
         let neighbours = NeighbourConfig {
-            config_service_url: env.url("CONFIG_SERVICE_URL")?,
+            config_service_url: env.url(&env.pick(&["CONFIG_SERVICE_URL", "CONFIG_BASE_URL"]))?,
             agent_api_url: env.url("AGENT_API_URL")?,
             ai_pipeline_api_url: env.url("AI_PIPELINE_API_URL")?,
             timeout: env.seconds("ORCHESTRATOR_NEIGHBOUR_TIMEOUT_SECONDS", 10, 1, 300)?,
@@ -383,7 +430,9 @@ impl Config {
             ai_pipeline_image: env.string("AI_PIPELINE_IMAGE", "incidentfox/ai-pipeline:latest"),
             ai_pipeline_service_account: env.string("AI_PIPELINE_SERVICE_ACCOUNT", "ai-pipeline"),
             dependency_service_image: env.string("DEPENDENCY_SERVICE_IMAGE", "incidentfox/dependency-service:latest"),
+            dependency_service_account: env.string("DEPENDENCY_SERVICE_ACCOUNT", "dependency-discovery"),
             agent_image: env.string("AGENT_IMAGE", "incidentfox/agent:latest"),
+            agent_service_account: env.string("AGENT_SERVICE_ACCOUNT", "incidentfox-agent"),
         };
 
         let permission = |var: &str, default: &str| env.string(var, default);
@@ -392,7 +441,13 @@ impl Config {
             cache_capacity: env.bounded_u64("ORCHESTRATOR_ADMIN_AUTH_CACHE_SIZE", 10_000, 1, 1_000_000)? as usize,
             require_admin_star: env.bool("ORCHESTRATOR_REQUIRE_ADMIN_STAR", true)?,
             permissions: RequiredPermissions {
-                provision: permission("ORCHESTRATOR_REQUIRED_PERMISSION_PROVISION", "admin:provision"),
+                provision: permission(
+                    &env.pick(&[
+                        "ORCHESTRATOR_REQUIRED_PERMISSION_PROVISION_TEAM",
+                        "ORCHESTRATOR_REQUIRED_PERMISSION_PROVISION",
+                    ]),
+                    "admin:provision",
+                ),
                 provision_read: permission(
                     "ORCHESTRATOR_REQUIRED_PERMISSION_PROVISION_READ",
                     "admin:provision:read",
@@ -418,10 +473,13 @@ impl Config {
             resume_interval: env.millis("ORCHESTRATOR_PROVISION_RESUME_INTERVAL_MS", 5_000, 50, 600_000)?,
         };
 
+        // Timeouts and turn limits default to the existing service's: 180 s and 30 turns for
+        // GitHub, 300 s and 50 turns for the others.
         let source = |name: &str,
                       secret_var: &str,
                       body_default: u64,
-                      timeout_default: u64|
+                      timeout_default: u64,
+                      turns_default: u64|
          -> Result<SourceConfig, ConfigError> {
             let upper = name.to_ascii_uppercase();
             Ok(SourceConfig {
@@ -445,15 +503,23 @@ impl Config {
                     1,
                     3600,
                 )?,
-                agent_max_turns: env.count(&format!("ORCHESTRATOR_{upper}_MAX_TURNS"), 50, 1, 1000)?,
+                agent_max_turns: env.count(
+                    &env.pick(&[
+                        &format!("ORCHESTRATOR_{upper}_AGENT_MAX_TURNS"),
+                        &format!("ORCHESTRATOR_{upper}_MAX_TURNS"),
+                    ]),
+                    turns_default,
+                    1,
+                    1000,
+                )?,
             })
         };
         let webhooks = WebhookConfig {
-            slack: source("slack", "SLACK_SIGNING_SECRET", MIB, 300)?,
+            slack: source("slack", "SLACK_SIGNING_SECRET", MIB, 300, 50)?,
             // GitHub documents payloads up to 25 MB.
-            github: source("github", "GITHUB_WEBHOOK_SECRET", 25 * MIB, 600)?,
-            pagerduty: source("pagerduty", "PAGERDUTY_WEBHOOK_SECRET", MIB, 600)?,
-            incidentio: source("incidentio", "INCIDENTIO_WEBHOOK_SECRET", MIB, 600)?,
+            github: source("github", "GITHUB_WEBHOOK_SECRET", 25 * MIB, 180, 30)?,
+            pagerduty: source("pagerduty", "PAGERDUTY_WEBHOOK_SECRET", MIB, 300, 50)?,
+            incidentio: source("incidentio", "INCIDENTIO_WEBHOOK_SECRET", MIB, 300, 50)?,
             replay_window: env.seconds("ORCHESTRATOR_WEBHOOK_REPLAY_WINDOW_SECONDS", 300, 1, 3600)?,
             max_in_flight: env.bounded_u64("ORCHESTRATOR_WEBHOOK_MAX_IN_FLIGHT", 256, 1, 100_000)? as usize,
             dispatch_workers: env.bounded_u64("ORCHESTRATOR_DISPATCH_WORKERS", 32, 1, 256)? as usize,
@@ -529,6 +595,16 @@ impl Config {
             internal_admin_token: env.secret("ORCHESTRATOR_INTERNAL_ADMIN_TOKEN"),
             internal_token: env.secret("ORCHESTRATOR_INTERNAL_TOKEN"),
             secrets_key,
+            slack_bot_token: env.secret("SLACK_BOT_TOKEN"),
+            warnings: {
+                let mut warnings = env.warnings.take();
+                for (var, why) in UNSUPPORTED_VARIABLES {
+                    if env.raw(var).is_some() {
+                        warnings.push(format!("{var} is set but not used: {why}"));
+                    }
+                }
+                warnings
+            },
         })
     }
 
@@ -555,13 +631,14 @@ fn database_config(env: &Env<'_>) -> Result<DatabaseConfig, ConfigError> {
     let url = match env.raw("DATABASE_URL") {
         Some(url) => url,
         None => {
-            let host = env.raw("DB_HOST").ok_or(ConfigError::Missing {
-                var: "DATABASE_URL",
-                hint: "set DATABASE_URL, or DB_HOST with DB_PORT/DB_NAME/DB_USER/DB_PASSWORD",
+            let host = env.raw("DB_HOST").ok_or_else(|| ConfigError::Missing {
+                var: "DATABASE_URL".into(),
+                hint: "set DATABASE_URL, or DB_HOST with DB_PORT/DB_NAME/DB_USERNAME/DB_PASSWORD",
             })?;
             let port: u16 = env.parse("DB_PORT", 5432)?;
             let name = env.string("DB_NAME", "orchestrator");
-            let user = env.string("DB_USER", "postgres");
+            // DB_USERNAME first, as the existing service (and the config service) read it.
+            let user = env.string(&env.pick(&["DB_USERNAME", "DB_USER"]), "postgres");
             let mut url = Url::parse("postgres://localhost/").map_err(|e| invalid("DB_HOST", e.to_string()))?;
             url.set_host(Some(&host))
                 .map_err(|e| invalid("DB_HOST", e.to_string()))?;

@@ -4,7 +4,7 @@ use std::str::FromStr;
 
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Connection, PgPool};
+use sqlx::{Connection, Executor, PgPool};
 
 use crate::config::DatabaseConfig;
 
@@ -79,8 +79,109 @@ pub fn lock_pool(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
         .connect_lazy_with(connect_options(config)?))
 }
 
-pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    MIGRATOR.run(pool).await
+/// Where applied migrations are recorded. Not sqlx's `_sqlx_migrations`: the database is shared, and
+/// another service may keep its own history under that name.
+const MIGRATIONS_TABLE: &str = "orchestrator_schema_migrations";
+
+/// Keeps two migrators (the Helm hook and a replica with `ORCHESTRATOR_AUTO_CREATE_TABLES`, or two
+/// replicas) from applying the same migration at once.
+const MIGRATION_LOCK: i64 = 0x6f72_6368_6d69_6772; // "orchmigr"
+/// How long a migrator waits for another one to finish.
+const MIGRATION_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("{0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration {version} ({description}) failed: {source}")]
+    Failed {
+        version: i64,
+        description: String,
+        source: sqlx::Error,
+    },
+    #[error("migration {0} was changed after it was applied; migrations only go forward")]
+    Changed(i64),
+    #[error("another migrator held the lock for {0:?}")]
+    Busy(std::time::Duration),
+}
+
+/// Applies the embedded migrations that are not applied yet, in order, each in its own
+/// transaction, recording each in `orchestrator_schema_migrations`.
+pub async fn migrate(pool: &PgPool) -> Result<(), MigrateError> {
+    let mut conn = pool.acquire().await?;
+    let deadline = std::time::Instant::now() + MIGRATION_LOCK_WAIT;
+    while !sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
+        .bind(MIGRATION_LOCK)
+        .fetch_one(&mut *conn)
+        .await?
+    {
+        if std::time::Instant::now() >= deadline {
+            return Err(MigrateError::Busy(MIGRATION_LOCK_WAIT));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let result = apply_pending(&mut conn).await;
+    // Closing the connection would release the lock too; unlocking lets it go back to the pool.
+    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(MIGRATION_LOCK)
+        .execute(&mut *conn)
+        .await;
+    result
+}
+
+async fn apply_pending(conn: &mut sqlx::PgConnection) -> Result<(), MigrateError> {
+    // Executed as a plain string (no arguments), which Postgres runs with the simple query
+    // protocol: a migration file may hold many statements.
+    conn.execute(
+        format!(
+            "CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} (
+                 version BIGINT PRIMARY KEY,
+                 description TEXT NOT NULL,
+                 checksum BYTEA NOT NULL,
+                 installed_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+                 execution_ms BIGINT NOT NULL
+             )"
+        )
+        .as_str(),
+    )
+    .await?;
+    let applied: Vec<(i64, Vec<u8>)> = sqlx::query_as(&format!("SELECT version, checksum FROM {MIGRATIONS_TABLE}"))
+        .fetch_all(&mut *conn)
+        .await?;
+    // A plain loop: an iterator adaptor's closure held across the awaits below makes the future
+    // fail rustc's Send check ("not general enough").
+    for migration in MIGRATOR.iter() {
+        if !migration.migration_type.is_up_migration() {
+            continue;
+        }
+        let recorded = applied.iter().position(|(version, _)| *version == migration.version);
+        if let Some(index) = recorded {
+            if applied[index].1.as_slice() != &*migration.checksum {
+                return Err(MigrateError::Changed(migration.version));
+            }
+            continue;
+        }
+        let started = std::time::Instant::now();
+        let mut tx = conn.begin().await?;
+        if let Err(source) = tx.execute(&*migration.sql).await {
+            return Err(MigrateError::Failed {
+                version: migration.version,
+                description: migration.description.to_string(),
+                source,
+            });
+        }
+        sqlx::query(&format!(
+            "INSERT INTO {MIGRATIONS_TABLE} (version, description, checksum, execution_ms) VALUES ($1, $2, $3, $4)"
+        ))
+        .bind(migration.version)
+        .bind(&*migration.description)
+        .bind(&*migration.checksum)
+        .bind(started.elapsed().as_millis() as i64)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+    }
+    Ok(())
 }
 
 /// The newest migration this binary knows about.
@@ -90,7 +191,7 @@ pub fn latest_migration() -> i64 {
 
 /// Whether every migration this binary embeds has been applied to the database.
 pub async fn migrations_applied(pool: &PgPool) -> Result<bool, sqlx::Error> {
-    let applied: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+    let applied: Option<i64> = sqlx::query_scalar(&format!("SELECT max(version) FROM {MIGRATIONS_TABLE}"))
         .fetch_one(pool)
         .await
         .or_else(|e| match &e {

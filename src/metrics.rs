@@ -11,6 +11,10 @@ use prometheus::{
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
+/// prometheus_client's default buckets, which the existing service's HTTP histogram used.
+const PYTHON_CLIENT_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+];
 /// Buckets for work measured in seconds to minutes (agent runs, dispatch, provisioning steps).
 const LONG_BUCKETS: &[f64] = &[
     0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
@@ -90,16 +94,18 @@ impl Metrics {
         registry.register(Box::new(provisioning_runs_resumed_total.clone()))?;
 
         Ok(Self {
+            // The existing service's names, label names and buckets, so its dashboards and alerts
+            // keep working; `path` holds the route template, never the raw path.
             http_requests_total: counter(
-                "http_requests_total",
-                "HTTP requests answered, by method, route template and status code.",
-                &["method", "route", "status"],
+                "incidentfox_orchestrator_http_requests_total",
+                "Total HTTP requests, by method, route template (path) and status code.",
+                &["method", "path", "status_code"],
             )?,
             http_request_duration_seconds: histogram(
-                "http_request_duration_seconds",
-                "HTTP request latency by method and route template.",
-                &["method", "route"],
-                LATENCY_BUCKETS,
+                "incidentfox_orchestrator_http_request_duration_seconds",
+                "HTTP request duration in seconds, by method and route template (path).",
+                &["method", "path"],
+                PYTHON_CLIENT_BUCKETS,
             )?,
             provisioning_runs_total: counter(
                 "provisioning_runs_total",

@@ -1,4 +1,5 @@
 //! AI pipeline stand-in: team bootstrap (idempotent by `Idempotency-Key`) and on-demand runs.
+//! A Python service too: naive timestamps, `{"detail": ...}` errors.
 
 use std::sync::{Arc, Mutex};
 
@@ -11,7 +12,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::json::{now_rfc3339, parse_body, random_hex};
+use crate::json::{now_naive, parse_body, random_hex};
 
 /// One distinct bootstrap (replays of an `Idempotency-Key` are not listed again).
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -19,6 +20,8 @@ pub struct Bootstrap {
     pub team: String,
     pub idempotency_key: Option<String>,
     pub run_id: String,
+    /// Naive UTC, as answered.
+    pub created_at: String,
 }
 
 /// One on-demand pipeline run.
@@ -102,24 +105,28 @@ async fn bootstrap(State(pipeline): State<AiPipeline>, Path(team): Path<String>,
                 );
             }
             // A replay: same answer, nothing new started.
-            return (
-                StatusCode::OK,
-                Json(json!({ "run_id": previous.run_id, "status": "started", "team_id": team })),
-            )
-                .into_response();
+            return Json(bootstrap_answer(previous)).into_response();
         }
     }
-    let run_id = format!("bootstrap-{}", random_hex(12));
-    state.bootstraps.push(Bootstrap {
-        team: team.clone(),
+    let bootstrap = Bootstrap {
+        team,
         idempotency_key,
-        run_id: run_id.clone(),
-    });
-    (
-        StatusCode::ACCEPTED,
-        Json(json!({ "run_id": run_id, "status": "started", "team_id": team })),
-    )
-        .into_response()
+        run_id: format!("bootstrap-{}", random_hex(12)),
+        created_at: now_naive(),
+    };
+    let answer = bootstrap_answer(&bootstrap);
+    state.bootstraps.push(bootstrap);
+    Json(answer).into_response()
+}
+
+fn bootstrap_answer(bootstrap: &Bootstrap) -> Value {
+    json!({
+        "run_id": bootstrap.run_id,
+        "status": "queued",
+        "team_id": bootstrap.team,
+        "kind": "bootstrap",
+        "created_at": bootstrap.created_at,
+    })
 }
 
 async fn run(
@@ -147,8 +154,9 @@ async fn run(
         "job_name": job_name,
         "run_id": run_id,
         "team_id": team,
-        "status": "started",
-        "started_at": now_rfc3339(),
+        "status": "queued",
+        "kind": "manual",
+        "created_at": now_naive(),
     }))
     .into_response()
 }

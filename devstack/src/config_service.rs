@@ -1,7 +1,10 @@
 //! Config service stand-in: org/team nodes with deep-merged JSON config, admin and team
 //! credentials, routing lookup, feedback and the unified audit of agent runs.
 //!
-//! Errors are FastAPI-shaped (`{"detail": "..."}`) like the real service.
+//! It writes values the way the real (Python, FastAPI) service does: timestamps in ISO 8601
+//! without an offset (naive UTC, microseconds), more fields than the contract lists, errors as
+//! `{"detail": "..."}`, and validation failures as 422 `{"detail": [{"type", "loc", "msg"}]}`.
+//! Every exchange of `exchanges.md` is pinned by `tests/contract.rs`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -14,11 +17,11 @@ use axum::routing::{delete, get, patch, post, put};
 use axum::{Json, Router};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
-use chrono::{Duration as ChronoDuration, SecondsFormat, Utc};
+use chrono::Utc;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use crate::json::{merge_patch, now_rfc3339, parse_body, random_hex};
+use crate::json::{merge_patch, naive_utc, now_naive, parse_body, random_base62, random_hex};
 use crate::seed::{object_or_empty, Seed};
 
 /// Header the internal endpoints require, and the only caller they accept.
@@ -41,13 +44,21 @@ const ROUTING_KEYS: &[&str] = &[
     "slack_workspace_id",
 ];
 
+/// How long an impersonation token lives (the real service: 5 minutes).
+const IMPERSONATION_TTL_SECONDS: i64 = 300;
+
+/// The platform audit's run statuses a close may set (its pydantic pattern).
+const AUDIT_CLOSE_STATUSES: &[&str] = &["completed", "failed", "timeout"];
+/// Who may open a platform-audit run.
+const AUDIT_TRIGGER_SOURCES: &[&str] = &["slack", "api", "web_ui"];
+
 /// A team token as listed by the admin API (the secret is never stored here).
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct TeamTokenRecord {
     pub token_id: String,
-    /// RFC 3339.
+    /// Naive UTC, as the Python service writes it.
     pub issued_at: String,
-    /// RFC 3339; set once revoked.
+    /// Naive UTC; set once revoked.
     pub revoked_at: Option<String>,
     /// Subject of the admin who issued it.
     pub issued_by: String,
@@ -96,6 +107,7 @@ struct Impersonation {
 struct AuditRun {
     org: String,
     run_id: String,
+    started: chrono::DateTime<Utc>,
     record: Value,
 }
 
@@ -179,7 +191,7 @@ impl ConfigService {
             .count()
     }
 
-    /// Unified-audit agent runs as stored (creation body with later PATCHes merged in).
+    /// Unified-audit agent runs as stored and answered (`status` `running` until closed).
     pub fn audit_runs(&self) -> Vec<Value> {
         let state = self.inner.lock().unwrap();
         state.audit_runs.iter().map(|r| r.record.clone()).collect()
@@ -358,17 +370,24 @@ fn is_internal_caller(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.trim() == INTERNAL_SERVICE)
 }
 
-/// A FastAPI-style error answer.
+/// A FastAPI-style error answer: `{"detail": "text"}`, or for a 422 the list of problems.
 struct ApiError {
     status: StatusCode,
-    detail: String,
+    detail: Value,
 }
 
 impl ApiError {
     fn new(status: StatusCode, detail: impl Into<String>) -> Self {
         ApiError {
             status,
-            detail: detail.into(),
+            detail: Value::String(detail.into()),
+        }
+    }
+    /// FastAPI's request validation failure.
+    fn invalid(problems: Vec<Value>) -> Self {
+        ApiError {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            detail: Value::Array(problems),
         }
     }
     fn unauthorized(detail: impl Into<String>) -> Self {
@@ -380,9 +399,15 @@ impl ApiError {
     fn not_found(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, detail)
     }
-    fn unprocessable(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNPROCESSABLE_ENTITY, detail)
-    }
+}
+
+/// One problem of a 422, pydantic style: `loc` is `["body", field]`.
+fn problem(kind: &str, field: &str, msg: &str) -> Value {
+    json!({"type": kind, "loc": ["body", field], "msg": msg})
+}
+
+fn missing(field: &str) -> Value {
+    problem("missing", field, "Field required")
 }
 
 impl IntoResponse for ApiError {
@@ -393,22 +418,52 @@ impl IntoResponse for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
-/// The body as a JSON object (an empty body is an empty object).
+/// The body as a JSON object, as FastAPI validates one (a missing body is an empty object here;
+/// the required fields then report what is missing).
 fn json_object(bytes: &Bytes) -> Result<Map<String, Value>, ApiError> {
     match parse_body(bytes) {
         Ok(None) => Ok(Map::new()),
         Ok(Some(Value::Object(map))) => Ok(map),
-        Ok(Some(_)) => Err(ApiError::unprocessable("body must be a JSON object")),
-        Err(err) => Err(ApiError::unprocessable(format!("invalid JSON body: {err}"))),
+        Ok(Some(_)) => Err(ApiError::invalid(vec![json!({
+            "type": "model_attributes_type", "loc": ["body"], "msg": "Input should be a valid dictionary or object to extract fields from",
+        })])),
+        Err(_) => Err(ApiError::invalid(vec![json!({
+            "type": "json_invalid", "loc": ["body", 0], "msg": "JSON decode error",
+        })])),
     }
 }
 
 fn required_str(body: &Map<String, Value>, field: &str) -> Result<String, ApiError> {
-    body.get(field)
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .ok_or_else(|| ApiError::unprocessable(format!("field required: {field}")))
+    match body.get(field) {
+        None | Some(Value::Null) => Err(ApiError::invalid(vec![missing(field)])),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(ApiError::invalid(vec![problem(
+            "string_type",
+            field,
+            "Input should be a valid string",
+        )])),
+    }
+}
+
+/// Checks an optional field's JSON type the way pydantic would; `kind` names the expected type.
+fn optional_of(body: &Map<String, Value>, field: &str, kind: &str, problems: &mut Vec<Value>) {
+    let Some(value) = body.get(field).filter(|v| !v.is_null()) else {
+        return;
+    };
+    let (ok, pydantic, msg) = match kind {
+        "string" => (value.is_string(), "string_type", "Input should be a valid string"),
+        "int" => (
+            value.is_i64() || value.is_u64(),
+            "int_type",
+            "Input should be a valid integer",
+        ),
+        "number" => (value.is_number(), "float_type", "Input should be a valid number"),
+        "object" => (value.is_object(), "dict_type", "Input should be a valid dictionary"),
+        _ => (true, "", ""),
+    };
+    if !ok {
+        problems.push(problem(pydantic, field, msg));
+    }
 }
 
 pub(crate) fn router(service: ConfigService) -> Router {
@@ -454,10 +509,16 @@ async fn health() -> Json<Value> {
 }
 
 async fn auth_me(State(svc): State<ConfigService>, headers: HeaderMap) -> ApiResult {
-    let token = bearer(&headers).ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
+    let token = bearer(&headers).ok_or_else(|| ApiError::unauthorized("Missing token"))?;
     match svc.principal(token) {
-        Some(Principal::Admin(json) | Principal::Team { json, .. }) => Ok(Json(json).into_response()),
-        None => Err(ApiError::unauthorized("invalid or expired token")),
+        Some(Principal::Admin(mut json) | Principal::Team { mut json, .. }) => {
+            // The real principal carries fields beyond the contract's.
+            if let Value::Object(fields) = &mut json {
+                fields.entry("visitor_session_id").or_insert(Value::Null);
+            }
+            Ok(Json(json).into_response())
+        }
+        None => Err(ApiError::unauthorized("Invalid token")),
     }
 }
 
@@ -494,10 +555,12 @@ async fn create_node(
             }
             Some(parent)
         }
-        other => {
-            return Err(ApiError::unprocessable(format!(
-                "node_type must be \"org\" or \"team\", not {other:?}"
-            )));
+        _ => {
+            return Err(ApiError::invalid(vec![problem(
+                "string_pattern_mismatch",
+                "node_type",
+                "String should match pattern '^(org|team)$'",
+            )]));
         }
     };
     let node = Node {
@@ -507,9 +570,16 @@ async fn create_node(
         parent_id,
         config: json!({}),
     };
-    let answer = node_json(&org, &node);
+    let answer = json!({
+        "org_id": org,
+        "node_id": node.node_id,
+        "parent_id": node.parent_id,
+        "node_type": node.node_type,
+        "name": node.name,
+        "template_applied": false,
+    });
     state.nodes.insert(key(&org, &node_id), node);
-    Ok((StatusCode::CREATED, Json(answer)).into_response())
+    Ok(Json(answer).into_response())
 }
 
 fn node_json(org: &str, node: &Node) -> Value {
@@ -533,7 +603,14 @@ async fn patch_node_config(
     let body = json_object(&body)?;
     let patch = match body.get("patch") {
         Some(patch @ Value::Object(_)) => patch,
-        _ => return Err(ApiError::unprocessable("field required: patch (an object)")),
+        None => return Err(ApiError::invalid(vec![missing("patch")])),
+        Some(_) => {
+            return Err(ApiError::invalid(vec![problem(
+                "value_error",
+                "patch",
+                "Input should be a valid dictionary",
+            )]))
+        }
     };
     let mut state = svc.inner.lock().unwrap();
     let node = state
@@ -575,11 +652,11 @@ async fn issue_team_token(
     svc.require_team(&org, &team)?;
     let record = TeamTokenRecord {
         token_id: random_hex(16),
-        issued_at: now_rfc3339(),
+        issued_at: now_naive(),
         revoked_at: None,
         issued_by: admin["subject"].as_str().unwrap_or("unknown").to_owned(),
     };
-    let secret = random_hex(48);
+    let secret = random_base62(32);
     let answer = json!({
         "token": format!("{}.{secret}", record.token_id),
         "issued_at": record.issued_at,
@@ -590,7 +667,7 @@ async fn issue_team_token(
         secret,
         record,
     });
-    Ok((StatusCode::CREATED, Json(answer)).into_response())
+    Ok(Json(answer).into_response())
 }
 
 async fn revoke_team_token(
@@ -607,7 +684,7 @@ async fn revoke_team_token(
         .find(|t| t.org == org && t.team == team && t.record.token_id == token_id)
         .ok_or_else(|| ApiError::not_found("token not found"))?;
     // Revoking twice keeps the first revocation time, like an idempotent UPDATE … WHERE revoked_at IS NULL.
-    token.record.revoked_at.get_or_insert_with(now_rfc3339);
+    token.record.revoked_at.get_or_insert_with(now_naive);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -618,37 +695,37 @@ async fn impersonation_token(
 ) -> ApiResult {
     let admin = svc.authorize_admin(&headers, &org)?;
     svc.require_team(&org, &team)?;
-    let now = Utc::now();
-    let expires_at = now + ChronoDuration::hours(1);
-    // Shaped like a JWT so that clients that peek at it are not surprised; the signature is random
-    // because only this stand-in ever verifies it (by lookup).
+    // The real service signs whole seconds, and writes expires_at from the `exp` claim.
+    let issued = Utc::now().timestamp();
+    let expires = issued + IMPERSONATION_TTL_SECONDS;
+    let expires_at = chrono::DateTime::from_timestamp(expires, 0).unwrap_or_else(Utc::now);
     let header = json!({ "alg": "HS256", "typ": "JWT" });
     let claims = json!({
+        "iss": "standin-config-service",
+        "aud": "incidentfox-agent-runtime",
         "sub": format!("team:{org}/{team}"),
         "org_id": org,
         "team_node_id": team,
-        "typ": "impersonation",
-        "act": admin["subject"],
-        "iat": now.timestamp(),
-        "exp": expires_at.timestamp(),
+        "actor_subject": admin["subject"],
+        "actor_email": admin["email"],
+        "iat": issued,
+        "exp": expires,
         "jti": random_hex(32),
     });
+    // Shaped like the real JWT; the signature is random because only this stand-in verifies it
+    // (by lookup).
     let token = format!(
         "{}.{}.{}",
         URL_SAFE_NO_PAD.encode(header.to_string()),
         URL_SAFE_NO_PAD.encode(claims.to_string()),
-        URL_SAFE_NO_PAD.encode(random_hex(64)),
+        URL_SAFE_NO_PAD.encode(random_hex(32)),
     );
     svc.inner
         .lock()
         .unwrap()
         .impersonation_tokens
         .insert(token.clone(), Impersonation { org, team, expires_at });
-    Ok(Json(json!({
-        "token": token,
-        "expires_at": expires_at.to_rfc3339_opts(SecondsFormat::Secs, true),
-    }))
-    .into_response())
+    Ok(Json(json!({ "token": token, "expires_at": naive_utc(expires_at) })).into_response())
 }
 
 async fn routing_lookup(State(svc): State<ConfigService>, headers: HeaderMap, body: Bytes) -> ApiResult {
@@ -658,7 +735,14 @@ async fn routing_lookup(State(svc): State<ConfigService>, headers: HeaderMap, bo
     let body = json_object(&body)?;
     let identifiers = match body.get("identifiers") {
         Some(Value::Object(ids)) => ids,
-        _ => return Err(ApiError::unprocessable("field required: identifiers (an object)")),
+        None => return Err(ApiError::invalid(vec![missing("identifiers")])),
+        Some(_) => {
+            return Err(ApiError::invalid(vec![problem(
+                "dict_type",
+                "identifiers",
+                "Input should be a valid dictionary",
+            )]))
+        }
     };
     let mut keys: Vec<&str> = ROUTING_KEYS
         .iter()
@@ -685,6 +769,7 @@ async fn routing_lookup(State(svc): State<ConfigService>, headers: HeaderMap, bo
                 "found": true,
                 "org_id": org,
                 "team_node_id": team,
+                "team_token": null,
                 "matched_by": key,
                 "matched_value": value,
                 "tried": tried,
@@ -696,6 +781,7 @@ async fn routing_lookup(State(svc): State<ConfigService>, headers: HeaderMap, bo
         "found": false,
         "org_id": null,
         "team_node_id": null,
+        "team_token": null,
         "matched_by": null,
         "matched_value": null,
         "tried": tried,
@@ -716,7 +802,13 @@ async fn config_me(State(svc): State<ConfigService>, headers: HeaderMap) -> ApiR
         Some(Principal::Admin(_)) => Err(ApiError::forbidden("team token required")),
         Some(Principal::Team { org, team, .. }) => {
             let effective = svc.inner.lock().unwrap().effective_config(&org, &team);
-            Ok(Json(json!({ "effective_config": effective })).into_response())
+            Ok(Json(json!({
+                "org_id": org,
+                "team_node_id": team,
+                "effective_config": effective,
+                "computed_at": now_naive(),
+            }))
+            .into_response())
         }
     }
 }
@@ -738,18 +830,73 @@ async fn create_audit_run(
 ) -> ApiResult {
     svc.authorize_admin(&headers, &org)?;
     let body = json_object(&body)?;
+    let mut problems = Vec::new();
+    for field in ["run_id", "trigger_source", "agent_name"] {
+        if body.get(field).is_none_or(Value::is_null) {
+            problems.push(missing(field));
+        }
+    }
+    for field in [
+        "run_id",
+        "org_id",
+        "team_node_id",
+        "correlation_id",
+        "trigger_source",
+        "trigger_actor",
+        "trigger_message",
+        "trigger_channel_id",
+        "agent_name",
+    ] {
+        optional_of(&body, field, "string", &mut problems);
+    }
+    optional_of(&body, "metadata", "object", &mut problems);
+    if let Some(source) = body.get("trigger_source").and_then(Value::as_str) {
+        if !AUDIT_TRIGGER_SOURCES.contains(&source) {
+            problems.push(problem(
+                "string_pattern_mismatch",
+                "trigger_source",
+                "String should match pattern '^(slack|api|web_ui)$'",
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(ApiError::invalid(problems));
+    }
     let run_id = required_str(&body, "run_id")?;
+    let field = |name: &str| body.get(name).cloned().unwrap_or(Value::Null);
+    let started = Utc::now();
+    let record = json!({
+        "id": run_id,
+        "org_id": body.get("org_id").cloned().unwrap_or_else(|| json!(org)),
+        "team_node_id": field("team_node_id"),
+        "correlation_id": field("correlation_id"),
+        "trigger_source": field("trigger_source"),
+        "trigger_actor": field("trigger_actor"),
+        "trigger_message": field("trigger_message"),
+        "trigger_channel_id": field("trigger_channel_id"),
+        "agent_name": field("agent_name"),
+        "metadata": body.get("metadata").filter(|m| !m.is_null()).cloned().unwrap_or_else(|| json!({})),
+        "status": "running",
+        "started_at": naive_utc(started),
+        "completed_at": null,
+        "tool_calls_count": 0,
+        "output_summary": null,
+        "output_json": null,
+        "confidence": null,
+        "duration_seconds": null,
+        "error_message": null,
+    });
     let mut state = svc.inner.lock().unwrap();
     if state.audit_runs.iter().any(|r| r.org == org && r.run_id == run_id) {
-        return Err(ApiError::new(StatusCode::CONFLICT, "agent run already recorded"));
+        return Err(ApiError::new(StatusCode::CONFLICT, "Agent run already exists"));
     }
-    let record = Value::Object(body);
     state.audit_runs.push(AuditRun {
         org,
         run_id,
+        started,
         record: record.clone(),
     });
-    Ok((StatusCode::CREATED, Json(record)).into_response())
+    Ok(Json(record).into_response())
 }
 
 async fn update_audit_run(
@@ -759,15 +906,57 @@ async fn update_audit_run(
     body: Bytes,
 ) -> ApiResult {
     svc.authorize_admin(&headers, &org)?;
-    let body = Value::Object(json_object(&body)?);
+    let body = json_object(&body)?;
+    let mut problems = Vec::new();
+    for field in ["run_id", "status"] {
+        if body.get(field).is_none_or(Value::is_null) {
+            problems.push(missing(field));
+        }
+    }
+    for field in ["run_id", "status", "output_summary", "error_message"] {
+        optional_of(&body, field, "string", &mut problems);
+    }
+    optional_of(&body, "tool_calls_count", "int", &mut problems);
+    optional_of(&body, "confidence", "number", &mut problems);
+    optional_of(&body, "output_json", "object", &mut problems);
+    if let Some(status) = body.get("status").and_then(Value::as_str) {
+        if !AUDIT_CLOSE_STATUSES.contains(&status) {
+            problems.push(problem(
+                "value_error",
+                "status",
+                "String should match pattern '^(completed|failed|timeout)$'",
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(ApiError::invalid(problems));
+    }
     let mut state = svc.inner.lock().unwrap();
     let run = state
         .audit_runs
         .iter_mut()
         .find(|r| r.org == org && r.run_id == run_id)
-        .ok_or_else(|| ApiError::not_found("agent run not found"))?;
-    merge_patch(&mut run.record, &body);
-    Ok(Json(run.record.clone()).into_response())
+        .ok_or_else(|| ApiError::not_found("Agent run not found"))?;
+    let now = Utc::now();
+    let record = &mut run.record;
+    record["status"] = body["status"].clone();
+    record["completed_at"] = json!(naive_utc(now));
+    let elapsed_ms = (now - run.started).num_milliseconds().max(0);
+    record["duration_seconds"] = json!(elapsed_ms as f64 / 1000.0);
+    for field in [
+        "tool_calls_count",
+        "output_summary",
+        "output_json",
+        "error_message",
+        "confidence",
+    ] {
+        if let Some(value) = body.get(field) {
+            if !(field == "tool_calls_count" && value.is_null()) {
+                record[field] = value.clone();
+            }
+        }
+    }
+    Ok(Json(record.clone()).into_response())
 }
 
 /// Debug view for the dev script: everything but secrets.

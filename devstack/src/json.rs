@@ -1,7 +1,7 @@
 //! Small JSON and time helpers shared by the stand-ins.
 
 use axum::body::Bytes;
-use chrono::{SecondsFormat, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Map, Value};
 
 /// RFC 7386 JSON merge patch: objects merge recursively, `null` deletes a key, anything else
@@ -37,6 +37,31 @@ pub(crate) fn parse_body(bytes: &Bytes) -> Result<Option<Value>, serde_json::Err
 /// Now, as RFC 3339 with second precision and a `Z` suffix (the Kubernetes style).
 pub(crate) fn now_rfc3339() -> String {
     Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// A time as the platform's Python services write it: ISO 8601 with microseconds and no offset
+/// (`datetime.utcnow().isoformat()`, naive UTC), e.g. `2026-01-09T14:03:27.123456`.
+pub(crate) fn naive_utc(at: DateTime<Utc>) -> String {
+    at.format("%Y-%m-%dT%H:%M:%S%.6f").to_string()
+}
+
+/// Now, the Python way ([`naive_utc`]).
+pub(crate) fn now_naive() -> String {
+    naive_utc(Utc::now())
+}
+
+/// A random string of letters and digits, like Python's `secrets.token_urlsafe` without `-_`.
+pub(crate) fn random_base62(len: usize) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut out = String::with_capacity(len);
+    while out.len() < len {
+        for byte in uuid::Uuid::new_v4().as_bytes() {
+            if out.len() < len {
+                out.push(ALPHABET[usize::from(*byte) % ALPHABET.len()] as char);
+            }
+        }
+    }
+    out
 }
 
 /// A random lower-case hex string of `len` characters (at most 64).

@@ -116,6 +116,10 @@ struct KubeState {
     resource_version: u64,
     /// Keyed by (resource, name): writes that created or changed the object.
     writes: HashMap<(String, String), usize>,
+    /// The last configuration each field manager applied to an object, keyed by (resource,
+    /// namespace, name) then manager: what server-side apply needs to know which fields a manager
+    /// stopped applying (and so gives up).
+    applied: HashMap<(String, String, String), BTreeMap<String, Value>>,
 }
 
 impl Kubernetes {
@@ -475,6 +479,14 @@ impl KubeState {
             return Err(KubeStatus::not_found(kind, name));
         };
         validate_object(kind, name, &candidate)?;
+        if kind.resource == "deployments" && candidate["spec"]["selector"] != stored["spec"]["selector"] {
+            return Err(KubeStatus::invalid(
+                kind,
+                name,
+                "spec.selector",
+                FieldError::invalid(&candidate["spec"]["selector"].to_string(), "field is immutable"),
+            ));
+        }
 
         // Identity and server-managed fields come from the stored object.
         candidate["apiVersion"] = json!(kind.api_version());
@@ -994,52 +1006,140 @@ fn apply(
 
     let mut state = kube.inner.lock().unwrap();
     let Some(stored) = state.objects.get(&object_key(kind.resource, namespace, name)).cloned() else {
+        let owned = applied_fields(&applied);
         let mut object = applied;
         object["metadata"]["name"] = json!(name);
         let created = state.create(kind, namespace, object, dry_run)?;
+        if !dry_run {
+            let manager = query.get("fieldManager").cloned().unwrap_or_default();
+            state
+                .applied
+                .entry(object_key(kind.resource, namespace, name))
+                .or_default()
+                .insert(manager, owned);
+        }
         return Ok((StatusCode::CREATED, Json(created)).into_response());
     };
     check_resource_version(kind, name, &applied, &stored)?;
 
+    let manager = query.get("fieldManager").cloned().unwrap_or_default();
+    let key = object_key(kind.resource, namespace, name);
+    let previous = state.applied.get(&key).and_then(|m| m.get(&manager)).cloned();
     let mut merged = stored;
-    if let Value::Object(fields) = &applied {
+    let owned = applied_fields(&applied);
+    if let Some(previous) = &previous {
+        give_up_fields(&mut merged, previous, &owned);
+    }
+    merge_applied(&mut merged, &owned);
+    let updated = state.update(kind, namespace, name, merged, dry_run)?;
+    if !dry_run {
+        state.applied.entry(key).or_default().insert(manager, owned);
+    }
+    Ok(Json(updated).into_response())
+}
+
+/// The part of an applied configuration that server-side apply merges into the object: `spec`
+/// and friends, and of `metadata` only labels and annotations.
+fn applied_fields(applied: &Value) -> Value {
+    let mut owned = Map::new();
+    if let Value::Object(fields) = applied {
         for (field, value) in fields {
             match field.as_str() {
                 "metadata" => {
+                    let mut metadata = Map::new();
                     for map in ["labels", "annotations"] {
-                        if let Some(entries) = value[map].as_object() {
-                            for (k, v) in entries {
-                                merged["metadata"][map][k] = v.clone();
-                            }
+                        if let Some(entries) = value.get(map).filter(|v| v.is_object()) {
+                            metadata.insert(map.to_owned(), entries.clone());
                         }
                     }
+                    owned.insert("metadata".to_owned(), Value::Object(metadata));
                 }
                 "status" | "apiVersion" | "kind" => {}
-                _ => merged[field] = value.clone(),
+                _ => {
+                    owned.insert(field.clone(), value.clone());
+                }
             }
         }
     }
-    let updated = state.update(kind, namespace, name, merged, dry_run)?;
-    Ok(Json(updated).into_response())
+    Value::Object(owned)
+}
+
+/// Server-side apply, as far as a client can tell: maps merge field by field and anything else
+/// (lists included, which is right for the atomic lists and close enough for the keyed ones)
+/// replaces. Fields applied by other managers, or set by a plain create or update, stay.
+fn merge_applied(target: &mut Value, applied: &Value) {
+    match (target, applied) {
+        (Value::Object(target), Value::Object(applied)) => {
+            for (key, value) in applied {
+                match target.get_mut(key) {
+                    Some(existing) if existing.is_object() && value.is_object() => merge_applied(existing, value),
+                    _ => {
+                        target.insert(key.clone(), value.clone());
+                    }
+                }
+            }
+        }
+        (target, applied) => *target = applied.clone(),
+    }
+}
+
+/// Removes what a manager applied before and no longer applies: it gives those fields up, and
+/// with no other owner (this stand-in does not track others) they are deleted.
+fn give_up_fields(target: &mut Value, previous: &Value, now: &Value) {
+    let (Value::Object(target), Value::Object(previous)) = (target, previous) else {
+        return;
+    };
+    for (key, before) in previous {
+        match now.get(key) {
+            None => {
+                target.remove(key);
+            }
+            Some(after) if before.is_object() && after.is_object() => {
+                if let Some(inner) = target.get_mut(key) {
+                    give_up_fields(inner, before, after);
+                }
+            }
+            Some(_) => {}
+        }
+    }
 }
 
 async fn remove(
     State(kube): State<Kubernetes>,
     Path(params): PathParams,
     Query(query): QueryParams,
+    body: Bytes,
 ) -> Result<Response, KubeStatus> {
     let target = target(&params)?;
     let (namespace, name) = (target.namespace.unwrap_or_default(), target.name.unwrap_or_default());
     let key = object_key(target.kind.resource, &namespace, &name);
+    // DeleteOptions may carry preconditions: the object must still be the one the client saw.
+    let options = parse_body(&body).ok().flatten().unwrap_or(Value::Null);
     let mut state = kube.inner.lock().unwrap();
-    let deleted = if is_dry_run(&query) {
-        state.objects.get(&key).cloned()
-    } else {
-        state.objects.remove(&key)
-    };
-    deleted
-        .map(|object| Json(object).into_response())
-        .ok_or_else(|| KubeStatus::not_found(target.kind, &name))
+    let stored = state
+        .objects
+        .get(&key)
+        .cloned()
+        .ok_or_else(|| KubeStatus::not_found(target.kind, &name))?;
+    if let Some(uid) = options["preconditions"]["uid"].as_str() {
+        let actual = stored["metadata"]["uid"].as_str().unwrap_or_default();
+        if uid != actual {
+            return Err(KubeStatus::new(
+                StatusCode::CONFLICT,
+                "Conflict",
+                format!(
+                    "Operation cannot be fulfilled on {} \"{name}\": Precondition failed: UID in precondition: {uid}, UID in object meta: {actual}",
+                    target.kind.qualified_resource()
+                ),
+                Some(target.kind.details(&name, target.kind.resource)),
+            ));
+        }
+    }
+    if !is_dry_run(&query) {
+        state.applied.remove(&key);
+        state.objects.remove(&key);
+    }
+    Ok(Json(stored).into_response())
 }
 
 #[cfg(test)]

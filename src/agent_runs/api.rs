@@ -197,26 +197,85 @@ struct OpenRun {
     closed: bool,
 }
 
+/// How a run ended, for both audits: ours (`succeeded` or `failed`) and the platform's, whose
+/// close takes only `completed`, `failed` or `timeout` (anything else is a 422).
 struct Closing {
     status: &'static str,
+    platform_status: &'static str,
     summary: Option<Value>,
     error: Option<Value>,
+    report: PlatformReport,
 }
 
+/// What the platform audit shows of a run's end.
+#[derive(Default)]
+struct PlatformReport {
+    tool_calls_count: i64,
+    output_summary: Option<String>,
+    output_json: Option<Value>,
+    confidence: Option<f64>,
+    error_message: Option<String>,
+}
+
+/// The platform audit shows a one-line summary: longer answers are cut here.
+const OUTPUT_SUMMARY_CHARS: usize = 200;
+
 impl Closing {
-    fn succeeded(answer: &Value) -> Self {
-        let summary = json!({"success": answer.get("success"), "output_chars": answer.to_string().len()});
+    /// The agent answered; `answer` is its whole answer and `output` the part that is its output.
+    /// An answer that says `success: false` is a failed run in the platform audit.
+    fn answered(answer: &Value, output: &Value) -> Self {
+        let summary = json!({"success": answer.get("success"), "output_chars": output.to_string().len()});
+        let succeeded = answer.get("success").and_then(Value::as_bool) != Some(false);
+        let summary_text = match output {
+            Value::String(text) => Some(text.clone()),
+            Value::Object(fields) => ["summary", "root_cause"]
+                .iter()
+                .find_map(|k| fields.get(*k).and_then(Value::as_str).map(str::to_string)),
+            _ => None,
+        };
         Self {
             status: "succeeded",
+            platform_status: if succeeded { "completed" } else { "failed" },
             summary: Some(summary),
             error: None,
+            report: PlatformReport {
+                tool_calls_count: answer.get("tool_calls_count").and_then(Value::as_i64).unwrap_or(0),
+                output_summary: summary_text.map(|t| crate::clients::truncate(&t, OUTPUT_SUMMARY_CHARS)),
+                output_json: match output {
+                    Value::Object(_) => Some(output.clone()),
+                    Value::String(text) => Some(json!({"text": text})),
+                    _ => None,
+                },
+                confidence: output.get("confidence").and_then(Value::as_f64),
+                error_message: None,
+            },
         }
     }
+
     fn failed(code: &str, message: &str) -> Self {
         Self {
             status: "failed",
+            platform_status: "failed",
             summary: None,
             error: Some(json!({"code": code, "message": message})),
+            report: PlatformReport {
+                error_message: Some(message.to_string()),
+                ..PlatformReport::default()
+            },
+        }
+    }
+
+    fn timed_out(message: &str) -> Self {
+        Self {
+            platform_status: "timeout",
+            ..Self::failed("timeout", message)
+        }
+    }
+
+    fn from_error(e: &AgentError) -> Self {
+        match e {
+            AgentError::Timeout(_) => Self::timed_out(&e.to_string()),
+            other => Self::failed(outcome_label(other), &other.to_string()),
         }
     }
 }
@@ -279,18 +338,23 @@ async fn close_run(state: AppState, run_id: Uuid, org: String, actor: String, st
     if let Err(e) = closed {
         tracing::error!(%run_id, error = %e, "closing an agent run in the database failed; the sweeper will close it");
     }
-    close_platform_run(&state, run_id, &org, &closing, duration_ms).await;
+    close_platform_run(&state, run_id, &org, &closing).await;
 }
 
-async fn close_platform_run(state: &AppState, run_id: Uuid, org: &str, closing: &Closing, duration_ms: i64) {
+/// Closes the run in the platform audit, in its vocabulary (`contracts.md`).
+async fn close_platform_run(state: &AppState, run_id: Uuid, org: &str, closing: &Closing) {
     let Some(admin) = &state.config.internal_admin_token else {
         return;
     };
+    let report = &closing.report;
     let update = json!({
-        "status": closing.status,
-        "duration_ms": duration_ms,
-        "completed_at": chrono::Utc::now(),
-        "error": closing.error,
+        "run_id": run_id,
+        "status": closing.platform_status,
+        "tool_calls_count": report.tool_calls_count,
+        "output_summary": report.output_summary,
+        "output_json": report.output_json,
+        "error_message": report.error_message,
+        "confidence": report.confidence,
     });
     if let Err(e) = state
         .config_service
@@ -310,7 +374,7 @@ pub async fn sweep_orphans(state: AppState, stop: tokio_util::sync::Cancellation
                 let closing = Closing::failed("orphaned", "the process running it stopped before the run was closed");
                 for (run_id, org) in orphans {
                     tracing::warn!(%run_id, "closed an agent run left open by a stopped process");
-                    close_platform_run(&state, run_id, &org, &closing, 0).await;
+                    close_platform_run(&state, run_id, &org, &closing).await;
                 }
             }
             Err(e) => tracing::debug!(error = %e, "sweeping open agent runs failed"),
@@ -359,7 +423,6 @@ pub async fn run_agent(
                 run_id,
                 &request.org_id,
                 &Closing::failed("storage_unavailable", "the run could not be recorded"),
-                0,
             )
             .await;
             return Err(error);
@@ -383,7 +446,8 @@ pub async fn run_agent(
         max_turns: request.max_turns,
         correlation_id: &correlation,
         session_id: &session,
-        trigger_source: "admin",
+        output_destinations: None,
+        trigger_source: "api",
         org_id: &request.org_id,
         team_id: &request.team_node_id,
         team_token: &team_token,
@@ -396,7 +460,7 @@ pub async fn run_agent(
             Ok(events) => events,
             Err(e) => {
                 observe(&state, started, outcome_label(&e));
-                open.finish(Closing::failed(outcome_label(&e), &e.to_string()));
+                open.finish(Closing::from_error(&e));
                 return Err(agent_error(&e));
             }
         };
@@ -406,7 +470,7 @@ pub async fn run_agent(
     match state.agent.run(&agent_request).await {
         Ok(answer) => {
             observe(&state, started, "ok");
-            open.finish(Closing::succeeded(&answer.raw));
+            open.finish(Closing::answered(&answer.raw, &answer.output));
             Ok(Json(AgentRunResponse {
                 run_id,
                 correlation_id,
@@ -418,7 +482,7 @@ pub async fn run_agent(
         }
         Err(e) => {
             observe(&state, started, outcome_label(&e));
-            open.finish(Closing::failed(outcome_label(&e), &e.to_string()));
+            open.finish(Closing::from_error(&e));
             Err(agent_error(&e))
         }
     }
@@ -443,7 +507,7 @@ async fn team_credential(
         .config_me(&minted.token)
         .await
         .map_err(|e| config_service_error("the team's config", e))?;
-    let dedicated = crate::clients::kubernetes::trusted_dedicated_url(
+    let dedicated = crate::provisioning::objects::trusted_dedicated_url(
         team_config
             .pointer("/agent/dedicated_service_url")
             .and_then(Value::as_str),
@@ -508,6 +572,8 @@ async fn open_run(
     })
 }
 
+/// Opens the run in the platform audit, as `contracts.md` gives the body. The platform audit is a
+/// record, not a gate: a failure is logged and the run goes on.
 async fn platform_audit_start(
     state: &AppState,
     admin: &Admin,
@@ -520,16 +586,16 @@ async fn platform_audit_start(
     };
     let body = json!({
         "run_id": run_id,
-        "correlation_id": correlation_id,
         "org_id": request.org_id,
         "team_node_id": request.team_node_id,
+        "correlation_id": correlation_id,
+        "trigger_source": "api",
+        "trigger_actor": admin.email().unwrap_or(admin.subject()),
+        "trigger_message": crate::clients::truncate(&request.message, TRIGGER_MESSAGE_CHARS),
+        "trigger_channel_id": null,
         "agent_name": request.agent_name,
-        "trigger_source": "admin",
-        "triggered_by": admin.subject(),
-        "status": "running",
-        "started_at": chrono::Utc::now(),
+        "metadata": {"context": request.context},
     });
-    // The platform audit is a record, not a gate: a failure is logged and the run goes on.
     if let Err(e) = state
         .config_service
         .audit_agent_run_start(internal, &request.org_id, &body)
@@ -538,6 +604,9 @@ async fn platform_audit_start(
         tracing::warn!(%run_id, error = %e, "recording the run in the platform audit failed");
     }
 }
+
+/// The platform audit keeps the message that started a run; a long one is cut.
+const TRIGGER_MESSAGE_CHARS: usize = 4000;
 
 /// Passes the agent's events through as server-sent events, closing the run at the end. If the
 /// client disconnects, the stream (and with it the upstream call) is dropped and the run closes
@@ -559,7 +628,7 @@ fn stream_response(
                     let e = AgentError::Timeout(timeout);
                     observe(&state, started, "timeout");
                     yield Ok(sse(&AgentEvent { kind: "error".into(), data: json!({"message": e.to_string(), "code": "agent_timeout"}) }));
-                    open.finish(Closing::failed("timeout", &e.to_string()));
+                    open.finish(Closing::timed_out(&e.to_string()));
                     return;
                 }
                 Ok(None) => {
@@ -572,7 +641,7 @@ fn stream_response(
                 Ok(Some(Err(e))) => {
                     observe(&state, started, outcome_label(&e));
                     yield Ok(sse(&AgentEvent { kind: "error".into(), data: json!({"message": e.to_string(), "code": agent_error(&e).code}) }));
-                    open.finish(Closing::failed(outcome_label(&e), &e.to_string()));
+                    open.finish(Closing::from_error(&e));
                     return;
                 }
                 Ok(Some(Ok(event))) => event,
@@ -581,7 +650,8 @@ fn stream_response(
             match event.kind.as_str() {
                 "result" => {
                     observe(&state, started, "ok");
-                    open.finish(Closing::succeeded(&event.data));
+                    let output = event.data.get("text").cloned().unwrap_or(Value::Null);
+                    open.finish(Closing::answered(&event.data, &output));
                     return;
                 }
                 "error" => {

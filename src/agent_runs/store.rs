@@ -19,7 +19,7 @@ pub struct NewRun<'a> {
 
 pub async fn open(executor: impl PgExecutor<'_>, run: &NewRun<'_>) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO agent_runs (id, correlation_id, org_id, team_node_id, agent_name, trigger_source, actor_subject, actor_email, status, streaming)
+        "INSERT INTO orchestrator_agent_runs (id, correlation_id, org_id, team_node_id, agent_name, trigger_source, actor_subject, actor_email, status, streaming)
          VALUES ($1, $2, $3, $4, $5, 'admin', $6, $7, 'running', $8)",
     )
     .bind(run.id)
@@ -45,7 +45,7 @@ pub async fn close(
     error: Option<&Value>,
 ) -> Result<bool, sqlx::Error> {
     Ok(sqlx::query(
-        "UPDATE agent_runs SET status = $2, finished_at = now(), duration_ms = $3, summary = $4, error = $5
+        "UPDATE orchestrator_agent_runs SET status = $2, finished_at = now(), duration_ms = $3, summary = $4, error = $5
          WHERE id = $1 AND status = 'running'",
     )
     .bind(id)
@@ -66,7 +66,7 @@ pub async fn close_stale(
     older_than: std::time::Duration,
 ) -> Result<Vec<(Uuid, String)>, sqlx::Error> {
     sqlx::query_as(
-        "UPDATE agent_runs SET status = 'failed', finished_at = now(),
+        "UPDATE orchestrator_agent_runs SET status = 'failed', finished_at = now(),
              error = jsonb_build_object('code', 'orphaned', 'message', 'the process running it stopped before the run was closed')
          WHERE status = 'running' AND started_at < now() - make_interval(secs => $1)
          RETURNING id, org_id",

@@ -43,6 +43,8 @@ pub struct AgentRequest<'a> {
     pub correlation_id: &'a str,
     /// Stable per thread, issue or incident, so the agent keeps one conversation.
     pub session_id: &'a str,
+    /// Where the agent posts its answer; `None` leaves the field out (the caller gets the answer).
+    pub output_destinations: Option<&'a [Value]>,
     pub trigger_source: &'a str,
     pub org_id: &'a str,
     pub team_id: &'a str,
@@ -165,14 +167,19 @@ impl AgentClient {
             .post(endpoint(base, &["agents", request.agent_name, "run"]))
             .header("X-IncidentFox-Team-Token", request.team_token.expose())
             .header("X-Correlation-ID", request.correlation_id)
-            .json(&json!({
-                "message": request.message,
-                "context": request.context,
-                "timeout": request.timeout.as_secs(),
-                "max_turns": request.max_turns,
-                "output_destinations": [],
-                "trigger_source": request.trigger_source,
-            }));
+            .json(&{
+                let mut body = json!({
+                    "message": request.message,
+                    "context": request.context,
+                    "timeout": request.timeout.as_secs(),
+                    "max_turns": request.max_turns,
+                    "trigger_source": request.trigger_source,
+                });
+                if let Some(destinations) = request.output_destinations {
+                    body["output_destinations"] = json!(destinations);
+                }
+                body
+            });
         let response = self
             .transport
             .send_with_timeout(NEIGHBOUR, http, request.timeout)

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use url::Url;
 
-use super::{endpoint, NeighbourError, Transport};
+use super::{endpoint, wire, NeighbourError, Transport};
 use crate::config::Secret;
 
 const NEIGHBOUR: &str = "config_service";
@@ -57,13 +57,16 @@ fn permissions<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D:
     })
 }
 
+/// A team token as the config service lists it. Only the id and whether it is revoked decide
+/// anything; the times are kept for the record and read leniently ([`wire::timestamp`]).
 #[derive(Clone, Debug, Deserialize)]
 pub struct TeamTokenInfo {
     pub token_id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "wire::timestamp")]
     pub issued_at: Option<DateTime<Utc>>,
-    #[serde(default)]
-    pub revoked_at: Option<DateTime<Utc>>,
+    /// `revoked_at` is set (whatever the format of its time).
+    #[serde(default, rename = "revoked_at", deserialize_with = "wire::is_set")]
+    pub revoked: bool,
     #[serde(default)]
     pub issued_by: Option<String>,
 }
@@ -199,7 +202,7 @@ impl ConfigServiceClient {
         #[derive(Deserialize)]
         struct Issued {
             token: String,
-            #[serde(default)]
+            #[serde(default, deserialize_with = "wire::timestamp")]
             issued_at: Option<DateTime<Utc>>,
         }
         let request = self
@@ -251,7 +254,7 @@ impl ConfigServiceClient {
         #[derive(Deserialize)]
         struct Minted {
             token: String,
-            #[serde(default)]
+            #[serde(default, deserialize_with = "wire::timestamp")]
             expires_at: Option<DateTime<Utc>>,
         }
         let request = self

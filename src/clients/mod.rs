@@ -5,6 +5,7 @@ pub mod agent;
 pub mod ai_pipeline;
 pub mod config_service;
 pub mod kubernetes;
+pub mod wire;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

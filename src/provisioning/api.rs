@@ -23,7 +23,9 @@ use crate::pagination;
 
 pub const RUN_ID_HEADER: &str = "x-incidentfox-provisioning-run-id";
 
-/// A provisioning run as the API shows it.
+/// A provisioning run as the API shows it: the existing service's answer (`steps` keyed by step
+/// name, `error` one line of text), with the per-step detail (`step_details`) and the error as an
+/// object (`error_detail`) added.
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct RunView {
     pub provisioning_run_id: Uuid,
@@ -37,15 +39,25 @@ pub struct RunView {
     pub team_token: Option<String>,
     /// True while an issued token is held (sealed) for a caller that has not received it.
     pub team_token_held: bool,
+    /// The AI pipeline's answer to the bootstrap.
     #[schema(value_type = Option<Object>)]
     pub pipeline_bootstrap: Option<Value>,
+    /// The CronJob applied: name, namespace, schedule, org_id, team_node_id, created.
     #[schema(value_type = Option<Object>)]
     pub pipeline_cronjob: Option<Value>,
+    /// The dedicated agent applied: name, namespace, org_id, team_node_id, replicas, service_url.
     #[schema(value_type = Option<Object>)]
     pub dedicated_deployment: Option<Value>,
-    pub steps: Vec<StepRow>,
+    /// Each step that ran, keyed by name: `{"ok": bool, ...its output}` or `{"ok": false, "error"}`.
+    #[schema(value_type = Object)]
+    pub steps: Value,
+    /// Every step in order, with status, attempts, timings, result and error.
+    pub step_details: Vec<StepRow>,
+    /// What failed, in one line (`<step>: <message>`).
+    pub error: Option<String>,
+    /// What failed: `{step, code, message}` (and `rollback_errors` when an undo failed).
     #[schema(value_type = Option<Object>)]
-    pub error: Option<Value>,
+    pub error_detail: Option<Value>,
     pub current_step: Option<String>,
     pub idempotency_key: Option<String>,
     pub executions: i32,
@@ -61,8 +73,9 @@ pub struct RunSummary {
     pub org_id: String,
     pub team_node_id: String,
     pub current_step: Option<String>,
+    pub error: Option<String>,
     #[schema(value_type = Option<Object>)]
-    pub error: Option<Value>,
+    pub error_detail: Option<Value>,
     pub idempotency_key: Option<String>,
     pub executions: i32,
     pub created_at: DateTime<Utc>,
@@ -233,7 +246,9 @@ async fn find_replay(state: &AppState, request: &ProvisionRequest) -> ApiResult<
     else {
         return Ok(None);
     };
-    if run.request_hash != request.hash() {
+    // A run the existing service recorded has no request to compare: its key answers with it, as
+    // the existing service did.
+    if run.request_hash.as_ref().is_some_and(|hash| *hash != request.hash()) {
         return Err(ApiError::unprocessable(
             "idempotency_key_reused",
             "this idempotency key was used for a different request for this team",
@@ -301,15 +316,16 @@ async fn team_busy(state: &AppState, org: &str, team: &str) -> ApiError {
     error
 }
 
-/// 200 with the run if it finished within `wait`, else 202 with a `Location` to poll.
+/// The run if it finished within `wait` (200, or the existing service's 502 when a neighbour
+/// failed it), else 202 with a `Location` to poll.
 async fn respond(state: &AppState, admin: &Admin, run_id: Uuid, wait: Duration) -> ApiResult<Response> {
     let deadline = tokio::time::Instant::now() + wait;
     let run = workflow::wait_for_final(state, run_id, deadline)
         .await?
         .ok_or_else(|| ApiError::not_found("run_not_found", "no such provisioning run"))?;
+    let status = answer_status(&run);
     let finished = run.is_final();
     let view = view(state, admin, run).await?;
-    let status = if finished { StatusCode::OK } else { StatusCode::ACCEPTED };
     let mut response = (status, Json(view)).into_response();
     let headers = response.headers_mut();
     headers.insert(RUN_ID_HEADER, run_header(run_id));
@@ -319,6 +335,32 @@ async fn respond(state: &AppState, admin: &Admin, run_id: Uuid, wait: Duration) 
         }
     }
     Ok(response)
+}
+
+/// What `POST /provision/team` answers for a run: 202 while it runs, 200 once it succeeded, and
+/// for a failed one what the existing service answered: 502 when a neighbour (the config service,
+/// the AI pipeline, Kubernetes) failed it, 500 otherwise.
+fn answer_status(run: &RunRow) -> StatusCode {
+    match run.status.as_str() {
+        "running" => StatusCode::ACCEPTED,
+        "succeeded" => StatusCode::OK,
+        _ => {
+            let code = run
+                .error_detail
+                .as_ref()
+                .and_then(|e| e.get("code"))
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let neighbour = ["neighbour_", "kubernetes_", "invalid_configured_schedule"]
+                .iter()
+                .any(|prefix| code.starts_with(prefix));
+            if neighbour || run.request.is_none() {
+                StatusCode::BAD_GATEWAY
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        }
+    }
 }
 
 async fn view(state: &AppState, admin: &Admin, run: RunRow) -> ApiResult<RunView> {
@@ -344,25 +386,39 @@ async fn view(state: &AppState, admin: &Admin, run: RunRow) -> ApiResult<RunView
             }
         }
     }
-    let result_of = |name: &str| {
-        steps
-            .iter()
-            .find(|s| s.name == name && s.status == "succeeded")
-            .and_then(|s| s.result.clone())
+    let output_of = |name: &str, field: &str| {
+        run.steps
+            .get(name)
+            .filter(|step| step.get("ok") == Some(&Value::Bool(true)))
+            .and_then(|step| step.get(field))
+            .cloned()
     };
+    // A run still going (or the existing service's, which kept no step rows) is summarised from
+    // what there is; a finished run of this service carries its summary already.
+    let summary = if run.is_final() || steps.is_empty() {
+        run.steps.clone()
+    } else {
+        match &run.request {
+            Some(request) => store::step_summary(&steps, &request.0),
+            None => run.steps.clone(),
+        }
+    };
+    let run = RunRow { steps: summary, ..run };
     Ok(RunView {
         provisioning_run_id: run.id,
         team_id: run.team_node_id.clone(),
-        pipeline_bootstrap: result_of("pipeline_bootstrap").and_then(|r| r.get("response").cloned()),
-        pipeline_cronjob: result_of("pipeline_cronjob"),
-        dedicated_deployment: result_of("dedicated_agent"),
+        pipeline_bootstrap: output_of("bootstrap", "run"),
+        pipeline_cronjob: output_of("pipeline_cronjob", "result"),
+        dedicated_deployment: output_of("dedicated_deployment", "result"),
         status: run.status,
         org_id: run.org_id,
         team_node_id: run.team_node_id,
         team_token,
         team_token_held,
-        steps,
+        steps: run.steps,
+        step_details: steps,
         error: run.error,
+        error_detail: run.error_detail,
         current_step: run.current_step,
         idempotency_key: run.idempotency_key,
         executions: run.executions,
@@ -451,6 +507,7 @@ pub async fn list_runs(
             team_node_id: r.team_node_id,
             current_step: r.current_step,
             error: r.error,
+            error_detail: r.error_detail,
             idempotency_key: r.idempotency_key,
             executions: r.executions,
             created_at: r.created_at,
@@ -474,6 +531,12 @@ pub async fn retry_run(
 ) -> ApiResult<Response> {
     admin.require(&state.config.auth, Capability::Provision)?;
     let run = visible_run(&state, &admin, run_id).await?;
+    if run.request.is_none() {
+        return Err(ApiError::conflict(
+            "legacy_run",
+            "this run was recorded by the service this one replaced and cannot be resumed; provision the team again",
+        ));
+    }
     if run.status != "failed" {
         return Err(ApiError::conflict(
             "run_not_failed",

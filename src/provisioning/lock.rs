@@ -18,7 +18,7 @@ const NAMESPACE: &str = "incidentfox-orchestrator/provisioning";
 /// (`acme`/`eu-sre` and `acme-eu`/`sre`) must never be provisioned at the same time, or both could
 /// pass the ownership check before either object exists.
 pub fn lock_key(org: &str, team: &str) -> i64 {
-    let class = crate::clients::kubernetes::name_class(org, team);
+    let class = super::objects::name_class(org, team);
     let digest = Sha256::digest(format!("{NAMESPACE}\u{0}{class}").as_bytes());
     let mut bytes = [0u8; 8];
     bytes.copy_from_slice(&digest[..8]);

@@ -3,6 +3,7 @@
 pub mod api;
 pub mod cron;
 pub mod lock;
+pub mod objects;
 pub mod request;
 pub mod sealing;
 pub mod store;

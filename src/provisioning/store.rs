@@ -1,4 +1,4 @@
-//! The SQL of `provisioning_runs` and `provisioning_steps`. Functions take an executor so a
+//! The SQL of `orchestrator_provisioning_runs` and `orchestrator_provisioning_steps`. Functions take an executor so a
 //! caller can put a state change and its audit row in one transaction.
 
 use chrono::{DateTime, Utc};
@@ -9,14 +9,15 @@ use sqlx::{PgConnection, PgExecutor, Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use super::request::ProvisionRequest;
-use crate::db::storable_json;
+use crate::db::{storable_json, storable_text};
 
+/// The steps of a run, in order, named as the existing service named them in its answers.
 pub const STEP_NAMES: [&str; 5] = [
     "config_patch",
     "team_token",
-    "pipeline_bootstrap",
+    "bootstrap",
     "pipeline_cronjob",
-    "dedicated_agent",
+    "dedicated_deployment",
 ];
 
 #[derive(Clone, Debug, sqlx::FromRow)]
@@ -25,14 +26,18 @@ pub struct RunRow {
     pub org_id: String,
     pub team_node_id: String,
     pub status: String,
-    pub request: Json<ProvisionRequest>,
-    pub request_hash: String,
+    /// `None` for a run the existing service recorded: it can be read, not resumed.
+    pub request: Option<Json<ProvisionRequest>>,
+    pub request_hash: Option<String>,
     pub idempotency_key: Option<String>,
     pub current_step: Option<String>,
-    pub error: Option<Value>,
+    /// The one-line error the existing service's clients read.
+    pub error: Option<String>,
+    pub error_detail: Option<Value>,
+    /// The step summary keyed by step name (written when a run ends, and by the existing service).
+    pub steps: Value,
     pub team_token_held: bool,
-    pub team_token_delivered: bool,
-    pub actor_subject: String,
+    pub actor_subject: Option<String>,
     pub actor_email: Option<String>,
     pub executions: i32,
     pub created_at: DateTime<Utc>,
@@ -66,8 +71,8 @@ pub struct StepRow {
 }
 
 const RUN_COLUMNS: &str =
-    "id, org_id, team_node_id, status, request, request_hash, idempotency_key, current_step, error,
-    sealed_team_token IS NOT NULL AS team_token_held, team_token_delivered, actor_subject, actor_email, executions,
+    "id, org_id, team_node_id, status, request, request_hash, idempotency_key, current_step, error, error_detail, steps,
+    sealed_team_token IS NOT NULL AS team_token_held, actor_subject, actor_email, executions,
     created_at, updated_at, finished_at";
 
 pub struct NewRun<'a> {
@@ -82,7 +87,7 @@ pub struct NewRun<'a> {
 pub async fn insert_run(conn: &mut PgConnection, new: NewRun<'_>) -> Result<Option<Uuid>, sqlx::Error> {
     let request = new.request;
     let inserted: Option<Uuid> = sqlx::query_scalar(
-        "INSERT INTO provisioning_runs (id, org_id, team_node_id, status, request, request_hash, idempotency_key, actor_subject, actor_email)
+        "INSERT INTO orchestrator_provisioning_runs (id, org_id, team_node_id, status, request, request_hash, idempotency_key, actor_subject, actor_email)
          VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8)
          ON CONFLICT (org_id, team_node_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING id",
@@ -110,7 +115,7 @@ pub async fn insert_run(conn: &mut PgConnection, new: NewRun<'_>) -> Result<Opti
     let names: Vec<&str> = STEP_NAMES.to_vec();
     let statuses: Vec<&str> = applies.iter().map(|a| if *a { "pending" } else { "skipped" }).collect();
     sqlx::query(
-        "INSERT INTO provisioning_steps (run_id, position, name, status)
+        "INSERT INTO orchestrator_provisioning_steps (run_id, position, name, status)
          SELECT $1, * FROM UNNEST($2::smallint[], $3::text[], $4::text[])",
     )
     .bind(id)
@@ -123,10 +128,12 @@ pub async fn insert_run(conn: &mut PgConnection, new: NewRun<'_>) -> Result<Opti
 }
 
 pub async fn get_run(executor: impl PgExecutor<'_>, id: Uuid) -> Result<Option<RunRow>, sqlx::Error> {
-    sqlx::query_as(&format!("SELECT {RUN_COLUMNS} FROM provisioning_runs WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(executor)
-        .await
+    sqlx::query_as(&format!(
+        "SELECT {RUN_COLUMNS} FROM orchestrator_provisioning_runs WHERE id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(executor)
+    .await
 }
 
 pub async fn find_by_idempotency_key(
@@ -136,7 +143,7 @@ pub async fn find_by_idempotency_key(
     key: &str,
 ) -> Result<Option<RunRow>, sqlx::Error> {
     sqlx::query_as(&format!(
-        "SELECT {RUN_COLUMNS} FROM provisioning_runs WHERE org_id = $1 AND team_node_id = $2 AND idempotency_key = $3"
+        "SELECT {RUN_COLUMNS} FROM orchestrator_provisioning_runs WHERE org_id = $1 AND team_node_id = $2 AND idempotency_key = $3"
     ))
     .bind(org)
     .bind(team)
@@ -145,14 +152,16 @@ pub async fn find_by_idempotency_key(
     .await
 }
 
-/// The newest run still going for a team: what a busy team's 409 points at.
+/// The newest run still going for a team: what a busy team's 409 points at. A run the existing
+/// service left `running` (it died mid-request and never went back) is not one.
 pub async fn running_run_for_team(
     executor: impl PgExecutor<'_>,
     org: &str,
     team: &str,
 ) -> Result<Option<Uuid>, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT id FROM provisioning_runs WHERE org_id = $1 AND team_node_id = $2 AND status = 'running'
+        "SELECT id FROM orchestrator_provisioning_runs
+         WHERE org_id = $1 AND team_node_id = $2 AND status = 'running' AND request IS NOT NULL
          ORDER BY created_at DESC LIMIT 1",
     )
     .bind(org)
@@ -162,7 +171,7 @@ pub async fn running_run_for_team(
 }
 
 pub async fn steps(executor: impl PgExecutor<'_>, run_id: Uuid) -> Result<Vec<StepRow>, sqlx::Error> {
-    sqlx::query_as("SELECT * FROM provisioning_steps WHERE run_id = $1 ORDER BY position")
+    sqlx::query_as("SELECT * FROM orchestrator_provisioning_steps WHERE run_id = $1 ORDER BY position")
         .bind(run_id)
         .fetch_all(executor)
         .await
@@ -171,9 +180,9 @@ pub async fn steps(executor: impl PgExecutor<'_>, run_id: Uuid) -> Result<Vec<St
 pub async fn step_started(executor: impl PgExecutor<'_>, run_id: Uuid, position: i16) -> Result<(), sqlx::Error> {
     sqlx::query(
         "WITH step AS (
-             UPDATE provisioning_steps SET status = 'running', started_at = now(), finished_at = NULL, duration_ms = NULL, error = NULL
+             UPDATE orchestrator_provisioning_steps SET status = 'running', started_at = now(), finished_at = NULL, duration_ms = NULL, error = NULL
              WHERE run_id = $1 AND position = $2 RETURNING name)
-         UPDATE provisioning_runs SET current_step = (SELECT name FROM step), updated_at = now() WHERE id = $1",
+         UPDATE orchestrator_provisioning_runs SET current_step = (SELECT name FROM step), updated_at = now() WHERE id = $1",
     )
     .bind(run_id)
     .bind(position)
@@ -188,7 +197,7 @@ pub async fn step_attempt(
     position: i16,
     attempts: i32,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE provisioning_steps SET attempts = $3 WHERE run_id = $1 AND position = $2")
+    sqlx::query("UPDATE orchestrator_provisioning_steps SET attempts = $3 WHERE run_id = $1 AND position = $2")
         .bind(run_id)
         .bind(position)
         .bind(attempts)
@@ -209,12 +218,12 @@ pub async fn step_finished(
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "WITH step AS (
-             UPDATE provisioning_steps
+             UPDATE orchestrator_provisioning_steps
              SET status = $3, attempts = $4, finished_at = now(),
                  duration_ms = (EXTRACT(EPOCH FROM (now() - coalesce(started_at, now()))) * 1000)::bigint,
                  result = coalesce($5, result), error = $6
              WHERE run_id = $1 AND position = $2 RETURNING 1)
-         UPDATE provisioning_runs SET updated_at = now() WHERE id = $1 AND EXISTS (SELECT 1 FROM step)",
+         UPDATE orchestrator_provisioning_runs SET updated_at = now() WHERE id = $1 AND EXISTS (SELECT 1 FROM step)",
     )
     .bind(run_id)
     .bind(position)
@@ -233,7 +242,7 @@ pub async fn step_result(
     run_id: Uuid,
     position: i16,
 ) -> Result<Option<Value>, sqlx::Error> {
-    sqlx::query_scalar("SELECT result FROM provisioning_steps WHERE run_id = $1 AND position = $2")
+    sqlx::query_scalar("SELECT result FROM orchestrator_provisioning_steps WHERE run_id = $1 AND position = $2")
         .bind(run_id)
         .bind(position)
         .fetch_optional(executor)
@@ -247,7 +256,7 @@ pub async fn record_step_intent(
     position: i16,
     intent: &Value,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE provisioning_steps SET result = $3 WHERE run_id = $1 AND position = $2")
+    sqlx::query("UPDATE orchestrator_provisioning_steps SET result = $3 WHERE run_id = $1 AND position = $2")
         .bind(run_id)
         .bind(position)
         .bind(intent)
@@ -257,7 +266,7 @@ pub async fn record_step_intent(
 }
 
 pub async fn seal_team_token(executor: impl PgExecutor<'_>, run_id: Uuid, sealed: &[u8]) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE provisioning_runs SET sealed_team_token = $2, team_token_delivered = FALSE WHERE id = $1")
+    sqlx::query("UPDATE orchestrator_provisioning_runs SET sealed_team_token = $2 WHERE id = $1")
         .bind(run_id)
         .bind(sealed)
         .execute(executor)
@@ -266,7 +275,7 @@ pub async fn seal_team_token(executor: impl PgExecutor<'_>, run_id: Uuid, sealed
 }
 
 pub async fn sealed_team_token(executor: impl PgExecutor<'_>, run_id: Uuid) -> Result<Option<Vec<u8>>, sqlx::Error> {
-    sqlx::query_scalar("SELECT sealed_team_token FROM provisioning_runs WHERE id = $1")
+    sqlx::query_scalar("SELECT sealed_team_token FROM orchestrator_provisioning_runs WHERE id = $1")
         .bind(run_id)
         .fetch_optional(executor)
         .await
@@ -277,7 +286,7 @@ pub async fn sealed_team_token(executor: impl PgExecutor<'_>, run_id: Uuid) -> R
 /// succeeds.
 pub async fn take_team_token(executor: impl PgExecutor<'_>, run_id: Uuid, sealed: &[u8]) -> Result<bool, sqlx::Error> {
     Ok(sqlx::query(
-        "UPDATE provisioning_runs SET sealed_team_token = NULL, team_token_delivered = TRUE
+        "UPDATE orchestrator_provisioning_runs SET sealed_team_token = NULL
          WHERE id = $1 AND sealed_team_token = $2",
     )
     .bind(run_id)
@@ -289,29 +298,76 @@ pub async fn take_team_token(executor: impl PgExecutor<'_>, run_id: Uuid, sealed
 }
 
 pub async fn erase_team_token(executor: impl PgExecutor<'_>, run_id: Uuid) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE provisioning_runs SET sealed_team_token = NULL WHERE id = $1")
+    sqlx::query("UPDATE orchestrator_provisioning_runs SET sealed_team_token = NULL WHERE id = $1")
         .bind(run_id)
         .execute(executor)
         .await?;
     Ok(())
 }
 
-pub async fn finish_run(
-    executor: impl PgExecutor<'_>,
-    run_id: Uuid,
-    status: &str,
-    error: Option<&Value>,
-) -> Result<(), sqlx::Error> {
+/// How a run ended: its status, the error (one line and as an object) and the step summary.
+pub struct RunEnd<'a> {
+    pub status: &'a str,
+    pub error: Option<&'a str>,
+    pub error_detail: Option<&'a Value>,
+    pub steps: &'a Value,
+}
+
+pub async fn finish_run(executor: impl PgExecutor<'_>, run_id: Uuid, end: RunEnd<'_>) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE provisioning_runs SET status = $2, error = $3, current_step = CASE WHEN $2 = 'succeeded' THEN NULL ELSE current_step END,
+        "UPDATE orchestrator_provisioning_runs SET status = $2, error = $3, error_detail = $4, steps = $5,
+         current_step = CASE WHEN $2 = 'succeeded' THEN NULL ELSE current_step END,
          updated_at = now(), finished_at = now() WHERE id = $1",
     )
     .bind(run_id)
-    .bind(status)
-    .bind(error.map(storable_json))
+    .bind(end.status)
+    .bind(end.error.map(storable_text))
+    .bind(end.error_detail.map(storable_json))
+    .bind(storable_json(end.steps))
     .execute(executor)
     .await?;
     Ok(())
+}
+
+/// The step summary the existing service kept (and its clients read): each step that ran, keyed
+/// by name, with `ok` and the step's output; a failed step with its error. The derived
+/// `slack_channel_map` entry is the existing service's too.
+pub fn step_summary(steps: &[StepRow], request: &ProvisionRequest) -> Value {
+    let mut summary = serde_json::Map::new();
+    for step in steps {
+        let mut entry = match step.status.as_str() {
+            "succeeded" | "rolled_back" => serde_json::Map::from_iter([("ok".to_string(), Value::Bool(true))]),
+            "failed" => serde_json::Map::from_iter([
+                ("ok".to_string(), Value::Bool(false)),
+                (
+                    "error".to_string(),
+                    step.error
+                        .as_ref()
+                        .and_then(|e| e.get("message"))
+                        .cloned()
+                        .unwrap_or(Value::Null),
+                ),
+            ]),
+            _ => continue,
+        };
+        if let Some(Value::Object(result)) = &step.result {
+            for (key, value) in result {
+                entry.entry(key.clone()).or_insert_with(|| value.clone());
+            }
+        }
+        if step.status == "rolled_back" {
+            entry.insert("rolled_back".into(), Value::Bool(true));
+        }
+        summary.insert(step.name.clone(), Value::Object(entry));
+        if step.name == "config_patch" && step.status == "succeeded" {
+            let channels = request.routing.get("slack_channel_ids").map_or(0, Vec::len);
+            summary.insert(
+                "slack_channel_map".into(),
+                serde_json::json!({"ok": true, "count": channels, "source": "config_service"}),
+            );
+        }
+    }
+    Value::Object(summary)
 }
 
 pub async fn mark_step_rolled_back(
@@ -321,7 +377,7 @@ pub async fn mark_step_rolled_back(
     note: &Value,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE provisioning_steps SET status = 'rolled_back', result = coalesce(result, '{}'::jsonb) || jsonb_build_object('rollback', $3::jsonb)
+        "UPDATE orchestrator_provisioning_steps SET status = 'rolled_back', result = coalesce(result, '{}'::jsonb) || jsonb_build_object('rollback', $3::jsonb)
          WHERE run_id = $1 AND position = $2",
     )
     .bind(run_id)
@@ -335,7 +391,7 @@ pub async fn mark_step_rolled_back(
 /// Puts a failed run back to running from its failed step. `false` if it was not failed.
 pub async fn reopen_failed_run(conn: &mut PgConnection, run_id: Uuid) -> Result<bool, sqlx::Error> {
     let reopened = sqlx::query(
-        "UPDATE provisioning_runs SET status = 'running', error = NULL, finished_at = NULL, executions = executions + 1, updated_at = now()
+        "UPDATE orchestrator_provisioning_runs SET status = 'running', error = NULL, finished_at = NULL, executions = executions + 1, updated_at = now()
          WHERE id = $1 AND status = 'failed'",
     )
     .bind(run_id)
@@ -346,7 +402,7 @@ pub async fn reopen_failed_run(conn: &mut PgConnection, run_id: Uuid) -> Result<
     if reopened {
         // A rolled-back step was undone: a retry must do it again, not skip it.
         sqlx::query(
-            "UPDATE provisioning_steps SET status = 'pending', error = NULL
+            "UPDATE orchestrator_provisioning_steps SET status = 'pending', error = NULL
              WHERE run_id = $1 AND status IN ('failed', 'rolled_back')",
         )
         .bind(run_id)
@@ -357,10 +413,12 @@ pub async fn reopen_failed_run(conn: &mut PgConnection, run_id: Uuid) -> Result<
 }
 
 pub async fn count_execution(executor: impl PgExecutor<'_>, run_id: Uuid) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE provisioning_runs SET executions = executions + 1, updated_at = now() WHERE id = $1")
-        .bind(run_id)
-        .execute(executor)
-        .await?;
+    sqlx::query(
+        "UPDATE orchestrator_provisioning_runs SET executions = executions + 1, updated_at = now() WHERE id = $1",
+    )
+    .bind(run_id)
+    .execute(executor)
+    .await?;
     Ok(())
 }
 
@@ -371,8 +429,8 @@ pub async fn stale_running_runs(
     limit: i64,
 ) -> Result<Vec<(Uuid, String, String)>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT id, org_id, team_node_id FROM provisioning_runs
-         WHERE status = 'running' AND updated_at < now() - make_interval(secs => $1)
+        "SELECT id, org_id, team_node_id FROM orchestrator_provisioning_runs
+         WHERE status = 'running' AND request IS NOT NULL AND updated_at < now() - make_interval(secs => $1)
          ORDER BY updated_at LIMIT $2",
     )
     .bind(idle_seconds)
@@ -390,7 +448,9 @@ pub struct RunFilter {
 }
 
 pub async fn list_runs(executor: impl PgExecutor<'_>, filter: &RunFilter) -> Result<Vec<RunRow>, sqlx::Error> {
-    let mut sql = QueryBuilder::<Postgres>::new(format!("SELECT {RUN_COLUMNS} FROM provisioning_runs WHERE TRUE"));
+    let mut sql = QueryBuilder::<Postgres>::new(format!(
+        "SELECT {RUN_COLUMNS} FROM orchestrator_provisioning_runs WHERE TRUE"
+    ));
     if let Some(org) = &filter.org_id {
         sql.push(" AND org_id = ").push_bind(org);
     }

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::lock::TeamLock;
+use super::objects::{self, CronJobKind, TeamObjects};
 use super::request::{DeploymentMode, ProvisionRequest};
 use super::sealing::Sealer;
 use super::{cron, store};
@@ -24,7 +25,6 @@ use crate::clients::{kubernetes as k8s, NeighbourError};
 use crate::config::Secret;
 use crate::retry::RetryPolicy;
 
-const DEFAULT_SCHEDULE: &str = "0 2 * * *";
 /// How long a neighbour's answer we keep in a step result.
 const RESULT_LIMIT: usize = 4096;
 
@@ -59,15 +59,6 @@ impl From<NeighbourError> for StepError {
             transient: e.is_transient(),
             retry_after: e.retry_after(),
             message: e.to_string(),
-        }
-    }
-}
-
-impl From<k8s::ApplyError> for StepError {
-    fn from(e: k8s::ApplyError) -> Self {
-        match e {
-            k8s::ApplyError::NameTaken(message) => StepError::permanent("kubernetes_name_taken", message),
-            k8s::ApplyError::Kube(e) => e.into(),
         }
     }
 }
@@ -183,7 +174,10 @@ async fn execute_locked(
     if run.is_final() {
         return Ok(());
     }
-    let request = run.request.0.clone();
+    // A run the existing service recorded has no request to execute; it is never resumed.
+    let Some(request) = run.request.as_ref().map(|r| r.0.clone()) else {
+        return Ok(());
+    };
     let mut steps = store::steps(&state.db, run_id).await?;
     let mut outcome = Outcome::Succeeded;
 
@@ -203,7 +197,10 @@ async fn execute_locked(
             break;
         }
         match run_step(state, run_id, step, &request, credential).await? {
-            Ok(result) => step.result = Some(result),
+            Ok(result) => {
+                step.result = Some(result);
+                step.status = "succeeded".into();
+            }
             Err(error) => {
                 outcome = Outcome::Failed {
                     position: step.position,
@@ -218,8 +215,19 @@ async fn execute_locked(
     match outcome {
         Outcome::Interrupted => Ok(()),
         Outcome::Succeeded => {
+            let summary = store::step_summary(&steps, &request);
             let mut tx = state.db.begin().await?;
-            store::finish_run(&mut *tx, run_id, "succeeded", None).await?;
+            store::finish_run(
+                &mut *tx,
+                run_id,
+                store::RunEnd {
+                    status: "succeeded",
+                    error: None,
+                    error_detail: None,
+                    steps: &summary,
+                },
+            )
+            .await?;
             audit::record(
                 &mut *tx,
                 run_audit(&run, actor, "provision.completed", "succeeded", json!({})),
@@ -250,8 +258,22 @@ async fn execute_locked(
                     error_json["rollback_errors"] = json!(problems);
                 }
             }
+            // Re-read: the failed step and any rollback are recorded there.
+            let steps = store::steps(&state.db, run_id).await?;
+            let summary = store::step_summary(&steps, &request);
+            let one_line = format!("{step}: {}", error.message);
             let mut tx = state.db.begin().await?;
-            store::finish_run(&mut *tx, run_id, status, Some(&error_json)).await?;
+            store::finish_run(
+                &mut *tx,
+                run_id,
+                store::RunEnd {
+                    status,
+                    error: Some(&one_line),
+                    error_detail: Some(&error_json),
+                    steps: &summary,
+                },
+            )
+            .await?;
             audit::record(
                 &mut *tx,
                 run_audit(&run, actor, "provision.completed", status, json!({"error": error_json})),
@@ -274,7 +296,10 @@ fn run_audit<'a>(
 ) -> AuditEntry<'a> {
     AuditEntry {
         actor_subject: actor,
-        actor_email: run.actor_email.as_deref().filter(|_| actor == run.actor_subject),
+        actor_email: run
+            .actor_email
+            .as_deref()
+            .filter(|_| run.actor_subject.as_deref() == Some(actor)),
         action,
         org_id: Some(&run.org_id),
         team_node_id: Some(&run.team_node_id),
@@ -404,6 +429,12 @@ async fn perform(
 ) -> Result<StepDone, StepError> {
     let org = request.org_id.as_str();
     let team = request.team_node_id.as_str();
+    let objects = TeamObjects {
+        kubernetes: &state.config.kubernetes,
+        config_service_url: state.config.neighbours.config_service_url.as_str(),
+        org,
+        team,
+    };
     match step {
         "config_patch" => {
             let mut patch = json!({"ai_pipeline": {"team_id": team}});
@@ -414,48 +445,69 @@ async fn perform(
             Ok(json!({"patched": patch}).into())
         }
         "team_token" => issue_team_token_once(state, run_id, position, credential, org, team).await,
-        "pipeline_bootstrap" => {
-            let key = format!("{run_id}:pipeline_bootstrap");
+        "bootstrap" => {
+            let key = format!("{run_id}:bootstrap");
             let answer = state.ai_pipeline.bootstrap(credential, team, &key).await?;
-            Ok(json!({"idempotency_key": key, "response": bounded(answer)}).into())
+            Ok(json!({"run": bounded(answer), "idempotency_key": key}).into())
         }
         "pipeline_cronjob" => {
             let schedule = match &request.pipeline_schedule {
                 Some(schedule) => schedule.clone(),
                 None => configured_schedule(state, credential, org, team).await?,
             };
-            let object = k8s::pipeline_cronjob(
-                &state.config.kubernetes,
-                state.config.neighbours.config_service_url.as_str(),
-                org,
-                team,
-                &schedule,
-            );
-            let applied = state.kube.apply(&object).await?;
-            Ok(json!({"object": applied, "schedule": schedule}).into())
+            let cronjob = objects.cronjob(CronJobKind::Pipeline, &schedule, false);
+            let applied = apply_owned(&state.kube, &cronjob).await?;
+            Ok(json!({"result": {
+                "name": applied.name, "namespace": applied.namespace, "schedule": schedule,
+                "org_id": org, "team_node_id": team, "created": true,
+                "uid": applied.uid, "resource_version": applied.resource_version,
+            }})
+            .into())
         }
-        "dedicated_agent" => {
-            let kconf = &state.config.kubernetes;
-            let deployment = state
-                .kube
-                .apply(&k8s::dedicated_agent_deployment(
-                    kconf,
-                    state.config.neighbours.config_service_url.as_str(),
-                    org,
-                    team,
-                ))
-                .await?;
-            let service = state
-                .kube
-                .apply(&k8s::dedicated_agent_service(kconf, org, team))
-                .await?;
-            let url = k8s::dedicated_agent_url(org, team, &kconf.namespace);
+        "dedicated_deployment" => {
+            let deployment = apply_owned(&state.kube, &objects.dedicated_agent_deployment()).await?;
+            let service = apply_owned(&state.kube, &objects.dedicated_agent_service()).await?;
+            let url = objects::dedicated_agent_url(org, team, &state.config.kubernetes.namespace);
             let patch = json!({"agent": {"dedicated_service_url": url, "deployment_mode": "dedicated"}});
             patch_config_creating_node(state, credential, org, team, &patch).await?;
-            Ok(json!({"deployment": deployment, "service": service, "url": url}).into())
+            Ok(json!({"result": {
+                "name": deployment.name, "namespace": deployment.namespace, "org_id": org, "team_node_id": team,
+                "replicas": 1, "service_url": url,
+                "deployment_uid": deployment.uid, "service_uid": service.uid,
+            }})
+            .into())
         }
         other => Err(StepError::permanent("unknown_step", format!("unknown step {other}"))),
     }
+}
+
+/// Applies a team's object unless an object of that name belongs to someone else: another team
+/// whose name sanitises alike, or something this service did not create.
+async fn apply_owned<K>(
+    kube: &crate::clients::kubernetes::KubeClient,
+    object: &K,
+) -> Result<k8s::AppliedObject, StepError>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+    <K as kube::Resource>::DynamicType: Default,
+{
+    let name = object.meta().name.clone().unwrap_or_default();
+    if let Some(existing) = kube.get::<K>(&name).await? {
+        if !objects::same_owner(existing.meta(), object.meta()) {
+            return Err(StepError::permanent(
+                "kubernetes_name_taken",
+                format!(
+                    "{} {name} already exists and belongs to another team",
+                    K::kind(&Default::default())
+                ),
+            ));
+        }
+    }
+    Ok(kube.apply(object).await?)
 }
 
 /// Issues a team token unless the team has an active one, without ever leaving an issued token
@@ -488,7 +540,7 @@ async fn issue_team_token_once(
     let tokens = state.config_service.list_team_tokens(credential, org, team).await?;
     let mut active: Vec<&str> = tokens
         .iter()
-        .filter(|t| t.revoked_at.is_none())
+        .filter(|t| !t.revoked)
         .map(|t| t.token_id.as_str())
         .collect();
     let mut revoked_orphans = Vec::new();
@@ -504,7 +556,7 @@ async fn issue_team_token_once(
         active.retain(|id| known.iter().any(|k| k == id));
     }
     if !active.is_empty() {
-        return Ok(json!({"issued": false, "active_token_ids": active}).into());
+        return Ok(json!({"created": false, "existing_tokens": tokens.len(), "active_token_ids": active}).into());
     }
     let all_ids: Vec<&str> = tokens.iter().map(|t| t.token_id.as_str()).collect();
     store::record_step_intent(
@@ -517,7 +569,7 @@ async fn issue_team_token_once(
     .map_err(database)?;
     let issued = state.config_service.issue_team_token(credential, org, team).await?;
     Ok(StepDone {
-        result: json!({"issued": true, "token_id": issued.token_id, "issued_at": issued.issued_at, "revoked_orphans": revoked_orphans}),
+        result: json!({"created": true, "token_id": issued.token_id, "issued_at": issued.issued_at, "revoked_orphans": revoked_orphans}),
         issued_token: Some(issued.token),
     })
 }
@@ -556,7 +608,7 @@ async fn configured_schedule(
 ) -> Result<String, StepError> {
     let config = state.config_service.effective_config(credential, org, team).await?;
     match config.pointer("/ai_pipeline/schedule").and_then(Value::as_str) {
-        None => Ok(DEFAULT_SCHEDULE.to_string()),
+        None => Ok(CronJobKind::Pipeline.default_schedule().to_string()),
         Some(schedule) => {
             cron::validate(schedule).map_err(|e| {
                 StepError::permanent(
@@ -599,15 +651,15 @@ async fn rollback(
     for step in completed.iter().rev() {
         let undone: Result<Value, StepError> = async {
             match step.name.as_str() {
-                "dedicated_agent" => {
-                    let name = k8s::dedicated_agent_name(org, team);
+                "dedicated_deployment" => {
+                    let name = objects::dedicated_agent_name(org, team);
                     state
                         .kube
-                        .delete::<Service>(&name, recorded_uid(step, "/service/uid"))
+                        .delete::<Service>(&name, recorded_uid(step, "/result/service_uid"))
                         .await?;
                     state
                         .kube
-                        .delete::<Deployment>(&name, recorded_uid(step, "/deployment/uid"))
+                        .delete::<Deployment>(&name, recorded_uid(step, "/result/deployment_uid"))
                         .await?;
                     patch_config_creating_node(
                         state,
@@ -620,10 +672,10 @@ async fn rollback(
                     Ok(json!({"deleted": [format!("Deployment/{name}"), format!("Service/{name}")]}))
                 }
                 "pipeline_cronjob" => {
-                    let name = k8s::pipeline_cronjob_name(org, team);
+                    let name = objects::pipeline_cronjob_name(org, team);
                     state
                         .kube
-                        .delete::<CronJob>(&name, recorded_uid(step, "/object/uid"))
+                        .delete::<CronJob>(&name, recorded_uid(step, "/result/uid"))
                         .await?;
                     Ok(json!({"deleted": [format!("CronJob/{name}")]}))
                 }
@@ -633,7 +685,7 @@ async fn rollback(
                     .and_then(|r| r.get("token_id"))
                     .and_then(Value::as_str)
                 {
-                    Some(token_id) if step.result.as_ref().and_then(|r| r.get("issued")) == Some(&json!(true)) => {
+                    Some(token_id) if step.result.as_ref().and_then(|r| r.get("created")) == Some(&json!(true)) => {
                         state
                             .config_service
                             .revoke_team_token(credential, org, team, token_id)
@@ -690,8 +742,19 @@ pub async fn resume_once(state: &AppState) -> Result<usize, sqlx::Error> {
         }
         let Some(credential) = state.config.internal_admin_token.clone() else {
             tracing::error!(%run_id, "cannot resume an orphaned run: ORCHESTRATOR_INTERNAL_ADMIN_TOKEN is not set");
-            let error = json!({"code": "resume_credential_missing", "message": "the run's owner died and ORCHESTRATOR_INTERNAL_ADMIN_TOKEN is not set; retry the run"});
-            store::finish_run(&state.db, run_id, "failed", Some(&error)).await?;
+            let message = "the run's owner died and ORCHESTRATOR_INTERNAL_ADMIN_TOKEN is not set; retry the run";
+            let error = json!({"code": "resume_credential_missing", "message": message});
+            store::finish_run(
+                &state.db,
+                run_id,
+                store::RunEnd {
+                    status: "failed",
+                    error: Some(message),
+                    error_detail: Some(&error),
+                    steps: &json!({}),
+                },
+            )
+            .await?;
             lock.release().await;
             continue;
         };

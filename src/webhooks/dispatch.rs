@@ -556,7 +556,7 @@ async fn run_agent(
         }
         None => DEFAULT_AGENT.to_string(),
     };
-    let dedicated = crate::clients::kubernetes::trusted_dedicated_url(
+    let dedicated = crate::provisioning::objects::trusted_dedicated_url(
         access
             .config
             .pointer("/agent/dedicated_service_url")
@@ -567,14 +567,24 @@ async fn run_agent(
     );
     let source_config = source_config(&state.config.webhooks, source);
     let correlation = event.id.to_string();
+    let session_id = run.session_id.clone().unwrap_or_else(|| correlation.clone());
+    let context = run.context(source, &session_id);
+    let destinations = super::destinations::resolve(
+        source,
+        &run.reply_to,
+        &access.config,
+        run.destinations.as_deref(),
+        state.config.slack_bot_token.as_ref().map(Secret::expose),
+    );
     let request = AgentRequest {
         agent_name: &agent_name,
         message: &run.message,
-        context: &run.context,
+        context: &context,
         timeout: source_config.agent_timeout,
         max_turns: source_config.agent_max_turns,
         correlation_id: &correlation,
-        session_id: &run.session_id,
+        session_id: &session_id,
+        output_destinations: Some(&destinations),
         trigger_source: source.as_str(),
         org_id: org,
         team_id: team,

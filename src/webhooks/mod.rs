@@ -1,6 +1,7 @@
 //! The webhook front door: verified ingress, a durable inbox, and dispatch to agent runs.
 
 pub mod admin;
+pub mod destinations;
 pub mod dispatch;
 pub mod ingress;
 pub mod internal;

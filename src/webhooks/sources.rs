@@ -6,6 +6,7 @@ use axum::http::HeaderMap;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
+use super::destinations::ReplyTo;
 use super::signature::Source;
 
 /// What ingress learns from a verified delivery.
@@ -272,9 +273,35 @@ pub struct RunPlan {
     pub routing_key: &'static str,
     pub routing_value: String,
     pub message: String,
-    pub context: Value,
-    /// Stable per thread, issue or incident.
-    pub session_id: String,
+    /// What the agent's context carries under `metadata.<source>`.
+    pub metadata: Value,
+    /// Who asked, when the source says (the Slack user, the GitHub sender).
+    pub user_id: Option<String>,
+    /// Stable per conversation (`contracts.md`), so the agent keeps its memory of a thread, a pull
+    /// request or an issue; `None` means the run's correlation id.
+    pub session_id: Option<String>,
+    /// Where the source's own default answer goes.
+    pub reply_to: ReplyTo,
+    /// Destinations the sender chose itself (the platform's Slack bot may), used as they are.
+    pub destinations: Option<Vec<Value>>,
+}
+
+impl RunPlan {
+    /// The run dialect's `context`: `{user_id, session_id, metadata: {<source>: ...}, trigger}`.
+    pub fn context(&self, source: Source, session_id: &str) -> Value {
+        json!({
+            "user_id": self.user_id,
+            "session_id": session_id,
+            "metadata": {source.as_str(): self.metadata},
+            "trigger": source.as_str(),
+        })
+    }
+}
+
+/// `slack-<channel, lower case>-<thread_ts with "." as "-">`: the session id the Slack bot has
+/// always used, so conversations survive the cut-over.
+pub fn slack_session_id(channel: &str, thread_ts: &str) -> String {
+    format!("slack-{}-{}", channel.to_lowercase(), thread_ts.replace('.', "-"))
 }
 
 const GITHUB_ACTIONABLE: &[&str] = &[
@@ -345,21 +372,33 @@ fn plan_slack(kind: &str, body: &[u8]) -> Result<Plan, MalformedDelivery> {
     let ts = str_at(event, "/ts")
         .or_else(|| str_at(event, "/event_ts"))
         .unwrap_or("");
+    let event_ts = str_at(event, "/event_ts").unwrap_or(ts);
     let thread = str_at(event, "/thread_ts").unwrap_or(ts);
     let user = str_at(event, "/user").or_else(|| str_at(event, "/user_id"));
     let text = strip_mentions(str_at(event, "/text").unwrap_or(""));
     if text.is_empty() {
         return Ok(Plan::Skip("the message has no text after mentions".into()));
     }
+    let destinations = event
+        .get("output_destinations")
+        .and_then(Value::as_array)
+        .filter(|_| kind == "internal_trigger")
+        .cloned();
     Ok(Plan::Run(RunPlan {
         routing_key: "slack_channel_id",
         routing_value: channel.to_string(),
         message: text,
-        context: json!({
-            "source": "slack", "channel_id": channel, "thread_ts": thread, "ts": ts, "user_id": user,
+        metadata: json!({
+            "channel_id": channel, "thread_ts": thread, "event_ts": event_ts, "ts": ts, "user_id": user,
             "team_id": str_at(&value, "/team_id").or_else(|| str_at(event, "/team_id")),
         }),
-        session_id: format!("slack:{channel}:{thread}"),
+        user_id: user.map(str::to_string),
+        session_id: (!thread.is_empty()).then(|| slack_session_id(channel, thread)),
+        reply_to: ReplyTo::SlackThread {
+            channel_id: channel.to_string(),
+            thread_ts: thread.to_string(),
+        },
+        destinations,
     }))
 }
 
@@ -437,17 +476,36 @@ fn plan_github(kind: &str, body: &[u8]) -> Result<Plan, MalformedDelivery> {
             )
         }
     };
-    let session = match number {
-        Some(n) => format!("github:{repo}#{n}"),
-        None => format!("github:{repo}@{}", str_at(&value, "/ref").unwrap_or("")),
+    // A comment on a pull request arrives as an issue comment whose issue is a pull request.
+    let is_pull_request = kind.starts_with("pull_request") || value.pointer("/issue/pull_request").is_some();
+    let (pr_number, issue_number) = match number {
+        Some(n) if is_pull_request => (Some(n), None),
+        Some(n) => (None, Some(n)),
+        None => (None, None),
+    };
+    let session_id = match (pr_number, issue_number) {
+        (Some(n), _) => Some(format!("github-{}-pr-{n}", repo.replace('/', "-"))),
+        (None, Some(n)) => Some(format!("github-{}-issue-{n}", repo.replace('/', "-"))),
+        (None, None) => None,
     };
     Ok(Plan::Run(RunPlan {
         routing_key: "github_repo",
         routing_value: repo.to_string(),
         message,
-        context: json!({"source": "github", "event": kind, "action": action, "repository": repo, "number": number, "sender": actor,
+        metadata: json!({"event_type": kind, "action": action, "repo": repo, "pr_number": pr_number,
+            "issue_number": issue_number, "sender": actor,
             "url": str_at(&value, "/pull_request/html_url").or_else(|| str_at(&value, "/issue/html_url"))}),
-        session_id: session,
+        user_id: str_at(&value, "/sender/login").map(str::to_string),
+        session_id,
+        reply_to: match (pr_number, issue_number) {
+            (None, None) => ReplyTo::Nowhere,
+            _ => ReplyTo::GitHub {
+                repo: repo.to_string(),
+                pr_number,
+                issue_number,
+            },
+        },
+        destinations: None,
     }))
 }
 
@@ -475,9 +533,12 @@ fn plan_pagerduty(kind: &str, body: &[u8]) -> Result<Plan, MalformedDelivery> {
         message: format!(
             "PagerDuty incident {number}{kind} on {service_name}: {title} (urgency {urgency}, status {status})"
         ),
-        context: json!({"source": "pagerduty", "event": kind, "incident_id": id, "service_id": service, "title": title,
+        metadata: json!({"event_type": kind, "incident_id": id, "service_id": service, "title": title,
             "urgency": urgency, "status": status, "url": str_at(incident, "/html_url")}),
-        session_id: format!("pagerduty:{id}"),
+        user_id: None,
+        session_id: None,
+        reply_to: ReplyTo::Incident,
+        destinations: None,
     }))
 }
 
@@ -495,8 +556,11 @@ fn plan_incidentio(kind: &str, body: &[u8]) -> Result<Plan, MalformedDelivery> {
             routing_key: "incidentio_alert_source_id",
             routing_value: source_id.to_string(),
             message: format!("Incident.io alert: {title} (status {status})"),
-            context: json!({"source": "incidentio", "event": kind, "alert_id": id, "alert_source_id": source_id, "title": title, "status": status}),
-            session_id: format!("incidentio:alert:{id}"),
+            metadata: json!({"event_type": kind, "alert_id": id, "alert_source_id": source_id, "title": title, "status": status}),
+            user_id: None,
+            session_id: None,
+            reply_to: ReplyTo::Incident,
+            destinations: None,
         }));
     }
     let Some(incident) = incident else {
@@ -519,9 +583,12 @@ fn plan_incidentio(kind: &str, body: &[u8]) -> Result<Plan, MalformedDelivery> {
         routing_key: "incidentio_team_id",
         routing_value: team.to_string(),
         message: format!("Incident.io incident {reference}: {name} (severity {severity}, status {status})"),
-        context: json!({"source": "incidentio", "event": kind, "incident_id": id, "reference": reference, "name": name,
+        metadata: json!({"event_type": kind, "incident_id": id, "reference": reference, "name": name,
             "severity": severity, "status": status, "url": str_at(incident, "/permalink")}),
-        session_id: format!("incidentio:incident:{id}"),
+        user_id: None,
+        session_id: None,
+        reply_to: ReplyTo::Incident,
+        destinations: None,
     }))
 }
 
@@ -555,7 +622,7 @@ mod tests {
             panic!()
         };
         assert_eq!(run.message, "hi");
-        assert_eq!(run.session_id, "slack:C1:1.2");
+        assert_eq!(run.session_id.as_deref(), Some("slack-c1-1-2"));
         let bot = json!({"event": {"type": "app_mention", "channel": "C1", "text": "x", "bot_id": "B1"}});
         assert!(matches!(
             plan(Source::Slack, "app_mention", bot.to_string().as_bytes()),

@@ -1,4 +1,4 @@
-//! The SQL of the webhook inbox (`webhook_events`) and its dedupe keys (`webhook_deliveries`).
+//! The SQL of the webhook inbox (`orchestrator_webhook_events`) and its dedupe keys (`orchestrator_webhook_deliveries`).
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -19,7 +19,7 @@ pub const STATUSES: [&str; 6] = [
 ];
 
 /// Channel the ingress notifies so idle dispatchers wake at once.
-pub const NOTIFY_CHANNEL: &str = "webhook_inbox";
+pub const NOTIFY_CHANNEL: &str = "orchestrator_webhook_inbox";
 
 /// An event to store, owned so it can travel to the batch writer.
 #[derive(Clone, Debug)]
@@ -61,11 +61,11 @@ pub async fn insert_events(
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[], $7::text[])
                  WITH ORDINALITY AS t(id, source, kind, delivery_id, headers, body, ordering_key, n)),
          delivery AS (
-             INSERT INTO webhook_deliveries (source, delivery_id, event_id)
+             INSERT INTO orchestrator_webhook_deliveries (source, delivery_id, event_id)
              SELECT source, delivery_id, id FROM input ORDER BY n
              ON CONFLICT DO NOTHING RETURNING event_id),
          event AS (
-             INSERT INTO webhook_events (id, source, kind, delivery_id, headers, body, ordering_key)
+             INSERT INTO orchestrator_webhook_events (id, source, kind, delivery_id, headers, body, ordering_key)
              SELECT i.id, i.source, i.kind, i.delivery_id, i.headers::jsonb, i.body, i.ordering_key
              FROM input i JOIN delivery d ON d.event_id = i.id ORDER BY i.n
              RETURNING id)
@@ -85,7 +85,7 @@ pub async fn insert_events(
     }
     // Some were duplicates: find the events their delivery ids already name.
     let existing: Vec<(String, String, Uuid)> = sqlx::query_as(
-        "SELECT d.source, d.delivery_id, d.event_id FROM webhook_deliveries d
+        "SELECT d.source, d.delivery_id, d.event_id FROM orchestrator_webhook_deliveries d
          JOIN UNNEST($1::text[], $2::text[]) AS t(source, delivery_id) USING (source, delivery_id)",
     )
     .bind(&sources)
@@ -126,38 +126,35 @@ pub struct ClaimedEvent {
 
 /// What operators see as an event's status. A claim only takes a lease and leaves `status` alone,
 /// so the claim is a HOT update (no column any index depends on changes) and an event being
-/// dispatched is one whose lease is live. Rows claimed by an older release still say 'processing'.
-const STATUS_EXPR: &str = "CASE WHEN status IN ('pending', 'processing')
-        THEN CASE WHEN lease_until > now() THEN 'processing' ELSE 'pending' END
-        ELSE status END";
+/// dispatched is one whose lease is live.
+const STATUS_EXPR: &str = "CASE WHEN status = 'pending' AND lease_until > now() THEN 'processing' ELSE status END";
 
 /// The claim, `$1` the limit and `$2` the lease in seconds. Run on [`crate::db::queue_pool`],
 /// where walking the due index in order is the only plan it can get.
-pub const CLAIM_SQL: &str = "UPDATE webhook_events e
-         SET status = 'pending', lease_owner = gen_random_uuid(), lease_until = now() + make_interval(secs => $2),
+pub const CLAIM_SQL: &str = "UPDATE orchestrator_webhook_events e
+         SET lease_owner = gen_random_uuid(), lease_until = now() + make_interval(secs => $2),
              attempts = e.attempts + 1, updated_at = now()
          WHERE e.id IN (
-             SELECT c.id FROM webhook_events c
+             SELECT c.id FROM orchestrator_webhook_events c
              WHERE c.next_attempt_at <= now()
-               AND c.status IN ('pending', 'processing')
+               AND c.status = 'pending'
                AND (c.lease_until IS NULL OR c.lease_until < now())
                -- Written as OR, not an anti join, so it probes the ordering index per candidate
                -- instead of reading the whole backlog on every claim.
                AND (c.ordering_key IS NULL OR NOT EXISTS (
-                   SELECT 1 FROM webhook_events p
+                   SELECT 1 FROM orchestrator_webhook_events p
                    WHERE p.ordering_key = c.ordering_key
-                     AND p.status IN ('pending', 'processing')
+                     AND p.status = 'pending'
                      AND (p.received_at, p.id) < (c.received_at, c.id)))
              ORDER BY c.next_attempt_at, c.received_at
              LIMIT $1
              FOR UPDATE SKIP LOCKED)
          RETURNING e.id, e.lease_owner AS lease, e.source, e.kind, e.delivery_id, e.headers, e.body, e.received_at, e.attempts, e.ordering_key";
 
-/// Claims up to `limit` due events, each with a fresh lease token. Setting 'pending' changes
-/// nothing on a pending row (the update stays HOT) and turns a row an older release left
-/// 'processing' into one the table's constraint accepts. An event waits while an earlier
-/// event with the same ordering key is unfinished, which keeps a thread's events in order. An
-/// expired lease (its worker died) makes an event claimable again.
+/// Claims up to `limit` due events, each with a fresh lease token; only lease columns change, so
+/// the update stays HOT. An event waits while an earlier event with the same ordering key is
+/// unfinished, which keeps a thread's events in order. An expired lease (its worker died) makes an
+/// event claimable again.
 pub async fn claim(
     executor: impl PgExecutor<'_>,
     limit: i64,
@@ -178,8 +175,8 @@ pub async fn renew_lease(
     lease_secs: f64,
 ) -> Result<bool, sqlx::Error> {
     Ok(sqlx::query(
-        "UPDATE webhook_events SET lease_until = now() + make_interval(secs => $3)
-         WHERE id = $1 AND lease_owner = $2 AND status IN ('pending', 'processing')",
+        "UPDATE orchestrator_webhook_events SET lease_until = now() + make_interval(secs => $3)
+         WHERE id = $1 AND lease_owner = $2 AND status = 'pending'",
     )
     .bind(id)
     .bind(owner)
@@ -226,7 +223,7 @@ impl OutcomeRow {
 
 /// Outcomes from ten parallel arrays, joined to their events by primary key. Run on
 /// [`crate::db::queue_pool`], where a lookup per row is the only plan it can get.
-pub const RECORD_OUTCOMES_SQL: &str = "UPDATE webhook_events e SET status = o.status, next_attempt_at = coalesce(o.next_attempt_at, e.next_attempt_at),
+pub const RECORD_OUTCOMES_SQL: &str = "UPDATE orchestrator_webhook_events e SET status = o.status, next_attempt_at = coalesce(o.next_attempt_at, e.next_attempt_at),
              last_error = o.last_error, skip_reason = o.skip_reason, org_id = coalesce(o.org_id, e.org_id),
              team_node_id = coalesce(o.team_node_id, e.team_node_id),
              correlation_id = coalesce(o.correlation_id, e.correlation_id),
@@ -302,14 +299,17 @@ fn event_columns() -> String {
 }
 
 pub async fn get_event(executor: impl PgExecutor<'_>, id: Uuid) -> Result<Option<EventRow>, sqlx::Error> {
-    sqlx::query_as(&format!("SELECT {} FROM webhook_events WHERE id = $1", event_columns()))
-        .bind(id)
-        .fetch_optional(executor)
-        .await
+    sqlx::query_as(&format!(
+        "SELECT {} FROM orchestrator_webhook_events WHERE id = $1",
+        event_columns()
+    ))
+    .bind(id)
+    .fetch_optional(executor)
+    .await
 }
 
 pub async fn get_body(executor: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Vec<u8>>, sqlx::Error> {
-    sqlx::query_scalar("SELECT body FROM webhook_events WHERE id = $1")
+    sqlx::query_scalar("SELECT body FROM orchestrator_webhook_events WHERE id = $1")
         .bind(id)
         .fetch_optional(executor)
         .await
@@ -354,7 +354,10 @@ fn push_filter(sql: &mut QueryBuilder<'_, Postgres>, filter: &EventFilter) {
 }
 
 pub async fn list_events(executor: impl PgExecutor<'_>, filter: &EventFilter) -> Result<Vec<EventRow>, sqlx::Error> {
-    let mut sql = QueryBuilder::<Postgres>::new(format!("SELECT {} FROM webhook_events WHERE TRUE", event_columns()));
+    let mut sql = QueryBuilder::<Postgres>::new(format!(
+        "SELECT {} FROM orchestrator_webhook_events WHERE TRUE",
+        event_columns()
+    ));
     push_filter(&mut sql, filter);
     sql.push(" ORDER BY received_at DESC, id DESC LIMIT ")
         .push_bind(filter.limit);
@@ -369,7 +372,7 @@ pub async fn replay(
     ids: Option<&[Uuid]>,
 ) -> Result<Vec<Uuid>, sqlx::Error> {
     let mut sql = QueryBuilder::<Postgres>::new(
-        "WITH chosen AS (SELECT id FROM webhook_events WHERE status IN ('delivered', 'skipped', 'unrouted', 'dead_letter') AND body IS NOT NULL",
+        "WITH chosen AS (SELECT id FROM orchestrator_webhook_events WHERE status IN ('delivered', 'skipped', 'unrouted', 'dead_letter') AND body IS NOT NULL",
     );
     push_filter(&mut sql, filter);
     if let Some(ids) = ids {
@@ -378,7 +381,7 @@ pub async fn replay(
     sql.push(" ORDER BY received_at LIMIT ").push_bind(filter.limit);
     sql.push(
         " FOR UPDATE SKIP LOCKED)
-         UPDATE webhook_events e SET status = 'pending', attempts = 0, next_attempt_at = now(), last_error = NULL,
+         UPDATE orchestrator_webhook_events e SET status = 'pending', attempts = 0, next_attempt_at = now(), last_error = NULL,
              skip_reason = NULL, finished_at = NULL, updated_at = now()
          FROM chosen WHERE e.id = chosen.id
          RETURNING e.id",
@@ -388,7 +391,7 @@ pub async fn replay(
 }
 
 pub async fn notify(executor: impl PgExecutor<'_>) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT pg_notify('webhook_inbox', '')")
+    sqlx::query("SELECT pg_notify('orchestrator_webhook_inbox', '')")
         .execute(executor)
         .await?;
     Ok(())
@@ -399,7 +402,7 @@ pub async fn notify(executor: impl PgExecutor<'_>) -> Result<(), sqlx::Error> {
 pub const OPEN_STATUSES: [&str; 2] = ["pending", "processing"];
 
 pub const OPEN_COUNTS_SQL: &str = "SELECT CASE WHEN lease_until > now() THEN 'processing' ELSE 'pending' END, count(*)
-     FROM webhook_events WHERE status IN ('pending', 'processing') GROUP BY 1";
+     FROM orchestrator_webhook_events WHERE status = 'pending' GROUP BY 1";
 
 pub async fn open_counts(executor: impl PgExecutor<'_>) -> Result<Vec<(String, i64)>, sqlx::Error> {
     sqlx::query_as(OPEN_COUNTS_SQL).fetch_all(executor).await
@@ -408,7 +411,7 @@ pub async fn open_counts(executor: impl PgExecutor<'_>) -> Result<Vec<(String, i
 /// Every status, counted over the whole table (a sequential scan of the retained history).
 pub async fn counts_by_status(executor: impl PgExecutor<'_>) -> Result<Vec<(String, i64)>, sqlx::Error> {
     sqlx::query_as(&format!(
-        "SELECT {STATUS_EXPR}, count(*) FROM webhook_events GROUP BY 1"
+        "SELECT {STATUS_EXPR}, count(*) FROM orchestrator_webhook_events GROUP BY 1"
     ))
     .fetch_all(executor)
     .await
@@ -425,8 +428,8 @@ pub async fn purge(
     dedupe_days: u32,
 ) -> Result<(u64, u64), sqlx::Error> {
     let events = sqlx::query(
-        "DELETE FROM webhook_events WHERE id IN (
-             SELECT id FROM webhook_events WHERE status IN ('delivered', 'skipped', 'unrouted')
+        "DELETE FROM orchestrator_webhook_events WHERE id IN (
+             SELECT id FROM orchestrator_webhook_events WHERE status IN ('delivered', 'skipped', 'unrouted')
                AND finished_at < now() - make_interval(days => $1) LIMIT 10000 FOR UPDATE SKIP LOCKED)",
     )
     .bind(retention_days as i32)
@@ -434,10 +437,10 @@ pub async fn purge(
     .await?
     .rows_affected();
     let deliveries = sqlx::query(
-        "DELETE FROM webhook_deliveries WHERE (source, delivery_id) IN (
-             SELECT d.source, d.delivery_id FROM webhook_deliveries d
+        "DELETE FROM orchestrator_webhook_deliveries WHERE (source, delivery_id) IN (
+             SELECT d.source, d.delivery_id FROM orchestrator_webhook_deliveries d
              WHERE d.received_at < now() - make_interval(days => $1)
-               AND NOT EXISTS (SELECT 1 FROM webhook_events e WHERE e.id = d.event_id)
+               AND NOT EXISTS (SELECT 1 FROM orchestrator_webhook_events e WHERE e.id = d.event_id)
              LIMIT 10000 FOR UPDATE SKIP LOCKED)",
     )
     .bind(dedupe_days as i32)

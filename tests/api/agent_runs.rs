@@ -22,7 +22,7 @@ async fn run(app: &TestApp, token: &str, body: &Value) -> reqwest::Response {
 }
 
 async fn agent_run_rows(app: &TestApp) -> Vec<(String, Option<Value>)> {
-    sqlx::query_as("SELECT status, error FROM agent_runs ORDER BY started_at")
+    sqlx::query_as("SELECT status, error FROM orchestrator_agent_runs ORDER BY started_at")
         .fetch_all(&app.db.pool)
         .await
         .unwrap()
@@ -60,13 +60,28 @@ async fn runs_the_agent_with_a_minted_team_credential_and_audits_it() {
         "the team credential never reaches the caller"
     );
 
-    // The run is closed off the response path, in both audits.
+    assert_eq!(call.body["trigger_source"], "api");
+    assert!(
+        call.body.get("output_destinations").is_none(),
+        "the caller gets the answer: the agent posts it nowhere"
+    );
+
+    // The run is opened in the platform audit as contracts.md gives it, and closed off the
+    // response path with a status of its vocabulary, in both audits.
+    let opened = &app.stack.config_service.calls_to("POST", "/unified-audit/agent-runs")[0].body;
+    assert_eq!(opened["run_id"], answer["run_id"]);
+    assert_eq!(opened["trigger_source"], "api");
+    assert_eq!(opened["trigger_message"], "hello");
+    assert_eq!(opened["trigger_channel_id"], Value::Null);
+    assert_eq!(opened["metadata"], json!({"context": {"k": 1}}));
     let audit = eventually(5, "the platform audit to close", || async {
         let audit = app.stack.config_service.state().audit_runs();
-        (audit.len() == 1 && audit[0]["status"] == "succeeded").then_some(audit)
+        (audit.len() == 1 && audit[0]["status"] == "completed").then_some(audit)
     })
     .await;
-    assert_eq!(audit[0]["run_id"], answer["run_id"]);
+    assert_eq!(audit[0]["id"], answer["run_id"]);
+    assert_eq!(audit[0]["output_summary"], "echo: hello");
+    assert!(audit[0]["completed_at"].is_string());
     eventually(5, "the run to close", || async {
         (agent_run_rows(&app).await == vec![("succeeded".to_string(), None)]).then_some(())
     })
@@ -294,11 +309,25 @@ async fn every_failure_maps_to_a_clear_error_and_closes_the_run() {
             "config_service_unavailable"
         ]
     );
-    eventually(10, "the platform audit to close every run", || async {
+    // Every run opened in the platform audit is closed there too, in its vocabulary: the agent's
+    // timeout as `timeout`, the rest as `failed`, each with its error message.
+    let audit = eventually(10, "the platform audit to close every run", || async {
         let audit = app.stack.config_service.state().audit_runs();
-        (audit.len() == 7 && audit.iter().all(|r| r["status"] == "failed")).then_some(())
+        (audit.len() == 7 && audit.iter().all(|r| r["status"] != "running")).then_some(audit)
     })
     .await;
+    let statuses: Vec<&str> = audit.iter().map(|r| r["status"].as_str().unwrap()).collect();
+    assert_eq!(
+        statuses,
+        ["failed", "failed", "failed", "failed", "failed", "failed", "timeout"]
+    );
+    assert!(audit.iter().all(|r| r["error_message"].is_string()));
+    assert!(app
+        .stack
+        .config_service
+        .calls_to("PATCH", "/unified-audit/")
+        .iter()
+        .all(|call| call.fault.is_none()));
 }
 
 #[tokio::test]

@@ -33,7 +33,7 @@ async fn health_is_503_not_500_when_the_database_is_unreachable() {
 #[tokio::test]
 async fn ready_is_503_until_migrations_are_applied() {
     let app = TestApp::spawn().await;
-    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = (SELECT max(version) FROM _sqlx_migrations)")
+    sqlx::query("DELETE FROM orchestrator_schema_migrations WHERE version = (SELECT max(version) FROM orchestrator_schema_migrations)")
         .execute(&app.db.pool)
         .await
         .unwrap();
@@ -89,19 +89,22 @@ async fn unknown_paths_share_one_metrics_series() {
     }
     app.get("/health").await;
     let metrics = app.get("/metrics").await.text().await.unwrap();
+    // The existing service's metric names and label names (`path` holding the route template).
     let series: Vec<&str> = metrics
         .lines()
-        .filter(|l| l.starts_with("http_requests_total{"))
+        .filter(|l| l.starts_with("incidentfox_orchestrator_http_requests_total{"))
         .collect();
     assert!(
         series
             .iter()
-            .any(|l| l.contains(r#"route="unmatched""#) && l.ends_with(" 1000")),
+            .any(|l| l.contains(r#"path="unmatched""#) && l.contains(r#"status_code="404""#) && l.ends_with(" 1000")),
         "{series:#?}"
     );
-    assert!(series.iter().any(|l| l.contains(r#"route="/health""#)), "{series:#?}");
+    assert!(series.iter().any(|l| l.contains(r#"path="/health""#)), "{series:#?}");
     assert!(series.len() < 10, "unknown paths must not create series: {series:#?}");
-    assert!(metrics.contains("http_request_duration_seconds_bucket"));
+    assert!(metrics.contains(
+        r#"incidentfox_orchestrator_http_request_duration_seconds_bucket{method="GET",path="/health",le="0.005"}"#
+    ));
     assert!(metrics.contains("process_resident_memory_bytes"));
 }
 

@@ -30,8 +30,9 @@ async fn provision_async(app: &TestApp, body: Value) -> reqwest::Response {
         .unwrap()
 }
 
+/// A step's detail (status, attempts, result, error) from a run's `step_details`.
 fn step<'a>(run: &'a Value, name: &str) -> &'a Value {
-    run["steps"]
+    run["step_details"]
         .as_array()
         .unwrap()
         .iter()
@@ -85,7 +86,21 @@ async fn provisions_a_shared_team_and_returns_the_token_once() {
     assert!(token.contains('.'));
     assert!(run["pipeline_bootstrap"]["run_id"].is_string(), "{run:#}");
     assert!(run["pipeline_cronjob"].is_null() && run["dedicated_deployment"].is_null());
-    for name in ["config_patch", "team_token", "pipeline_bootstrap"] {
+    // The existing service's shape: steps keyed by name with `ok` and the step's output, `error`
+    // a string (null here).
+    assert_eq!(run["error"], Value::Null);
+    assert_eq!(run["steps"]["config_patch"]["ok"], true);
+    assert_eq!(
+        run["steps"]["slack_channel_map"],
+        json!({"ok": true, "count": 1, "source": "config_service"})
+    );
+    assert_eq!(run["steps"]["team_token"]["created"], true);
+    assert_eq!(run["steps"]["bootstrap"]["run"], run["pipeline_bootstrap"]);
+    assert!(
+        run["steps"].get("pipeline_cronjob").is_none(),
+        "a skipped step is not listed"
+    );
+    for name in ["config_patch", "team_token", "bootstrap"] {
         assert_eq!(step(&run, name)["status"], "succeeded", "{name}");
         assert_eq!(step(&run, name)["attempts"], 1, "{name}");
     }
@@ -105,19 +120,19 @@ async fn provisions_a_shared_team_and_returns_the_token_once() {
     assert_eq!(bootstraps.len(), 1);
     assert_eq!(
         bootstraps[0].idempotency_key.as_deref(),
-        Some(format!("{run_id}:pipeline_bootstrap").as_str())
+        Some(format!("{run_id}:bootstrap").as_str())
     );
     assert!(app.stack.kubernetes.state().objects("cronjobs").is_empty());
 
     // The caller got the secret; nobody gets it again, and it is not stored in plaintext.
     let again = run_status(&app, &run_id).await;
     assert!(again["team_token"].is_null() && again["team_token_held"] == false);
-    let stored: Option<Vec<u8>> = sqlx::query_scalar("SELECT sealed_team_token FROM provisioning_runs")
+    let stored: Option<Vec<u8>> = sqlx::query_scalar("SELECT sealed_team_token FROM orchestrator_provisioning_runs")
         .fetch_one(&app.db.pool)
         .await
         .unwrap();
     assert!(stored.is_none());
-    let dump: String = sqlx::query_scalar("SELECT string_agg(t::text, ' ') FROM (SELECT r::text AS t FROM provisioning_runs r UNION ALL SELECT s::text FROM provisioning_steps s UNION ALL SELECT a::text FROM audit_events a) x")
+    let dump: String = sqlx::query_scalar("SELECT string_agg(t::text, ' ') FROM (SELECT r::text AS t FROM orchestrator_provisioning_runs r UNION ALL SELECT s::text FROM orchestrator_provisioning_steps s UNION ALL SELECT a::text FROM orchestrator_audit_events a) x")
         .fetch_one(&app.db.pool)
         .await
         .unwrap();
@@ -146,7 +161,7 @@ async fn provisions_a_dedicated_team_with_a_schedule() {
         "big-team-1"
     );
     assert_eq!(cronjob["spec"]["concurrencyPolicy"], "Forbid");
-    assert_eq!(run["pipeline_cronjob"]["object"]["name"], "ai-pipeline-acme-big-team-1");
+    assert_eq!(run["pipeline_cronjob"]["name"], "ai-pipeline-acme-big-team-1");
 
     let deployment = k8s
         .get("deployments", "incidentfox", "agent-dedicated-acme-big-team-1")
@@ -159,7 +174,7 @@ async fn provisions_a_dedicated_team_with_a_schedule() {
         .get("services", "incidentfox", "agent-dedicated-acme-big-team-1")
         .is_some());
     let url = "http://agent-dedicated-acme-big-team-1.incidentfox.svc.cluster.local:8000";
-    assert_eq!(run["dedicated_deployment"]["url"], url);
+    assert_eq!(run["dedicated_deployment"]["service_url"], url);
     let config = app.stack.config_service.state().node_config(ORG, "Big_Team.1").unwrap();
     assert_eq!(config["agent"]["dedicated_service_url"], url);
 }
@@ -182,7 +197,7 @@ async fn uses_the_team_config_schedule_and_keeps_long_names_within_52_characters
     )
     .await;
     assert_eq!(run["status"], "succeeded", "{run:#}");
-    let name = run["pipeline_cronjob"]["object"]["name"].as_str().unwrap();
+    let name = run["pipeline_cronjob"]["name"].as_str().unwrap();
     assert!(name.len() <= 52, "{name}");
     assert_eq!(run["pipeline_cronjob"]["schedule"], "15 4 * * *");
     // An existing active token is kept, not duplicated.
@@ -235,7 +250,7 @@ async fn transient_failures_are_retried_inside_each_step() {
     assert_eq!(run["status"], "succeeded", "{run:#}");
     assert_eq!(step(&run, "config_patch")["attempts"], 3);
     assert_eq!(step(&run, "team_token")["attempts"], 2);
-    assert_eq!(step(&run, "pipeline_bootstrap")["attempts"], 2);
+    assert_eq!(step(&run, "bootstrap")["attempts"], 2);
     assert_eq!(step(&run, "pipeline_cronjob")["attempts"], 3);
     assert_eq!(stack.config_service.state().issued_token_count(ORG, "flaky"), 1);
     assert_eq!(stack.ai_pipeline.state().bootstraps().len(), 1);
@@ -251,12 +266,22 @@ async fn a_permanent_failure_fails_the_run_and_retry_resumes_from_the_failed_ste
         json!({"org_id": ORG, "team_node_id": "ops", "create_pipeline_schedule": true}),
     )
     .await;
-    assert_eq!(response.status(), 200);
+    // A neighbour failed the run: 502, as the existing service answered, with its body.
+    assert_eq!(response.status(), 502);
     let run = json_of(response).await;
     assert_eq!(run["status"], "failed", "{run:#}");
-    assert_eq!(run["error"]["step"], "pipeline_bootstrap");
-    assert_eq!(run["error"]["code"], "neighbour_rejected");
-    assert_eq!(step(&run, "pipeline_bootstrap")["attempts"], 1, "a 4xx is not retried");
+    assert_eq!(run["error_detail"]["step"], "bootstrap");
+    assert_eq!(run["error_detail"]["code"], "neighbour_rejected");
+    let error = run["error"].as_str().expect("the error is one line of text");
+    assert!(error.starts_with("bootstrap: ai_pipeline answered 400"), "{error}");
+    assert_eq!(run["steps"]["bootstrap"]["ok"], false);
+    assert_eq!(run["steps"]["team_token"]["ok"], true);
+    assert_eq!(run["steps"]["team_token"]["created"], true);
+    assert!(
+        run["steps"].get("pipeline_cronjob").is_none(),
+        "a step that never ran is not listed"
+    );
+    assert_eq!(step(&run, "bootstrap")["attempts"], 1, "a 4xx is not retried");
     assert_eq!(step(&run, "pipeline_cronjob")["status"], "pending");
     let token = run["team_token"]
         .as_str()
@@ -280,7 +305,7 @@ async fn a_permanent_failure_fails_the_run_and_retry_resumes_from_the_failed_ste
         1,
         "completed steps are not repeated"
     );
-    assert_eq!(step(&retried, "pipeline_bootstrap")["attempts"], 2);
+    assert_eq!(step(&retried, "bootstrap")["attempts"], 2);
     assert!(retried["team_token"].is_null());
     assert_eq!(app.stack.config_service.state().issued_token_count(ORG, "ops"), 1);
     assert_eq!(app.stack.kubernetes.state().objects("cronjobs").len(), 1);
@@ -309,7 +334,7 @@ async fn rollback_undoes_completed_steps_in_reverse() {
     )
     .await;
     assert_eq!(run["status"], "rolled_back", "{run:#}");
-    assert_eq!(run["error"]["step"], "dedicated_agent");
+    assert_eq!(run["error_detail"]["step"], "dedicated_deployment");
     assert_eq!(step(&run, "pipeline_cronjob")["status"], "rolled_back");
     assert_eq!(step(&run, "team_token")["status"], "rolled_back");
     assert!(
@@ -433,14 +458,14 @@ async fn a_crashed_run_is_resumed_by_another_instance_without_repeating_side_eff
     // Crash while each of three different steps is in flight.
     for (crash_in, team) in [
         ("team_token", "crash-a"),
-        ("pipeline_bootstrap", "crash-b"),
+        ("bootstrap", "crash-b"),
         ("pipeline_cronjob", "crash-c"),
     ] {
         let app = TestApp::spawn_with(fast_resume).await;
         let slow = Duration::from_millis(1500);
         match crash_in {
             "team_token" => app.stack.config_service.faults().set_latency(slow),
-            "pipeline_bootstrap" => app.stack.ai_pipeline.faults().set_latency(slow),
+            "bootstrap" => app.stack.ai_pipeline.faults().set_latency(slow),
             _ => app.stack.kubernetes.faults().set_latency(slow),
         }
         let response = provision_async(
@@ -454,7 +479,7 @@ async fn a_crashed_run_is_resumed_by_another_instance_without_repeating_side_eff
             .to_string();
         eventually(30, "the step to start", || async {
             let current: Option<String> =
-                sqlx::query_scalar("SELECT current_step FROM provisioning_runs WHERE id = $1::uuid")
+                sqlx::query_scalar("SELECT current_step FROM orchestrator_provisioning_runs WHERE id = $1::uuid")
                     .bind(&run_id)
                     .fetch_one(&app.db.pool)
                     .await
@@ -524,10 +549,11 @@ async fn two_instances_and_fifty_concurrent_requests_for_one_team_all_get_a_corr
     }
     assert_eq!(ok + busy, 50);
     assert!(ok >= 1);
-    let running: i64 = sqlx::query_scalar("SELECT count(*) FROM provisioning_runs WHERE status = 'running'")
-        .fetch_one(&first.db.pool)
-        .await
-        .unwrap();
+    let running: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM orchestrator_provisioning_runs WHERE status = 'running'")
+            .fetch_one(&first.db.pool)
+            .await
+            .unwrap();
     assert_eq!(running, 0, "no run left running");
     assert_eq!(
         first.stack.config_service.state().issued_token_count(ORG, "contended"),
@@ -850,25 +876,25 @@ async fn a_token_issued_by_an_attempt_that_died_before_sealing_it_is_replaced() 
     )
     .await
     .unwrap();
-    sqlx::query("UPDATE provisioning_steps SET status = 'succeeded' WHERE run_id = $1 AND position = 0")
+    sqlx::query("UPDATE orchestrator_provisioning_steps SET status = 'succeeded' WHERE run_id = $1 AND position = 0")
         .bind(run_id)
         .execute(&mut *conn)
         .await
         .unwrap();
-    sqlx::query("UPDATE provisioning_steps SET status = 'running', attempts = 1, result = $2 WHERE run_id = $1 AND position = 1")
+    sqlx::query("UPDATE orchestrator_provisioning_steps SET status = 'running', attempts = 1, result = $2 WHERE run_id = $1 AND position = 1")
         .bind(run_id)
         .bind(json!({"issuing": true, "known_token_ids": []}))
         .execute(&mut *conn)
         .await
         .unwrap();
-    sqlx::query("UPDATE provisioning_runs SET updated_at = now() - interval '1 minute' WHERE id = $1")
+    sqlx::query("UPDATE orchestrator_provisioning_runs SET updated_at = now() - interval '1 minute' WHERE id = $1")
         .bind(run_id)
         .execute(&mut *conn)
         .await
         .unwrap();
 
     eventually(30, "the resumed run to finish", || async {
-        let status: String = sqlx::query_scalar("SELECT status FROM provisioning_runs WHERE id = $1")
+        let status: String = sqlx::query_scalar("SELECT status FROM orchestrator_provisioning_runs WHERE id = $1")
             .bind(run_id)
             .fetch_one(&app.db.pool)
             .await
@@ -896,9 +922,9 @@ async fn a_permanent_failure_of_any_step_fails_the_run_at_that_step_without_retr
     let cases: [(&str, &str, Option<&str>, &str, u16); 5] = [
         ("config_patch", "config", Some("PUT"), "/config", 400),
         ("team_token", "config", Some("POST"), "/tokens", 400),
-        ("pipeline_bootstrap", "pipeline", Some("POST"), "/bootstrap", 400),
+        ("bootstrap", "pipeline", Some("POST"), "/bootstrap", 400),
         ("pipeline_cronjob", "kubernetes", Some("PATCH"), "/cronjobs", 422),
-        ("dedicated_agent", "kubernetes", Some("PATCH"), "/services", 403),
+        ("dedicated_deployment", "kubernetes", Some("PATCH"), "/services", 403),
     ];
     let app = TestApp::spawn().await;
     for (i, (step_name, stand_in, method, path, status)) in cases.into_iter().enumerate() {
@@ -912,7 +938,7 @@ async fn a_permanent_failure_of_any_step_fails_the_run_at_that_step_without_retr
         let body = json!({"org_id": ORG, "team_node_id": team, "create_pipeline_schedule": true, "deployment_mode": "dedicated"});
         let run = json_of(provision(&app, SUPER_ADMIN, body).await).await;
         assert_eq!(run["status"], "failed", "{step_name}: {run:#}");
-        assert_eq!(run["error"]["step"], step_name);
+        assert_eq!(run["error_detail"]["step"], step_name);
         assert_eq!(step(&run, step_name)["status"], "failed");
         assert_eq!(
             step(&run, step_name)["attempts"],
@@ -937,7 +963,7 @@ async fn a_permanent_failure_of_any_step_fails_the_run_at_that_step_without_retr
     )
     .await;
     assert_eq!(run["status"], "succeeded", "{run:#}");
-    assert_eq!(step(&run, "dedicated_agent")["attempts"], 2);
+    assert_eq!(step(&run, "dedicated_deployment")["attempts"], 2);
 }
 
 #[tokio::test]
@@ -959,7 +985,7 @@ async fn a_team_whose_name_sanitises_like_another_cannot_take_over_its_objects()
     )
     .await;
     assert_eq!(second["status"], "rolled_back", "{second:#}");
-    assert_eq!(second["error"]["code"], "kubernetes_name_taken");
+    assert_eq!(second["error_detail"]["code"], "kubernetes_name_taken");
     let cronjob = app
         .stack
         .kubernetes

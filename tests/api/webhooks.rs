@@ -637,7 +637,7 @@ async fn concurrent_twins_are_stored_once_even_in_the_same_batch() {
     let duplicates = responses.iter().filter(|r| r["duplicate"] == true).count();
     assert_eq!(duplicates, 25, "{responses:?}");
     assert!(responses.iter().all(|r| r["ok"] == true));
-    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_events")
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM orchestrator_webhook_events")
         .fetch_one(&app.db.pool)
         .await
         .unwrap();
@@ -684,12 +684,12 @@ async fn retention_purges_old_events_but_keeps_their_delivery_ids_for_dedupe() {
     wait_for_event_status(&app, "unrouted", 1).await;
     // Two days later, with one day of retention and the default week of dedupe.
     sqlx::query(
-        "UPDATE webhook_events SET finished_at = now() - interval '2 days', received_at = now() - interval '2 days'",
+        "UPDATE orchestrator_webhook_events SET finished_at = now() - interval '2 days', received_at = now() - interval '2 days'",
     )
     .execute(&app.db.pool)
     .await
     .unwrap();
-    sqlx::query("UPDATE webhook_deliveries SET received_at = now() - interval '2 days'")
+    sqlx::query("UPDATE orchestrator_webhook_deliveries SET received_at = now() - interval '2 days'")
         .execute(&app.db.pool)
         .await
         .unwrap();
@@ -702,7 +702,7 @@ async fn retention_purges_old_events_but_keeps_their_delivery_ids_for_dedupe() {
         "a late retry is still a duplicate"
     );
     // After the dedupe window the id goes too.
-    sqlx::query("UPDATE webhook_deliveries SET received_at = now() - interval '8 days'")
+    sqlx::query("UPDATE orchestrator_webhook_deliveries SET received_at = now() - interval '8 days'")
         .execute(&app.db.pool)
         .await
         .unwrap();
@@ -713,60 +713,11 @@ async fn retention_purges_old_events_but_keeps_their_delivery_ids_for_dedupe() {
 }
 
 #[tokio::test]
-async fn an_older_release_cannot_claim_an_event_a_newer_one_holds() {
-    let app = TestApp::spawn().await;
-    own(&app, "sre", json!({"github_repos": ["acme/api"]}));
-    app.stack.config_service.faults().set_latency(Duration::from_secs(3));
-    deliver(&app, Source::GitHub, &github_pr("acme/api", 9, "held"), "old-1", &[]).await;
-    wait_for_event_status(&app, "processing", 1).await;
-    // The claim of the release before migration 0005: it took any 'pending' row. Refused, so a
-    // replica still running it during a rolling upgrade dispatches nothing rather than twice.
-    let old_claim = sqlx::query(
-        "UPDATE webhook_events SET status = 'processing', lease_owner = gen_random_uuid(),
-             lease_until = now() + interval '60 seconds', attempts = attempts + 1
-         WHERE status = 'pending'",
-    )
-    .execute(&app.db.pool)
-    .await
-    .unwrap_err();
-    assert_eq!(
-        old_claim.as_database_error().and_then(|e| e.code()).as_deref(),
-        Some("23514"),
-        "{old_claim}"
-    );
-    // A row such a replica claimed before the upgrade, its lease gone, is taken over as usual.
-    sqlx::query("ALTER TABLE webhook_events DROP CONSTRAINT webhook_events_claims_keep_status")
-        .execute(&app.db.pool)
-        .await
-        .unwrap();
-    sqlx::query(
-        "INSERT INTO webhook_events (id, source, kind, delivery_id, body, ordering_key, status, attempts,
-             lease_owner, lease_until)
-         VALUES (gen_random_uuid(), 'github', 'pull_request', 'old-2', $1, 'github:acme/api#10', 'processing', 1,
-             gen_random_uuid(), now() - interval '1 second')",
-    )
-    .bind(github_pr("acme/api", 10, "legacy"))
-    .execute(&app.db.pool)
-    .await
-    .unwrap();
-    sqlx::query(
-        "ALTER TABLE webhook_events
-             ADD CONSTRAINT webhook_events_claims_keep_status CHECK (status <> 'processing') NOT VALID",
-    )
-    .execute(&app.db.pool)
-    .await
-    .unwrap();
-    app.stack.config_service.faults().reset();
-    wait_for_event_status(&app, "delivered", 2).await;
-    assert_eq!(agent_messages(&app).len(), 2);
-}
-
-#[tokio::test]
 async fn other_replicas_hear_of_a_stored_delivery() {
     let app = TestApp::spawn().await;
     // What another replica's dispatcher listens on.
     let mut listener = sqlx::postgres::PgListener::connect_with(&app.db.pool).await.unwrap();
-    listener.listen("webhook_inbox").await.unwrap();
+    listener.listen("orchestrator_webhook_inbox").await.unwrap();
     let response = deliver(&app, Source::GitHub, &github_pr("acme/api", 9, "Heard"), "n-1", &[]).await;
     assert_eq!(response.status(), 200);
     let heard = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await;
@@ -790,9 +741,12 @@ async fn claims_and_outcomes_keep_their_plans_when_the_statistics_say_the_inbox_
     use orchestrator::webhooks::store::{CLAIM_SQL, RECORD_OUTCOMES_SQL};
     let db = TestDb::create().await;
     // Statistics taken while the inbox was empty, then a burst they have not seen.
-    sqlx::query("ANALYZE webhook_events").execute(&db.pool).await.unwrap();
+    sqlx::query("ANALYZE orchestrator_webhook_events")
+        .execute(&db.pool)
+        .await
+        .unwrap();
     sqlx::query(
-        "INSERT INTO webhook_events (id, source, kind, delivery_id, body, ordering_key)
+        "INSERT INTO orchestrator_webhook_events (id, source, kind, delivery_id, body, ordering_key)
          SELECT gen_random_uuid(), 'github', 'pull_request', 'd-' || g, convert_to(repeat('x', 400), 'UTF8'),
                 'github:acme/api#' || g
          FROM generate_series(1, 5000) g",
@@ -811,7 +765,10 @@ async fn claims_and_outcomes_keep_their_plans_when_the_statistics_say_the_inbox_
     let queue = orchestrator::db::queue_pool(&config).unwrap();
 
     let claim = plan_of(&queue, CLAIM_SQL, |q| q.bind(32_i64).bind(60.0_f64)).await;
-    assert!(claim.contains("Index Scan using webhook_events_due_idx"), "{claim}");
+    assert!(
+        claim.contains("Index Scan using orchestrator_webhook_events_due_idx"),
+        "{claim}"
+    );
     for unbounded in ["Sort", "Bitmap", "Seq Scan"] {
         assert!(
             !claim.contains(unbounded),
@@ -819,7 +776,7 @@ async fn claims_and_outcomes_keep_their_plans_when_the_statistics_say_the_inbox_
         );
     }
 
-    let ids: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM webhook_events LIMIT 30")
+    let ids: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM orchestrator_webhook_events LIMIT 30")
         .fetch_all(&db.pool)
         .await
         .unwrap();
@@ -837,7 +794,10 @@ async fn claims_and_outcomes_keep_their_plans_when_the_statistics_say_the_inbox_
             .bind(texts.clone())
     })
     .await;
-    assert!(outcomes.contains("Index Scan using webhook_events_pkey"), "{outcomes}");
+    assert!(
+        outcomes.contains("Index Scan using orchestrator_webhook_events_pkey"),
+        "{outcomes}"
+    );
     for unbounded in ["Seq Scan", "Hash Join", "Merge Join"] {
         assert!(
             !outcomes.contains(unbounded),
@@ -895,7 +855,7 @@ async fn the_inbox_depth_gauge_reads_only_open_events() {
     let db = TestDb::create().await;
     // A long history of finished events and a few waiting ones, with statistics that know it.
     sqlx::query(
-        "INSERT INTO webhook_events (id, source, kind, delivery_id, body, status, finished_at)
+        "INSERT INTO orchestrator_webhook_events (id, source, kind, delivery_id, body, status, finished_at)
          SELECT gen_random_uuid(), 'github', 'push', 'd-' || g, NULL,
                 CASE WHEN g <= 3 THEN 'pending' ELSE 'delivered' END, CASE WHEN g > 3 THEN now() END
          FROM generate_series(1, 20000) g",
@@ -903,7 +863,10 @@ async fn the_inbox_depth_gauge_reads_only_open_events() {
     .execute(&db.pool)
     .await
     .unwrap();
-    sqlx::query("ANALYZE webhook_events").execute(&db.pool).await.unwrap();
+    sqlx::query("ANALYZE orchestrator_webhook_events")
+        .execute(&db.pool)
+        .await
+        .unwrap();
     let plan = plan_of(&db.pool, OPEN_COUNTS_SQL, |q| q).await;
     assert!(
         !plan.contains("Seq Scan"),
