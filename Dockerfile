@@ -3,7 +3,7 @@
 #   docker build -t ghcr.io/incidentfox/orchestrator:0.1.0 --build-arg VERSION=0.1.0 \
 #     --build-arg REVISION="$(git rev-parse HEAD)" .
 #   docker run --rm --env-file .env ghcr.io/incidentfox/orchestrator:0.1.0 migrate   # apply migrations, exit
-#   docker run --rm --env-file .env -p 8080:8080 ghcr.io/incidentfox/orchestrator:0.1.0   # serve (default)
+#   docker run --rm --env-file .env -p 8070:8070 ghcr.io/incidentfox/orchestrator:0.1.0   # serve (default)
 #
 # Linted by hadolint in scripts/check-deploy; CI has no container engine, so it is never built there.
 
@@ -54,9 +54,9 @@ COPY --from=build /out/orchestrator /usr/local/bin/orchestrator
 # Numeric, so Kubernetes can verify runAsNonRoot. Nothing is written to the image at run time: the
 # root filesystem can be mounted read-only (the chart mounts an emptyDir on /tmp only).
 USER 65532:65532
-ENV ORCHESTRATOR_LISTEN_ADDR=0.0.0.0:8080 \
+ENV ORCHESTRATOR_LISTEN_ADDR=0.0.0.0:8070 \
     LOG_FORMAT=json
-EXPOSE 8080
+EXPOSE 8070
 
 # The binary checks itself: `healthcheck` GETs http://127.0.0.1:<port of ORCHESTRATOR_LISTEN_ADDR>/health.
 # (Kubernetes ignores HEALTHCHECK and uses the chart's probes on /health and /ready.)

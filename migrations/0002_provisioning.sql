@@ -11,12 +11,14 @@
 SET LOCAL lock_timeout = '5s';
 SET LOCAL statement_timeout = '60s';
 
+-- (The existing service declared the text columns VARCHAR(128) and VARCHAR(32); TEXT here reads and
+-- writes the same, and an adopted table keeps its declarations.)
 CREATE TABLE IF NOT EXISTS orchestrator_provisioning_runs (
     id UUID PRIMARY KEY,
-    org_id VARCHAR(128) NOT NULL,
-    team_node_id VARCHAR(128) NOT NULL,
-    idempotency_key VARCHAR(128),
-    status VARCHAR(32) NOT NULL DEFAULT 'running',
+    org_id TEXT NOT NULL,
+    team_node_id TEXT NOT NULL,
+    idempotency_key TEXT,
+    status TEXT NOT NULL DEFAULT 'running',
     -- The existing service's record of its steps, keyed by step name; this one writes the same
     -- summary when a run ends, so either can read the other's runs.
     steps JSONB NOT NULL DEFAULT '{}'::jsonb,

@@ -735,6 +735,82 @@ mod tests {
     }
 
     #[test]
+    fn the_existing_deployments_variables_work_unchanged() {
+        let mut vars = base();
+        vars.remove("CONFIG_SERVICE_URL");
+        vars.remove("DATABASE_URL");
+        for (k, v) in [
+            ("CONFIG_BASE_URL", "http://config-legacy:8080"),
+            ("DB_HOST", "db"),
+            ("DB_NAME", "platform"),
+            ("DB_USERNAME", "orch"),
+            ("ORCHESTRATOR_SLACK_AGENT_MAX_TURNS", "12"),
+            ("ORCHESTRATOR_GITHUB_AGENT_TIMEOUT_SECONDS", "90"),
+            ("ORCHESTRATOR_REQUIRED_PERMISSION_PROVISION_TEAM", "admin:team:create"),
+            ("AGENT_SERVICE_ACCOUNT", "agents"),
+            ("SLACK_BOT_TOKEN", "xoxb-platform"),
+        ] {
+            vars.insert(k.into(), v.into());
+        }
+        let config = Config::from_map(&vars).unwrap();
+        assert_eq!(config.listen_addr.port(), 8070, "the existing service's port");
+        assert_eq!(
+            config.neighbours.config_service_url.as_str(),
+            "http://config-legacy:8080/"
+        );
+        assert!(config
+            .database
+            .url
+            .expose()
+            .starts_with("postgres://orch@db:5432/platform"));
+        assert_eq!(config.webhooks.slack.agent_max_turns, 12);
+        assert_eq!(config.webhooks.github.agent_timeout, Duration::from_secs(90));
+        assert_eq!(config.auth.permissions.provision, "admin:team:create");
+        assert_eq!(config.kubernetes.agent_service_account, "agents");
+        assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+        assert!(!format!("{config:?} {}", config.redacted_json()).contains("xoxb-platform"));
+        // The existing service's defaults: 180 s and 30 turns for GitHub, 300 s and 50 turns else.
+        let defaults = Config::from_map(&base()).unwrap().webhooks;
+        assert_eq!(
+            (defaults.github.agent_timeout.as_secs(), defaults.github.agent_max_turns),
+            (180, 30)
+        );
+        assert_eq!(
+            (
+                defaults.pagerduty.agent_timeout.as_secs(),
+                defaults.pagerduty.agent_max_turns
+            ),
+            (300, 50)
+        );
+    }
+
+    #[test]
+    fn when_both_names_are_set_the_existing_one_wins_and_an_operator_hears_of_it() {
+        let mut vars = base();
+        vars.insert("ORCHESTRATOR_SLACK_AGENT_MAX_TURNS".into(), "12".into());
+        vars.insert("ORCHESTRATOR_SLACK_MAX_TURNS".into(), "40".into());
+        vars.insert("CORRELATION_SERVICE_URL".into(), "http://correlation".into());
+        let config = Config::from_map(&vars).unwrap();
+        assert_eq!(config.webhooks.slack.agent_max_turns, 12);
+        assert!(
+            config
+                .warnings
+                .iter()
+                .any(|w| w.contains("ORCHESTRATOR_SLACK_AGENT_MAX_TURNS and ORCHESTRATOR_SLACK_MAX_TURNS")),
+            "{:?}",
+            config.warnings
+        );
+        assert!(
+            config
+                .warnings
+                .iter()
+                .any(|w| w.starts_with("CORRELATION_SERVICE_URL is set but not used")),
+            "{:?}",
+            config.warnings
+        );
+    }
+
+    #[test]
     fn database_url_is_built_from_parts() {
         let mut vars = base();
         vars.remove("DATABASE_URL");

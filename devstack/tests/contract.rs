@@ -905,6 +905,100 @@ mod kubernetes_api {
             .get("deployments", "incidentfox", "agent-dedicated-acme-sre")
             .is_some());
     }
+    /// What the real API server does that a client can trip over: a Deployment's selector never
+    /// changes, server-side apply merges maps and leaves fields it was not given, a manager that
+    /// stops applying a field gives it up, and a delete with a stale uid precondition is refused.
+    #[tokio::test]
+    async fn apply_semantics_that_matter_to_a_client() {
+        use k8s_openapi::api::apps::v1::Deployment;
+        use k8s_openapi::api::batch::v1::CronJob;
+        use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+
+        let stack = Devstack::start().await.unwrap();
+        let client = kube::Client::try_from(kube::Config::new(stack.kubernetes.url().parse().unwrap())).unwrap();
+        let deployments: Api<Deployment> = Api::namespaced(client.clone(), "incidentfox");
+        let deployment = |app: &str, image: &str| -> Deployment {
+            serde_json::from_value(json!({
+                "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "agent"},
+                "spec": {"replicas": 1, "selector": {"matchLabels": {"app": app}},
+                    "template": {"metadata": {"labels": {"app": app}}, "spec": {"containers": [{"name": "agent", "image": image}]}}},
+            }))
+            .unwrap()
+        };
+        let params = PatchParams::apply("orchestrator").force();
+        deployments
+            .patch("agent", &params, &Patch::Apply(deployment("a", "agent:1")))
+            .await
+            .unwrap();
+        let refused = deployments
+            .patch("agent", &params, &Patch::Apply(deployment("b", "agent:2")))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&refused, kube::Error::Api(s) if s.code == 422 && s.message.contains("spec.selector") && s.message.contains("field is immutable")),
+            "{refused:?}"
+        );
+
+        // A CronJob created by someone else keeps what an apply does not set; the applier's own
+        // fields replace theirs, and a field it stops applying is gone.
+        let cronjobs: Api<CronJob> = Api::namespaced(client, "incidentfox");
+        let created = stack
+            .kubernetes
+            .state()
+            .insert(
+                "cronjobs",
+                json!({"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "job", "namespace": "incidentfox"},
+                    "spec": {"schedule": "0 2 * * *", "jobTemplate": {"spec": {"template": {"spec": {"restartPolicy": "Never",
+                        "containers": [{"name": "c", "image": "i", "command": ["run"], "args": ["--x"]}]}}}}}}),
+            )
+            .unwrap();
+        let applied = |extra: Value| -> CronJob {
+            let mut spec = json!({"schedule": "0 3 * * *"});
+            if let (Value::Object(spec), Value::Object(extra)) = (&mut spec, extra) {
+                spec.extend(extra);
+            }
+            serde_json::from_value(
+                json!({"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "job"},
+                "spec": spec}),
+            )
+            .unwrap()
+        };
+        let merged = serde_json::to_value(
+            cronjobs
+                .patch("job", &params, &Patch::Apply(applied(json!({"suspend": true}))))
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(merged["spec"]["schedule"], "0 3 * * *");
+        assert_eq!(merged["spec"]["suspend"], true);
+        assert_eq!(
+            merged["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"],
+            json!(["--x"]),
+            "fields the apply did not set stay"
+        );
+        let given_up = serde_json::to_value(
+            cronjobs
+                .patch("job", &params, &Patch::Apply(applied(json!({}))))
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(given_up["spec"].get("suspend").is_none(), "{given_up}");
+
+        let stale = DeleteParams::default().preconditions(Preconditions {
+            uid: Some("not-its-uid".into()),
+            resource_version: None,
+        });
+        let refused = cronjobs.delete("job", &stale).await.unwrap_err();
+        assert!(matches!(&refused, kube::Error::Api(s) if s.code == 409), "{refused:?}");
+        let current = DeleteParams::default().preconditions(Preconditions {
+            uid: created["metadata"]["uid"].as_str().map(str::to_string),
+            resource_version: None,
+        });
+        cronjobs.delete("job", &current).await.unwrap();
+        assert!(stack.kubernetes.state().objects("cronjobs").is_empty());
+    }
 }
 
 /// A plain HTTP client; installs the TLS provider reqwest needs when its features are unified

@@ -18,7 +18,10 @@ pub const LABEL_ORG: &str = "incidentfox.io/org-id";
 pub const LABEL_TEAM: &str = "incidentfox.io/team-node-id";
 /// Kubernetes appends 11 characters to a CronJob's name for its Jobs, so it allows 52.
 pub const CRONJOB_NAME_LIMIT: usize = 52;
+/// A Service's name is a DNS label.
 pub const DNS_LABEL_LIMIT: usize = 63;
+/// A Deployment's name is a DNS subdomain.
+pub const DNS_SUBDOMAIN_LIMIT: usize = 253;
 
 /// Annotations carrying the exact org and team an object belongs to. Names and labels are
 /// sanitised and cut (lossy: `acme`/`eu-sre` and `acme-eu`/`sre` share a name), so ownership is
@@ -61,7 +64,9 @@ pub fn name_class(org: &str, team: &str) -> String {
 /// never collide and the same team always gets the same name.
 pub fn object_name(prefix: &str, org: &str, team: &str, limit: usize) -> String {
     let name = format!("{prefix}-{}", name_class(org, team));
-    if name.len() <= limit && crate::config::is_dns_label(&name) {
+    let well_formed =
+        name.starts_with(|c: char| c.is_ascii_alphanumeric()) && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if name.len() <= limit && well_formed {
         return name;
     }
     let digest = Sha256::digest(format!("{org}\u{0}{team}").as_bytes());
@@ -78,14 +83,21 @@ pub fn discovery_cronjob_name(org: &str, team: &str) -> String {
     object_name("dep-discovery", org, team, CRONJOB_NAME_LIMIT)
 }
 
-pub fn dedicated_agent_name(org: &str, team: &str) -> String {
+/// The dedicated agent's Deployment. Its limit is a subdomain's, so a name the existing service
+/// gave a Deployment stays that Deployment's name even where its Service needs a shorter one.
+pub fn dedicated_agent_deployment_name(org: &str, team: &str) -> String {
+    object_name("agent-dedicated", org, team, DNS_SUBDOMAIN_LIMIT)
+}
+
+/// The dedicated agent's Service, which names its URL.
+pub fn dedicated_agent_service_name(org: &str, team: &str) -> String {
     object_name("agent-dedicated", org, team, DNS_LABEL_LIMIT)
 }
 
 pub fn dedicated_agent_url(org: &str, team: &str, namespace: &str) -> String {
     format!(
         "http://{}.{namespace}.svc.cluster.local:8000",
-        dedicated_agent_name(org, team)
+        dedicated_agent_service_name(org, team)
     )
 }
 
@@ -294,7 +306,7 @@ impl TeamObjects<'_> {
         from_json(json!({
             "apiVersion": "apps/v1",
             "kind": "Deployment",
-            "metadata": {"name": dedicated_agent_name(self.org, self.team), "namespace": k8s.namespace,
+            "metadata": {"name": dedicated_agent_deployment_name(self.org, self.team), "namespace": k8s.namespace,
                 "labels": self.dedicated_labels(), "annotations": owner_annotations(self.org, self.team)},
             "spec": {
                 "replicas": 1,
@@ -325,7 +337,7 @@ impl TeamObjects<'_> {
         from_json(json!({
             "apiVersion": "v1",
             "kind": "Service",
-            "metadata": {"name": dedicated_agent_name(self.org, self.team), "namespace": self.kubernetes.namespace,
+            "metadata": {"name": dedicated_agent_service_name(self.org, self.team), "namespace": self.kubernetes.namespace,
                 "labels": self.dedicated_labels(), "annotations": owner_annotations(self.org, self.team)},
             "spec": {
                 "type": "ClusterIP",
@@ -397,9 +409,17 @@ mod tests {
         // The org is cut to 20 and the team to 30 before anything else, as the existing service
         // did: its objects keep their names.
         assert_eq!(
-            dedicated_agent_name("an-organisation-with-a-long-name", "sre"),
+            dedicated_agent_service_name("an-organisation-with-a-long-name", "sre"),
             "agent-dedicated-an-organisation-with-sre"
         );
+        // Over a Service's 63 characters, the Deployment keeps the name the existing service
+        // gave it and only the Service is shortened.
+        let (org, team) = ("an-organisation-with-a-long-name", "a-team-with-an-even-longer-name");
+        assert_eq!(
+            dedicated_agent_deployment_name(org, team),
+            "agent-dedicated-an-organisation-with-a-team-with-an-even-longer-nam"
+        );
+        assert!(dedicated_agent_service_name(org, team).len() <= DNS_LABEL_LIMIT);
         assert_eq!(
             discovery_cronjob_name("acme", "a-team-name-of-exactly-31-chars"),
             "dep-discovery-acme-a-team-name-of-exactly-31-char"
@@ -511,10 +531,12 @@ mod tests {
             for (name, limit) in [
                 (pipeline_cronjob_name(&org, &team), CRONJOB_NAME_LIMIT),
                 (discovery_cronjob_name(&org, &team), CRONJOB_NAME_LIMIT),
-                (dedicated_agent_name(&org, &team), DNS_LABEL_LIMIT),
+                (dedicated_agent_service_name(&org, &team), DNS_LABEL_LIMIT),
+                (dedicated_agent_deployment_name(&org, &team), DNS_SUBDOMAIN_LIMIT),
             ] {
                 prop_assert!(name.len() <= limit, "{}", name);
-                prop_assert!(crate::config::is_dns_label(&name), "{}", name);
+                let label_chars = name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+                prop_assert!(label_chars && !name.starts_with('-') && !name.ends_with('-'), "{}", name);
             }
             let label = label_value(&team);
             prop_assert!(label.len() <= DNS_LABEL_LIMIT);

@@ -652,14 +652,15 @@ async fn rollback(
         let undone: Result<Value, StepError> = async {
             match step.name.as_str() {
                 "dedicated_deployment" => {
-                    let name = objects::dedicated_agent_name(org, team);
+                    let service = objects::dedicated_agent_service_name(org, team);
+                    let deployment = objects::dedicated_agent_deployment_name(org, team);
                     state
                         .kube
-                        .delete::<Service>(&name, recorded_uid(step, "/result/service_uid"))
+                        .delete::<Service>(&service, recorded_uid(step, "/result/service_uid"))
                         .await?;
                     state
                         .kube
-                        .delete::<Deployment>(&name, recorded_uid(step, "/result/deployment_uid"))
+                        .delete::<Deployment>(&deployment, recorded_uid(step, "/result/deployment_uid"))
                         .await?;
                     patch_config_creating_node(
                         state,
@@ -669,7 +670,7 @@ async fn rollback(
                         &json!({"agent": {"dedicated_service_url": null, "deployment_mode": null}}),
                     )
                     .await?;
-                    Ok(json!({"deleted": [format!("Deployment/{name}"), format!("Service/{name}")]}))
+                    Ok(json!({"deleted": [format!("Deployment/{deployment}"), format!("Service/{service}")]}))
                 }
                 "pipeline_cronjob" => {
                     let name = objects::pipeline_cronjob_name(org, team);

@@ -24,7 +24,13 @@ pub struct SlackTrigger {
     user_id: String,
     text: String,
     team_id: Option<String>,
+    /// Where the agent posts its answer, overriding what the team's config says (at most 20).
+    #[schema(value_type = Option<Vec<Object>>)]
+    output_destinations: Option<Vec<serde_json::Value>>,
 }
+
+/// More destinations than any bot would name: a bound on what is stored per trigger.
+const MAX_DESTINATIONS: usize = 20;
 
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct TriggerAccepted {
@@ -83,15 +89,30 @@ pub async fn slack_trigger(
     required("event_ts", &body.event_ts, 64)?;
     required("user_id", &body.user_id, 64)?;
     required("text", &body.text, 40_000)?;
+    if let Some(destinations) = &body.output_destinations {
+        if destinations.len() > MAX_DESTINATIONS
+            || !destinations
+                .iter()
+                .all(|d| d.get("type").is_some_and(|t| t.is_string()))
+        {
+            return Err(ApiError::invalid_field(
+                "output_destinations",
+                format!("must be at most {MAX_DESTINATIONS} objects, each with a string `type`"),
+            ));
+        }
+    }
     let thread = body
         .thread_ts
         .clone()
         .filter(|t| !t.is_empty())
         .unwrap_or_else(|| body.event_ts.clone());
-    let stored = json!({
+    let mut stored = json!({
         "channel_id": body.channel_id, "thread_ts": thread, "event_ts": body.event_ts,
         "user_id": body.user_id, "text": body.text, "team_id": body.team_id,
     });
+    if let Some(destinations) = &body.output_destinations {
+        stored["output_destinations"] = json!(destinations);
+    }
     let bytes = serde_json::to_vec(&stored).map_err(ApiError::internal)?;
     let delivery_id = format!("trigger:{}:{}", body.channel_id, body.event_ts);
     let ordering_key = format!("slack:{}:{thread}", body.channel_id);

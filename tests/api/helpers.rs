@@ -33,7 +33,16 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// A fresh database with every migration applied.
     pub async fn create() -> TestDb {
+        let db = Self::create_unmigrated().await;
+        orchestrator::db::migrate(&db.pool).await.expect("migrate test db");
+        db
+    }
+
+    /// A fresh, empty database: the caller sets it up (as another service would have) and
+    /// migrates it.
+    pub async fn create_unmigrated() -> TestDb {
         let admin_url = admin_database_url();
         let name = format!("orch_test_{}", uuid::Uuid::new_v4().simple());
         let admin = PgPoolOptions::new()
@@ -54,7 +63,6 @@ impl TestDb {
             .connect(&url)
             .await
             .expect("connect test db");
-        orchestrator::db::migrate(&pool).await.expect("migrate test db");
         TestDb { url, pool }
     }
 }
@@ -106,7 +114,12 @@ impl TestApp {
 
     /// Like `spawn`, with the environment adjusted by `tweak`.
     pub async fn spawn_with(tweak: impl FnOnce(&mut HashMap<String, String>)) -> TestApp {
-        let db = Arc::new(TestDb::create().await);
+        Self::spawn_on(TestDb::create().await, tweak).await
+    }
+
+    /// The app on a database the test prepared, with fresh stand-ins.
+    pub async fn spawn_on(db: TestDb, tweak: impl FnOnce(&mut HashMap<String, String>)) -> TestApp {
+        let db = Arc::new(db);
         let stack = Arc::new(Devstack::start().await.expect("start stand-ins"));
         let mut env = base_env(&db.url, &stack);
         tweak(&mut env);

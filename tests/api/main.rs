@@ -2,6 +2,8 @@
 //! port against its own database and the in-process stand-ins.
 
 mod agent_runs;
+mod destinations;
+mod dropin;
 mod foundation;
 mod helpers;
 mod provisioning;

@@ -78,14 +78,16 @@ ConfigMap exists. `config` entries win over the chart's own settings.
 {{- $_ := set $s "AI_PIPELINE_IMAGE" (toString .Values.kubernetes.aiPipelineImage) -}}
 {{- $_ := set $s "AI_PIPELINE_SERVICE_ACCOUNT" (toString .Values.kubernetes.aiPipelineServiceAccount) -}}
 {{- $_ := set $s "DEPENDENCY_SERVICE_IMAGE" (toString .Values.kubernetes.dependencyServiceImage) -}}
+{{- $_ := set $s "DEPENDENCY_SERVICE_ACCOUNT" (toString .Values.kubernetes.dependencyServiceAccount) -}}
 {{- $_ := set $s "AGENT_IMAGE" (toString .Values.kubernetes.agentImage) -}}
+{{- $_ := set $s "AGENT_SERVICE_ACCOUNT" (toString .Values.kubernetes.agentServiceAccount) -}}
 {{- $_ := set $s "ORCHESTRATOR_DB_POOL_SIZE" (toString (int .Values.database.poolSize)) -}}
 {{- $_ := set $s "ORCHESTRATOR_LOCK_POOL_SIZE" (toString (int .Values.database.lockPoolSize)) -}}
 {{- if eq .Values.database.mode "parts" -}}
 {{- $_ := set $s "DB_HOST" (toString .Values.database.host) -}}
 {{- $_ := set $s "DB_PORT" (toString (int .Values.database.port)) -}}
 {{- $_ := set $s "DB_NAME" (toString .Values.database.name) -}}
-{{- $_ := set $s "DB_USER" (toString .Values.database.user) -}}
+{{- $_ := set $s "DB_USERNAME" (toString .Values.database.user) -}}
 {{- end -}}
 {{- range $k, $v := .Values.config -}}
 {{- $_ := set $s $k (toString $v) -}}
@@ -102,7 +104,7 @@ ConfigMap exists. `config` entries win over the chart's own settings.
 {{- /* A variable that extraEnv sets (from another Secret) is not mapped here too. */ -}}
 {{- $overridden := list -}}
 {{- range $root.Values.extraEnv -}}{{- $overridden = append $overridden .name -}}{{- end -}}
-{{- range $var := list "DATABASE_URL" "DB_PASSWORD" "SLACK_SIGNING_SECRET" "GITHUB_WEBHOOK_SECRET" "PAGERDUTY_WEBHOOK_SECRET" "INCIDENTIO_WEBHOOK_SECRET" "ORCHESTRATOR_INTERNAL_ADMIN_TOKEN" "ORCHESTRATOR_INTERNAL_TOKEN" "ORCHESTRATOR_SECRETS_KEY" "INVESTIGATE_AUTH_TOKEN" }}
+{{- range $var := list "DATABASE_URL" "DB_PASSWORD" "SLACK_SIGNING_SECRET" "GITHUB_WEBHOOK_SECRET" "PAGERDUTY_WEBHOOK_SECRET" "INCIDENTIO_WEBHOOK_SECRET" "ORCHESTRATOR_INTERNAL_ADMIN_TOKEN" "ORCHESTRATOR_INTERNAL_TOKEN" "ORCHESTRATOR_SECRETS_KEY" "INVESTIGATE_AUTH_TOKEN" "SLACK_BOT_TOKEN" }}
 {{- $key := index $keys $var | default "" }}
 {{- /* DATABASE_URL in mode url, DB_PASSWORD in mode parts: required; the other one is not mapped. */}}
 {{- $database := has $var (list "DATABASE_URL" "DB_PASSWORD") }}
