@@ -10,7 +10,7 @@
 # ---- build -------------------------------------------------------------------------------------
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
-# Compile-time checked queries (if any) read the committed offline data, never a database.
+# Compile-time checked queries read the committed offline data (.sqlx/), never a database.
 ENV SQLX_OFFLINE=true \
     CARGO_TERM_COLOR=never
 
@@ -26,9 +26,11 @@ RUN mkdir -p src devstack/src \
     && rm -rf src target/release/orchestrator* target/release/deps/orchestrator-* \
        target/release/deps/liborchestrator-* target/release/.fingerprint/orchestrator-*
 
-# 2. The service itself. Migrations are embedded at compile time (sqlx::migrate!), so they are copied
-#    before the build. devstack keeps its stubs: the production binary does not depend on it.
+# 2. The service itself. Migrations are embedded at compile time (sqlx::migrate!) and queries are
+#    checked against .sqlx/, so both are copied before the build. devstack keeps its stubs: the
+#    production binary does not depend on it.
 COPY migrations ./migrations
+COPY .sqlx ./.sqlx
 COPY src ./src
 RUN touch src/main.rs src/lib.rs \
     && cargo build --release --locked -p orchestrator --bin orchestrator \

@@ -47,7 +47,7 @@ const MAX_PRINTED_ERRORS: usize = 10;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    orchestrator::app::install_crypto_provider();
+    orchestrator::startup::install_crypto_provider();
     // On Ctrl-C or SIGTERM the scenario is dropped, and with it the child (see `Service`'s Drop).
     let outcome = tokio::select! {
         outcome = run() => outcome,

@@ -1,18 +1,19 @@
 //! The audit trail: one row per state change, written in the same transaction as the change.
 
 use axum::extract::State;
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::{PgExecutor, Postgres, QueryBuilder};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::app::AppState;
 use crate::auth::{Admin, Capability};
 use crate::error::{ApiError, ApiQuery, ApiResult};
 use crate::pagination;
+use crate::state::AppState;
 
 /// One audited action. `actor_subject` names a principal, never a token.
 pub struct AuditEntry<'a> {
@@ -44,19 +45,20 @@ impl<'a> AuditEntry<'a> {
 }
 
 pub async fn record(executor: impl PgExecutor<'_>, entry: AuditEntry<'_>) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO orchestrator_audit_events (actor_subject, actor_email, action, org_id, team_node_id, provisioning_run_id, webhook_event_id, outcome, detail)
+    sqlx::query!(
+        "INSERT INTO orchestrator_audit_events
+             (actor_subject, actor_email, action, org_id, team_node_id, provisioning_run_id, webhook_event_id, outcome, detail)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        entry.actor_subject,
+        entry.actor_email,
+        entry.action,
+        entry.org_id,
+        entry.team_node_id,
+        entry.provisioning_run_id,
+        entry.webhook_event_id,
+        entry.outcome,
+        crate::db::storable_json(&entry.detail),
     )
-    .bind(entry.actor_subject)
-    .bind(entry.actor_email)
-    .bind(entry.action)
-    .bind(entry.org_id)
-    .bind(entry.team_node_id)
-    .bind(entry.provisioning_run_id)
-    .bind(entry.webhook_event_id)
-    .bind(entry.outcome)
-    .bind(crate::db::storable_json(&entry.detail))
     .execute(executor)
     .await?;
     Ok(())
@@ -96,24 +98,22 @@ pub struct AuditPage {
     pub next_cursor: Option<String>,
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/api/v1/admin/audit", get(list_audit))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(list_audit))
 }
 
 /// The audit trail, newest first; an org admin sees its own org only.
 #[utoipa::path(get, path = "/api/v1/admin/audit", tag = "audit", params(AuditQuery),
     security(("admin_token" = [])),
-    responses((status = 200, body = AuditPage), (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody)))]
+    responses((status = 200, body = AuditPage), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody)))]
 pub async fn list_audit(
     State(state): State<AppState>,
     admin: Admin,
     ApiQuery(query): ApiQuery<AuditQuery>,
 ) -> ApiResult<Json<AuditPage>> {
     admin.require(&state.config.auth, Capability::AuditRead)?;
-    pagination::identifier_filters(&[
-        ("org_id", query.org_id.as_deref()),
-        ("team_node_id", query.team_node_id.as_deref()),
-    ])?;
+    let requested_org = pagination::org_filter(query.org_id.as_deref())?;
+    pagination::team_filter(query.team_node_id.as_deref())?;
     if query
         .action
         .as_deref()
@@ -124,7 +124,7 @@ pub async fn list_audit(
             "must be at most 128 printable characters",
         ));
     }
-    let org = admin.scope_filter(query.org_id.as_deref())?;
+    let org = admin.scope_filter(requested_org)?;
     let limit = pagination::limit(query.limit)?;
     let cursor = query.cursor.as_deref().map(pagination::decode).transpose()?;
     let cursor = match cursor {

@@ -10,13 +10,15 @@ use std::time::{Duration, Instant};
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
+use axum::http::HeaderMap;
 use sha2::{Digest, Sha256};
 
-use crate::app::AppState;
 use crate::clients::config_service::{ConfigServiceClient, Principal};
 use crate::clients::NeighbourError;
 use crate::config::{AuthConfig, Secret};
+use crate::domain::OrgId;
 use crate::error::ApiError;
+use crate::state::AppState;
 
 /// The capabilities an admin endpoint can require; each maps to a configurable permission.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,14 +103,14 @@ impl Admin {
 
     /// For list endpoints: the org to filter on. An org admin is always confined to its org;
     /// asking for another is 403.
-    pub fn scope_filter(&self, requested: Option<&str>) -> Result<Option<String>, ApiError> {
+    pub fn scope_filter(&self, requested: Option<OrgId>) -> Result<Option<String>, ApiError> {
         match (self.org_scope(), requested) {
-            (Some(own), Some(asked)) if own != asked => Err(ApiError::forbidden(
+            (Some(own), Some(asked)) if own != asked.as_str() => Err(ApiError::forbidden(
                 "org_forbidden",
                 "this admin may read its own org only",
             )),
             (Some(own), _) => Ok(Some(own.to_string())),
-            (None, asked) => Ok(asked.map(str::to_string)),
+            (None, asked) => Ok(asked.map(String::from)),
         }
     }
 }
@@ -216,24 +218,18 @@ impl AdminVerifier {
     }
 }
 
-/// The token from `Authorization: Bearer` or `X-Admin-Token`.
-fn presented_token(parts: &Parts) -> Option<Secret> {
-    let bearer = parts
-        .headers
+/// The credential a request presents: `Authorization: Bearer <token>` (the scheme in any case),
+/// else the named header (`X-Admin-Token`, `X-Internal-Token`, ...). The one parser of tokens.
+pub fn presented_token(headers: &HeaderMap, other_header: &str) -> Option<Secret> {
+    let bearer = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
             let (scheme, rest) = v.split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim().to_string())
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
         });
     bearer
-        .or_else(|| {
-            parts
-                .headers
-                .get("x-admin-token")
-                .and_then(|v| v.to_str().ok())
-                .map(|v| v.trim().to_string())
-        })
+        .or_else(|| headers.get(other_header).and_then(|v| v.to_str().ok()).map(str::trim))
         .filter(|t| !t.is_empty())
         .map(Secret::new)
 }
@@ -242,7 +238,7 @@ impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let token = presented_token(parts).ok_or_else(|| {
+        let token = presented_token(&parts.headers, "x-admin-token").ok_or_else(|| {
             ApiError::unauthorized(
                 "missing_token",
                 "an admin token is required (Authorization: Bearer or X-Admin-Token)",

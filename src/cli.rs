@@ -2,8 +2,8 @@
 
 use clap::{Parser, Subcommand};
 
-use crate::app::{self, Application};
 use crate::config::Config;
+use crate::startup::{self as app, Application};
 use crate::{db, telemetry};
 
 #[derive(Parser, Debug)]

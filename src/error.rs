@@ -13,7 +13,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
@@ -101,6 +101,17 @@ impl ApiError {
     pub fn with_header(mut self, name: header::HeaderName, value: HeaderValue) -> Self {
         self.0.headers.insert(name, value);
         self
+    }
+}
+
+/// Names the field a domain value came from when it does not parse: a 422 `invalid_field`.
+pub trait OrInvalidField<T> {
+    fn or_invalid(self, field: &str) -> Result<T, ApiError>;
+}
+
+impl<T> OrInvalidField<T> for Result<T, crate::domain::InvalidValue> {
+    fn or_invalid(self, field: &str) -> Result<T, ApiError> {
+        self.map_err(|e| ApiError::invalid_field(field, e.0))
     }
 }
 
@@ -213,18 +224,36 @@ pub async fn error_envelope(request: Request, next: Next) -> Response {
             (Cow::Borrowed(code), detail.to_string(), Map::new())
         }
     };
-    let mut body = json!({"detail": detail, "code": code, "request_id": request_id});
-    if let Value::Object(map) = &mut body {
-        for (k, v) in extra {
-            map.entry(k).or_insert(v);
-        }
-    }
+    let body = ErrorBody {
+        detail,
+        code: code.into_owned(),
+        request_id,
+        extra,
+    };
     let (mut parts, _) = response.into_parts();
     parts.headers.remove(header::CONTENT_LENGTH);
     parts
         .headers
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    Response::from_parts(parts, axum::body::Body::from(body.to_string()))
+    let bytes = serde_json::to_vec(&body).unwrap_or_else(|_| br#"{"detail":"error","code":"error"}"#.to_vec());
+    Response::from_parts(parts, axum::body::Body::from(bytes))
+}
+
+/// The body of every error response, as the envelope writes it (and as the OpenAPI document
+/// describes it: this very type).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// A human-readable explanation.
+    pub detail: String,
+    /// A stable machine-readable code.
+    pub code: String,
+    /// The request id, also in the `X-Request-Id` response header.
+    pub request_id: String,
+    /// Fields some errors add: `field` (the invalid request field), `provisioning_run_id` (the run
+    /// holding a busy team), `status` (a run's or a probe's status), `required_permission`.
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub extra: Map<String, Value>,
 }
 
 fn is_json(headers: &HeaderMap) -> bool {

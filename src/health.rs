@@ -5,22 +5,23 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use serde::Serialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use crate::app::AppState;
 use crate::db;
 use crate::error::ApiError;
+use crate::state::AppState;
 
 /// A health probe must answer quickly even when the database hangs.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(ready))
+        .routes(routes!(metrics))
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -37,7 +38,7 @@ fn unavailable(code: &'static str, detail: &str) -> Response {
 }
 
 async fn database_answers(state: &AppState) -> bool {
-    let ping = sqlx::query("SELECT 1").execute(&state.db);
+    let ping = sqlx::query_scalar!("SELECT 1 AS alive").fetch_one(&state.db);
     matches!(tokio::time::timeout(PROBE_TIMEOUT, ping).await, Ok(Ok(_)))
 }
 

@@ -5,7 +5,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use chrono::{DateTime, Utc};
 
-use crate::error::ApiError;
+use crate::domain::{OrgId, TeamNodeId};
+use crate::error::{ApiError, OrInvalidField};
 
 pub const DEFAULT_LIMIT: i64 = 50;
 pub const MAX_LIMIT: i64 = 500;
@@ -64,13 +65,13 @@ pub fn split<T, I: std::fmt::Display>(
     (rows, next)
 }
 
-/// List filters naming an org or a team are identifiers: anything else (a control character, a
-/// NUL that Postgres would refuse) is a 422, never a 500.
-pub fn identifier_filters(filters: &[(&str, Option<&str>)]) -> Result<(), ApiError> {
-    for (field, value) in filters {
-        if let Some(value) = value {
-            crate::provisioning::request::validate_identifier(field, value)?;
-        }
-    }
-    Ok(())
+/// A list filter naming an org: anything but an identifier (a control character, a NUL that
+/// Postgres would refuse) is a 422, never a 500.
+pub fn org_filter(value: Option<&str>) -> Result<Option<OrgId>, ApiError> {
+    value.map(OrgId::parse).transpose().or_invalid("org_id")
+}
+
+/// A list filter naming a team, likewise.
+pub fn team_filter(value: Option<&str>) -> Result<Option<TeamNodeId>, ApiError> {
+    value.map(TeamNodeId::parse).transpose().or_invalid("team_node_id")
 }

@@ -5,6 +5,7 @@ use sqlx::PgExecutor;
 use uuid::Uuid;
 
 use crate::db::storable_json;
+use crate::domain::AgentRunStatus;
 
 pub struct NewRun<'a> {
     pub id: Uuid,
@@ -18,18 +19,19 @@ pub struct NewRun<'a> {
 }
 
 pub async fn open(executor: impl PgExecutor<'_>, run: &NewRun<'_>) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO orchestrator_agent_runs (id, correlation_id, org_id, team_node_id, agent_name, trigger_source, actor_subject, actor_email, status, streaming)
+    sqlx::query!(
+        "INSERT INTO orchestrator_agent_runs
+             (id, correlation_id, org_id, team_node_id, agent_name, trigger_source, actor_subject, actor_email, status, streaming)
          VALUES ($1, $2, $3, $4, $5, 'admin', $6, $7, 'running', $8)",
+        run.id,
+        run.correlation_id,
+        run.org_id,
+        run.team_node_id,
+        run.agent_name,
+        run.actor_subject,
+        run.actor_email,
+        run.streaming,
     )
-    .bind(run.id)
-    .bind(run.correlation_id)
-    .bind(run.org_id)
-    .bind(run.team_node_id)
-    .bind(run.agent_name)
-    .bind(run.actor_subject)
-    .bind(run.actor_email)
-    .bind(run.streaming)
     .execute(executor)
     .await?;
     Ok(())
@@ -39,20 +41,20 @@ pub async fn open(executor: impl PgExecutor<'_>, run: &NewRun<'_>) -> Result<(),
 pub async fn close(
     executor: impl PgExecutor<'_>,
     id: Uuid,
-    status: &str,
+    status: AgentRunStatus,
     duration_ms: i64,
     summary: Option<&Value>,
     error: Option<&Value>,
 ) -> Result<bool, sqlx::Error> {
-    Ok(sqlx::query(
+    Ok(sqlx::query!(
         "UPDATE orchestrator_agent_runs SET status = $2, finished_at = now(), duration_ms = $3, summary = $4, error = $5
          WHERE id = $1 AND status = 'running'",
+        id,
+        status as AgentRunStatus,
+        duration_ms,
+        summary.map(storable_json),
+        error.map(storable_json),
     )
-    .bind(id)
-    .bind(status)
-    .bind(duration_ms)
-    .bind(summary.map(storable_json))
-    .bind(error.map(storable_json))
     .execute(executor)
     .await?
     .rows_affected()
@@ -65,13 +67,14 @@ pub async fn close_stale(
     executor: impl PgExecutor<'_>,
     older_than: std::time::Duration,
 ) -> Result<Vec<(Uuid, String)>, sqlx::Error> {
-    sqlx::query_as(
+    let closed = sqlx::query!(
         "UPDATE orchestrator_agent_runs SET status = 'failed', finished_at = now(),
              error = jsonb_build_object('code', 'orphaned', 'message', 'the process running it stopped before the run was closed')
          WHERE status = 'running' AND started_at < now() - make_interval(secs => $1)
          RETURNING id, org_id",
+        older_than.as_secs_f64()
     )
-    .bind(older_than.as_secs_f64())
     .fetch_all(executor)
-    .await
+    .await?;
+    Ok(closed.into_iter().map(|run| (run.id, run.org_id)).collect())
 }

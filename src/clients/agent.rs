@@ -22,17 +22,6 @@ pub struct AgentClient {
     investigate_token: Option<Secret>,
 }
 
-/// An agent name is a URL path segment: 1 to 64 of letters, digits, '-', '_', '.', starting with a
-/// letter or digit (so "." or ".." can never change the path).
-pub fn is_agent_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name.as_bytes()[0].is_ascii_alphanumeric()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-}
-
 /// One agent run as the orchestrator asks for it, whatever the dialect.
 pub struct AgentRequest<'a> {
     pub agent_name: &'a str,
@@ -129,10 +118,6 @@ impl AgentClient {
             dialect,
             investigate_token,
         }
-    }
-
-    pub fn dialect(&self) -> AgentDialect {
-        self.dialect
     }
 
     /// Runs the agent to completion.

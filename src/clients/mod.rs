@@ -1,11 +1,11 @@
 //! One small client per neighbour, around the shared `reqwest::Client`. Clients do not retry:
 //! the workflow that knows whether a call is safe to repeat decides, using `is_transient`.
 
-pub mod agent;
-pub mod ai_pipeline;
-pub mod config_service;
+pub(crate) mod agent;
+pub(crate) mod ai_pipeline;
+pub(crate) mod config_service;
 pub mod kubernetes;
-pub mod wire;
+pub(crate) mod wire;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

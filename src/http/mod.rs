@@ -1,4 +1,7 @@
-//! The router: every capability's routes under one middleware stack.
+//! The router: every capability's routes, each declared once with its documentation, under one
+//! middleware stack.
+
+pub mod openapi;
 
 use std::time::{Duration, Instant};
 
@@ -7,17 +10,17 @@ use axum::http::{HeaderName, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::Router;
-use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
+use utoipa_axum::router::OpenApiRouter;
 
-use crate::app::AppState;
+use crate::config::Config;
 use crate::error::{self, REQUEST_ID_HEADER};
-use crate::{agent_runs, audit, health, openapi, provisioning, webhooks};
+use crate::state::AppState;
+use crate::{agent_runs, audit, health, provisioning, webhooks};
 
 /// The matched route template, carried from the routing layer out to the metrics layer.
 #[derive(Clone)]
@@ -26,25 +29,32 @@ struct RouteLabel(String);
 /// Label for every request that matched no route, so unknown paths add no series.
 const UNMATCHED_ROUTE: &str = "unmatched";
 
-pub fn router(state: AppState) -> Router {
-    let request_id = HeaderName::from_static(REQUEST_ID_HEADER);
-
+/// Every route and the OpenAPI document they make, from one list.
+pub fn routes(config: &Config) -> (Router<AppState>, utoipa::openapi::OpenApi) {
     // Routes answered within the general request timeout.
-    let api = Router::new()
-        .merge(openapi::router())
-        .merge(provisioning::router())
-        .merge(audit::router())
-        .merge(webhooks::ingress_router(&state.config.webhooks))
-        .merge(webhooks::admin_router())
+    let mut api = OpenApiRouter::new()
+        .merge(openapi::routes())
+        .merge(provisioning::routes())
+        .merge(audit::routes())
+        .merge(webhooks::routes(&config.webhooks))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
-            state.config.request_timeout,
+            config.request_timeout,
         ));
-
-    Router::new()
-        .merge(health::router())
+    openapi::document_timeout(&mut api);
+    let (router, mut document) = OpenApiRouter::with_openapi(openapi::base())
+        .merge(health::routes())
         .merge(api)
-        .merge(agent_runs::router(&state.config))
+        .merge(agent_runs::routes(&config.agent_runs))
+        .split_for_parts();
+    openapi::document_shared_responses(&mut document);
+    (router, document)
+}
+
+/// The routes under the one middleware stack, with the state they share.
+pub fn with_middleware(routes: Router<AppState>, state: AppState) -> Router {
+    let request_id = HeaderName::from_static(REQUEST_ID_HEADER);
+    routes
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .route_layer(middleware::from_fn(record_route))
@@ -64,14 +74,6 @@ pub fn router(state: AppState) -> Router {
                 .layer(CatchPanicLayer::new()),
         )
         .with_state(state)
-}
-
-/// Starts every background task of every capability.
-pub fn spawn_background(state: &AppState, stop: &CancellationToken, tasks: &mut JoinSet<()>) {
-    tasks.spawn(provisioning::workflow::resume_orphans(state.clone(), stop.clone()));
-    tasks.spawn(webhooks::dispatch::run_at_lower_priority(state.clone(), stop.clone()));
-    tasks.spawn(webhooks::dispatch::housekeeping(state.clone(), stop.clone()));
-    tasks.spawn(agent_runs::api::sweep_orphans(state.clone(), stop.clone()));
 }
 
 fn make_span(request: &Request) -> tracing::Span {

@@ -3,91 +3,26 @@
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use super::engine::{self, Execution};
 use super::lock::TeamLock;
 use super::request::ProvisionRequest;
-use super::store::{self, RunRow, StepRow};
-use super::workflow::{self, Execution};
-use crate::app::AppState;
+use super::store::{self, RunRow};
+use super::view::{self, RunPage, RunView};
 use crate::audit::{self, AuditEntry};
 use crate::auth::{Admin, Capability};
-use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult};
+use crate::domain::RunStatus;
+use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult, ErrorBody};
 use crate::pagination;
+use crate::state::AppState;
 
 pub const RUN_ID_HEADER: &str = "x-incidentfox-provisioning-run-id";
-
-/// A provisioning run as the API shows it: the existing service's answer (`steps` keyed by step
-/// name, `error` one line of text), with the per-step detail (`step_details`) and the error as an
-/// object (`error_detail`) added.
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct RunView {
-    pub provisioning_run_id: Uuid,
-    /// running, succeeded, failed or rolled_back.
-    pub status: String,
-    pub org_id: String,
-    pub team_node_id: String,
-    pub team_id: String,
-    /// The team token issued by this run. Shown exactly once, to the first caller allowed to
-    /// provision who reads the run after the token was issued.
-    pub team_token: Option<String>,
-    /// True while an issued token is held (sealed) for a caller that has not received it.
-    pub team_token_held: bool,
-    /// The AI pipeline's answer to the bootstrap.
-    #[schema(value_type = Option<Object>)]
-    pub pipeline_bootstrap: Option<Value>,
-    /// The CronJob applied: name, namespace, schedule, org_id, team_node_id, created.
-    #[schema(value_type = Option<Object>)]
-    pub pipeline_cronjob: Option<Value>,
-    /// The dedicated agent applied: name, namespace, org_id, team_node_id, replicas, service_url.
-    #[schema(value_type = Option<Object>)]
-    pub dedicated_deployment: Option<Value>,
-    /// Each step that ran, keyed by name: `{"ok": bool, ...its output}` or `{"ok": false, "error"}`.
-    #[schema(value_type = Object)]
-    pub steps: Value,
-    /// Every step in order, with status, attempts, timings, result and error.
-    pub step_details: Vec<StepRow>,
-    /// What failed, in one line (`<step>: <message>`).
-    pub error: Option<String>,
-    /// What failed: `{step, code, message}` (and `rollback_errors` when an undo failed).
-    #[schema(value_type = Option<Object>)]
-    pub error_detail: Option<Value>,
-    pub current_step: Option<String>,
-    pub idempotency_key: Option<String>,
-    pub executions: i32,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    pub finished_at: Option<DateTime<Utc>>,
-}
-
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct RunSummary {
-    pub provisioning_run_id: Uuid,
-    pub status: String,
-    pub org_id: String,
-    pub team_node_id: String,
-    pub current_step: Option<String>,
-    pub error: Option<String>,
-    #[schema(value_type = Option<Object>)]
-    pub error_detail: Option<Value>,
-    pub idempotency_key: Option<String>,
-    pub executions: i32,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    pub finished_at: Option<DateTime<Utc>>,
-}
-
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct RunPage {
-    pub items: Vec<RunSummary>,
-    pub next_cursor: Option<String>,
-}
 
 /// The body of `POST /api/v1/admin/provision/team` (documentation only; parsed by hand).
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -140,9 +75,9 @@ fn run_header(run_id: Uuid) -> HeaderValue {
     responses(
         (status = 200, description = "the run finished (succeeded or failed)", body = RunView),
         (status = 202, description = "the run is still going; poll Location", body = RunView),
-        (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody),
-        (status = 409, description = "another run holds the team", body = crate::openapi::ErrorBody),
-        (status = 422, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 409, description = "another run holds the team", body = ErrorBody),
+        (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn provision_team(
     State(state): State<AppState>,
     admin: Admin,
@@ -155,11 +90,12 @@ pub async fn provision_team(
     let (org, team) = (request.org_id.as_str(), request.team_node_id.as_str());
 
     if let Some(existing) = find_replay(&state, &request).await? {
-        return respond(&state, &admin, existing.id, wait).await;
+        return respond(&state, &admin, existing, wait).await;
     }
 
     let waited = Instant::now();
-    let lock = TeamLock::acquire_within(&state.lock_db, org, team, state.config.provisioning.lock_timeout).await?;
+    let engine = &state.provisioning;
+    let lock = TeamLock::acquire_within(&engine.lock_db, org, team, engine.settings.lock_timeout).await?;
     state
         .metrics
         .provisioning_lock_wait_seconds
@@ -178,7 +114,7 @@ pub async fn provision_team(
     };
     if let Some(existing) = existing {
         lock.release().await;
-        return respond(&state, &admin, existing.id, wait).await;
+        return respond(&state, &admin, existing, wait).await;
     }
     // Holding the lock, any other run still `running` for this team lost its owner: it must be
     // resumed (by the resumer, within seconds) before a newer run, or it would later overwrite it.
@@ -201,7 +137,7 @@ pub async fn provision_team(
         Ok(false) => {
             lock.release().await;
             return match find_replay(&state, &request).await? {
-                Some(existing) => respond(&state, &admin, existing.id, wait).await,
+                Some(existing) => respond(&state, &admin, existing, wait).await,
                 None => Err(ApiError::conflict(
                     "idempotency_conflict",
                     "a concurrent request with the same idempotency key is being created; retry",
@@ -225,8 +161,8 @@ async fn execute_and_respond(
     lock: TeamLock,
     wait: Duration,
 ) -> ApiResult<Response> {
-    workflow::spawn(
-        state,
+    engine::spawn(
+        &state.provisioning,
         Execution {
             run_id,
             lock,
@@ -238,24 +174,25 @@ async fn execute_and_respond(
 }
 
 /// The run an idempotency key already names; 422 if the key was used for another request.
-async fn find_replay(state: &AppState, request: &ProvisionRequest) -> ApiResult<Option<RunRow>> {
+async fn find_replay(state: &AppState, request: &ProvisionRequest) -> ApiResult<Option<Uuid>> {
     let Some(key) = &request.idempotency_key else {
         return Ok(None);
     };
-    let Some(run) = store::find_by_idempotency_key(&state.db, &request.org_id, &request.team_node_id, key).await?
+    let Some((run_id, hash)) =
+        store::find_by_idempotency_key(&state.db, &request.org_id, &request.team_node_id, key).await?
     else {
         return Ok(None);
     };
     // A run the existing service recorded has no request to compare: its key answers with it, as
     // the existing service did.
-    if run.request_hash.as_ref().is_some_and(|hash| *hash != request.hash()) {
+    if hash.is_some_and(|hash| hash != request.hash()) {
         return Err(ApiError::unprocessable(
             "idempotency_key_reused",
             "this idempotency key was used for a different request for this team",
         )
-        .with("provisioning_run_id", run.id.to_string()));
+        .with("provisioning_run_id", run_id.to_string()));
     }
-    Ok(Some(run))
+    Ok(Some(run_id))
 }
 
 async fn create_run(
@@ -290,7 +227,7 @@ async fn create_run(
             webhook_event_id: None,
             outcome: "accepted",
             detail: json!({
-                "deployment_mode": workflow::deployment_mode_label(request.deployment_mode),
+                "deployment_mode": request.deployment_mode,
                 "schedule": request.wants_schedule(),
                 "rollback_on_failure": request.rollback_on_failure,
                 "idempotency_key": request.idempotency_key,
@@ -320,12 +257,12 @@ async fn team_busy(state: &AppState, org: &str, team: &str) -> ApiError {
 /// failed it), else 202 with a `Location` to poll.
 async fn respond(state: &AppState, admin: &Admin, run_id: Uuid, wait: Duration) -> ApiResult<Response> {
     let deadline = tokio::time::Instant::now() + wait;
-    let run = workflow::wait_for_final(state, run_id, deadline)
+    let run = engine::wait_for_final(&state.provisioning, run_id, deadline)
         .await?
         .ok_or_else(|| ApiError::not_found("run_not_found", "no such provisioning run"))?;
-    let status = answer_status(&run);
+    let status = view::answer_status(&run);
     let finished = run.is_final();
-    let view = view(state, admin, run).await?;
+    let view = view::view(&state.provisioning, &state.config.auth, admin, run).await?;
     let mut response = (status, Json(view)).into_response();
     let headers = response.headers_mut();
     headers.insert(RUN_ID_HEADER, run_header(run_id));
@@ -335,97 +272,6 @@ async fn respond(state: &AppState, admin: &Admin, run_id: Uuid, wait: Duration) 
         }
     }
     Ok(response)
-}
-
-/// What `POST /provision/team` answers for a run: 202 while it runs, 200 once it succeeded, and
-/// for a failed one what the existing service answered: 502 when a neighbour (the config service,
-/// the AI pipeline, Kubernetes) failed it, 500 otherwise.
-fn answer_status(run: &RunRow) -> StatusCode {
-    match run.status.as_str() {
-        "running" => StatusCode::ACCEPTED,
-        "succeeded" => StatusCode::OK,
-        _ => {
-            let code = run
-                .error_detail
-                .as_ref()
-                .and_then(|e| e.get("code"))
-                .and_then(Value::as_str)
-                .unwrap_or("");
-            let neighbour = ["neighbour_", "kubernetes_", "invalid_configured_schedule"]
-                .iter()
-                .any(|prefix| code.starts_with(prefix));
-            if neighbour || run.request.is_none() {
-                StatusCode::BAD_GATEWAY
-            } else {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
-        }
-    }
-}
-
-async fn view(state: &AppState, admin: &Admin, run: RunRow) -> ApiResult<RunView> {
-    let steps = store::steps(&state.db, run.id).await?;
-    let mut team_token_held = run.team_token_held;
-    let mut team_token = None;
-    // Only an admin allowed to provision may receive the secret.
-    if team_token_held && admin.has(&state.config.auth, Capability::Provision) {
-        // Open before taking: a replica that cannot open it (another key) must not destroy the
-        // only copy. The take is conditional on the same bytes, so still only one caller gets it.
-        if let Some(sealed) = store::sealed_team_token(&state.db, run.id).await? {
-            match state.provisioning.sealer.open(&sealed, run.id.as_bytes()) {
-                Some(token) => {
-                    if store::take_team_token(&state.db, run.id, &sealed).await? {
-                        team_token_held = false;
-                        team_token = Some(token.expose().to_string());
-                    }
-                }
-                None => tracing::error!(
-                    run_id = %run.id,
-                    "the sealed team token cannot be opened here: ORCHESTRATOR_SECRETS_KEY differs between replicas, or changed"
-                ),
-            }
-        }
-    }
-    let output_of = |name: &str, field: &str| {
-        run.steps
-            .get(name)
-            .filter(|step| step.get("ok") == Some(&Value::Bool(true)))
-            .and_then(|step| step.get(field))
-            .cloned()
-    };
-    // A run still going (or the existing service's, which kept no step rows) is summarised from
-    // what there is; a finished run of this service carries its summary already.
-    let summary = if run.is_final() || steps.is_empty() {
-        run.steps.clone()
-    } else {
-        match &run.request {
-            Some(request) => store::step_summary(&steps, &request.0),
-            None => run.steps.clone(),
-        }
-    };
-    let run = RunRow { steps: summary, ..run };
-    Ok(RunView {
-        provisioning_run_id: run.id,
-        team_id: run.team_node_id.clone(),
-        pipeline_bootstrap: output_of("bootstrap", "run"),
-        pipeline_cronjob: output_of("pipeline_cronjob", "result"),
-        dedicated_deployment: output_of("dedicated_deployment", "result"),
-        status: run.status,
-        org_id: run.org_id,
-        team_node_id: run.team_node_id,
-        team_token,
-        team_token_held,
-        steps: run.steps,
-        step_details: steps,
-        error: run.error,
-        error_detail: run.error_detail,
-        current_step: run.current_step,
-        idempotency_key: run.idempotency_key,
-        executions: run.executions,
-        created_at: run.created_at,
-        updated_at: run.updated_at,
-        finished_at: run.finished_at,
-    })
 }
 
 /// Loads a run the admin may see; another org's run is 404, as if it did not exist.
@@ -440,7 +286,7 @@ async fn visible_run(state: &AppState, admin: &Admin, run_id: Uuid) -> ApiResult
 /// One run with its steps in order (and the one-time team token, if still held).
 #[utoipa::path(get, path = "/api/v1/admin/provision/runs/{id}", tag = "provisioning", security(("admin_token" = [])),
     params(("id" = Uuid, Path, description = "provisioning run id")),
-    responses((status = 200, body = RunView), (status = 400, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody)))]
+    responses((status = 200, body = RunView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn get_run(
     State(state): State<AppState>,
     admin: Admin,
@@ -448,7 +294,7 @@ pub async fn get_run(
 ) -> ApiResult<Response> {
     admin.require(&state.config.auth, Capability::ProvisionRead)?;
     let run = visible_run(&state, &admin, run_id).await?;
-    let view = view(&state, &admin, run).await?;
+    let view = view::view(&state.provisioning, &state.config.auth, &admin, run).await?;
     let mut response = Json(view).into_response();
     response.headers_mut().insert(RUN_ID_HEADER, run_header(run_id));
     Ok(response)
@@ -466,63 +312,43 @@ pub struct RunQuery {
 
 /// Runs, newest first, paginated; an org admin sees its own org only.
 #[utoipa::path(get, path = "/api/v1/admin/provision/runs", tag = "provisioning", security(("admin_token" = [])), params(RunQuery),
-    responses((status = 200, body = RunPage), (status = 403, body = crate::openapi::ErrorBody), (status = 422, body = crate::openapi::ErrorBody)))]
+    responses((status = 200, body = RunPage), (status = 403, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn list_runs(
     State(state): State<AppState>,
     admin: Admin,
     ApiQuery(query): ApiQuery<RunQuery>,
 ) -> ApiResult<Json<RunPage>> {
     admin.require(&state.config.auth, Capability::ProvisionRead)?;
-    pagination::identifier_filters(&[
-        ("org_id", query.org_id.as_deref()),
-        ("team_node_id", query.team_node_id.as_deref()),
-    ])?;
-    let org_id = admin.scope_filter(query.org_id.as_deref())?;
-    if let Some(status) = &query.status {
-        if !["running", "succeeded", "failed", "rolled_back"].contains(&status.as_str()) {
-            return Err(ApiError::invalid_field(
-                "status",
-                "must be running, succeeded, failed or rolled_back",
-            ));
-        }
-    }
+    let requested_org = pagination::org_filter(query.org_id.as_deref())?;
+    let org_id = admin.scope_filter(requested_org)?;
+    let status = query
+        .status
+        .as_deref()
+        .map(str::parse::<RunStatus>)
+        .transpose()
+        .map_err(|_| ApiError::invalid_field("status", format!("must be one of {}", RunStatus::names())))?;
+    let team_node_id = pagination::team_filter(query.team_node_id.as_deref())?;
     let limit = pagination::limit(query.limit)?;
     let before = pagination::decode_uuid(query.cursor.as_deref())?;
     let filter = store::RunFilter {
         org_id,
-        team_node_id: query.team_node_id,
-        status: query.status,
+        team_node_id,
+        status,
         before,
         limit: limit + 1,
     };
     let (runs, next_cursor) = pagination::split(store::list_runs(&state.db, &filter).await?, limit, |r| {
         (r.created_at, r.id)
     });
-    let items = runs
-        .into_iter()
-        .map(|r| RunSummary {
-            provisioning_run_id: r.id,
-            status: r.status,
-            org_id: r.org_id,
-            team_node_id: r.team_node_id,
-            current_step: r.current_step,
-            error: r.error,
-            error_detail: r.error_detail,
-            idempotency_key: r.idempotency_key,
-            executions: r.executions,
-            created_at: r.created_at,
-            updated_at: r.updated_at,
-            finished_at: r.finished_at,
-        })
-        .collect();
+    let items = runs.into_iter().map(Into::into).collect();
     Ok(Json(RunPage { items, next_cursor }))
 }
 
 /// Resumes a failed run from its failed step, with the caller's authority.
 #[utoipa::path(post, path = "/api/v1/admin/provision/runs/{id}/retry", tag = "provisioning", security(("admin_token" = [])),
     params(("id" = Uuid, Path, description = "provisioning run id")),
-    responses((status = 200, body = RunView), (status = 202, body = RunView), (status = 404, body = crate::openapi::ErrorBody),
-        (status = 409, description = "the run is not failed, or the team is busy", body = crate::openapi::ErrorBody)))]
+    responses((status = 200, body = RunView), (status = 202, body = RunView), (status = 404, body = ErrorBody),
+        (status = 409, description = "the run is not failed, or the team is busy", body = ErrorBody)))]
 pub async fn retry_run(
     State(state): State<AppState>,
     admin: Admin,
@@ -537,19 +363,20 @@ pub async fn retry_run(
             "this run was recorded by the service this one replaced and cannot be resumed; provision the team again",
         ));
     }
-    if run.status != "failed" {
+    if run.status != RunStatus::Failed {
         return Err(ApiError::conflict(
             "run_not_failed",
             format!("only a failed run can be retried; this one is {}", run.status),
         )
-        .with("status", run.status));
+        .with("status", run.status.as_str()));
     }
     let wait = wait_budget(&headers, &state);
+    let engine = &state.provisioning;
     let lock = TeamLock::acquire_within(
-        &state.lock_db,
+        &engine.lock_db,
         &run.org_id,
         &run.team_node_id,
-        state.config.provisioning.lock_timeout,
+        engine.settings.lock_timeout,
     )
     .await?;
     let Some(lock) = lock else {

@@ -43,8 +43,7 @@ impl TeamLock {
         };
         let locked: bool = match guard.conn.as_mut() {
             Some(conn) => {
-                sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                    .bind(guard.key)
+                sqlx::query_scalar!(r#"SELECT pg_try_advisory_lock($1) AS "locked!""#, guard.key)
                     .fetch_one(&mut **conn)
                     .await?
             }
@@ -63,7 +62,10 @@ impl TeamLock {
     /// session killed), Postgres released the lock and another replica may be resuming the run.
     pub async fn is_held(&mut self) -> bool {
         match self.conn.as_mut() {
-            Some(conn) => sqlx::query("SELECT 1").execute(&mut **conn).await.is_ok(),
+            Some(conn) => sqlx::query_scalar!("SELECT 1 AS alive")
+                .fetch_one(&mut **conn)
+                .await
+                .is_ok(),
             None => false,
         }
     }
@@ -95,9 +97,8 @@ impl TeamLock {
     pub async fn release(mut self) {
         // The connection stays in the guard while unlocking: cancelled mid-query, Drop closes it.
         let unlocked = match self.conn.as_mut() {
-            Some(conn) => sqlx::query("SELECT pg_advisory_unlock($1)")
-                .bind(self.key)
-                .execute(&mut **conn)
+            Some(conn) => sqlx::query_scalar!("SELECT pg_advisory_unlock($1) AS unlocked", self.key)
+                .fetch_one(&mut **conn)
                 .await
                 .is_ok(),
             None => return,

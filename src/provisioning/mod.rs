@@ -1,23 +1,27 @@
 //! Team provisioning as a durable workflow.
 
-pub mod api;
-pub mod cron;
-pub mod lock;
-pub mod objects;
+pub(crate) mod api;
+pub(crate) mod cron;
+pub(crate) mod engine;
+pub(crate) mod lock;
+pub(crate) mod objects;
 pub mod request;
-pub mod sealing;
+pub(crate) mod resume;
+pub(crate) mod sealing;
+pub(crate) mod steps;
 pub mod store;
-pub mod workflow;
+pub(crate) mod token;
+pub(crate) mod view;
 
-use axum::routing::{get, post};
-use axum::Router;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use crate::app::AppState;
+use crate::state::AppState;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/admin/provision/team", post(api::provision_team))
-        .route("/api/v1/admin/provision/runs", get(api::list_runs))
-        .route("/api/v1/admin/provision/runs/{id}", get(api::get_run))
-        .route("/api/v1/admin/provision/runs/{id}/retry", post(api::retry_run))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(api::provision_team))
+        .routes(routes!(api::list_runs))
+        .routes(routes!(api::get_run))
+        .routes(routes!(api::retry_run))
 }

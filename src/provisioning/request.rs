@@ -8,7 +8,8 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::cron;
-use crate::error::ApiError;
+use crate::domain::{DeploymentMode, OrgId, TeamNodeId};
+use crate::error::{ApiError, OrInvalidField};
 
 /// Routing keys the config service understands, as the plural list names a team's config uses.
 pub const ROUTING_KEYS: &[&str] = &[
@@ -24,21 +25,14 @@ pub const ROUTING_KEYS: &[&str] = &[
     "services",
 ];
 
-const MAX_ID_LEN: usize = 128;
+const MAX_KEY_LEN: usize = 128;
 const MAX_ROUTING_VALUES: usize = 200;
 const MAX_ROUTING_VALUE_LEN: usize = 256;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DeploymentMode {
-    Shared,
-    Dedicated,
-}
-
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProvisionRequest {
-    pub org_id: String,
-    pub team_node_id: String,
+    pub org_id: OrgId,
+    pub team_node_id: TeamNodeId,
     pub routing: BTreeMap<String, Vec<String>>,
     pub idempotency_key: Option<String>,
     pub pipeline_schedule: Option<String>,
@@ -64,8 +58,8 @@ impl ProvisionRequest {
         let object = body
             .as_object()
             .ok_or_else(|| ApiError::unprocessable("invalid_body", "the request body must be a JSON object"))?;
-        let org_id = identifier(object, "org_id")?;
-        let team_node_id = identifier(object, "team_node_id")?;
+        let org_id = OrgId::parse(required_string(object, "org_id")?).or_invalid("org_id")?;
+        let team_node_id = TeamNodeId::parse(required_string(object, "team_node_id")?).or_invalid("team_node_id")?;
 
         let mut routing: BTreeMap<String, Vec<String>> = BTreeMap::new();
         if let Some(ids) = object.get("slack_channel_ids").filter(|v| !v.is_null()) {
@@ -96,7 +90,7 @@ impl ProvisionRequest {
 
         let idempotency_key = optional_string(object, "idempotency_key")?;
         if let Some(key) = &idempotency_key {
-            if key.is_empty() || key.chars().count() > MAX_ID_LEN || key.chars().any(char::is_control) {
+            if key.is_empty() || key.chars().count() > MAX_KEY_LEN || key.chars().any(char::is_control) {
                 return Err(ApiError::invalid_field(
                     "idempotency_key",
                     "must be 1 to 128 printable characters",
@@ -107,15 +101,11 @@ impl ProvisionRequest {
         if let Some(schedule) = &pipeline_schedule {
             cron::validate(schedule).map_err(|e| ApiError::invalid_field("pipeline_schedule", e))?;
         }
-        let deployment_mode = match optional_string(object, "deployment_mode")?.as_deref() {
-            None | Some("shared") => DeploymentMode::Shared,
-            Some("dedicated") => DeploymentMode::Dedicated,
-            Some(_) => {
-                return Err(ApiError::invalid_field(
-                    "deployment_mode",
-                    "must be \"shared\" or \"dedicated\"",
-                ))
-            }
+        let deployment_mode = match optional_string(object, "deployment_mode")? {
+            None => DeploymentMode::Shared,
+            Some(mode) => mode
+                .parse()
+                .map_err(|_| ApiError::invalid_field("deployment_mode", "must be \"shared\" or \"dedicated\""))?,
         };
         Ok(Self {
             org_id,
@@ -130,28 +120,8 @@ impl ProvisionRequest {
     }
 }
 
-/// Ids become URL segments, label values and object names: a conservative character set.
-pub fn validate_identifier(field: &str, value: &str) -> Result<(), ApiError> {
-    let valid = !value.is_empty()
-        && value.len() <= MAX_ID_LEN
-        && value.as_bytes()[0].is_ascii_alphanumeric()
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if valid {
-        Ok(())
-    } else {
-        Err(ApiError::invalid_field(
-            field,
-            "must be 1 to 128 characters of letters, digits, '-', '_' or '.', starting with a letter or digit",
-        ))
-    }
-}
-
-fn identifier(object: &Map<String, Value>, field: &str) -> Result<String, ApiError> {
-    let value = optional_string(object, field)?.ok_or_else(|| ApiError::invalid_field(field, "is required"))?;
-    validate_identifier(field, &value)?;
-    Ok(value)
+fn required_string(object: &Map<String, Value>, field: &str) -> Result<String, ApiError> {
+    optional_string(object, field)?.ok_or_else(|| ApiError::invalid_field(field, "is required"))
 }
 
 fn optional_string(object: &Map<String, Value>, field: &str) -> Result<Option<String>, ApiError> {

@@ -1,5 +1,6 @@
-//! The SQL of `orchestrator_provisioning_runs` and `orchestrator_provisioning_steps`. Functions take an executor so a
-//! caller can put a state change and its audit row in one transaction.
+//! The SQL of `orchestrator_provisioning_runs` and `orchestrator_provisioning_steps`, checked at
+//! compile time. Functions take an executor so a caller can put a state change and its audit row
+//! in one transaction.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -10,25 +11,16 @@ use uuid::Uuid;
 
 use super::request::ProvisionRequest;
 use crate::db::{storable_json, storable_text};
-
-/// The steps of a run, in order, named as the existing service named them in its answers.
-pub const STEP_NAMES: [&str; 5] = [
-    "config_patch",
-    "team_token",
-    "bootstrap",
-    "pipeline_cronjob",
-    "dedicated_deployment",
-];
+use crate::domain::{DeploymentMode, OrgId, RunStatus, Step, StepStatus, TeamNodeId};
 
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct RunRow {
     pub id: Uuid,
-    pub org_id: String,
-    pub team_node_id: String,
-    pub status: String,
+    pub org_id: OrgId,
+    pub team_node_id: TeamNodeId,
+    pub status: RunStatus,
     /// `None` for a run the existing service recorded: it can be read, not resumed.
     pub request: Option<Json<ProvisionRequest>>,
-    pub request_hash: Option<String>,
     pub idempotency_key: Option<String>,
     pub current_step: Option<String>,
     /// The one-line error the existing service's clients read.
@@ -47,7 +39,7 @@ pub struct RunRow {
 
 impl RunRow {
     pub fn is_final(&self) -> bool {
-        self.status != "running"
+        self.status.is_final()
     }
 }
 
@@ -57,9 +49,8 @@ pub struct StepRow {
     pub run_id: Uuid,
     #[serde(skip)]
     pub position: i16,
-    pub name: String,
-    /// pending, running, succeeded, failed, skipped or rolled_back.
-    pub status: String,
+    pub name: Step,
+    pub status: StepStatus,
     pub attempts: i32,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
@@ -70,9 +61,9 @@ pub struct StepRow {
     pub error: Option<Value>,
 }
 
-const RUN_COLUMNS: &str =
-    "id, org_id, team_node_id, status, request, request_hash, idempotency_key, current_step, error, error_detail, steps,
-    sealed_team_token IS NOT NULL AS team_token_held, actor_subject, actor_email, executions,
+/// The columns of a [`RunRow`], for the one query built at run time (the filtered list).
+const RUN_COLUMNS: &str = "id, org_id, team_node_id, status, request, idempotency_key, current_step, error,
+    error_detail, steps, sealed_team_token IS NOT NULL AS team_token_held, actor_subject, actor_email, executions,
     created_at, updated_at, finished_at";
 
 pub struct NewRun<'a> {
@@ -86,70 +77,86 @@ pub struct NewRun<'a> {
 /// `None` when a run with the same idempotency key already exists (a concurrent twin won).
 pub async fn insert_run(conn: &mut PgConnection, new: NewRun<'_>) -> Result<Option<Uuid>, sqlx::Error> {
     let request = new.request;
-    let inserted: Option<Uuid> = sqlx::query_scalar(
-        "INSERT INTO orchestrator_provisioning_runs (id, org_id, team_node_id, status, request, request_hash, idempotency_key, actor_subject, actor_email)
+    let inserted = sqlx::query_scalar!(
+        "INSERT INTO orchestrator_provisioning_runs
+             (id, org_id, team_node_id, status, request, request_hash, idempotency_key, actor_subject, actor_email)
          VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8)
          ON CONFLICT (org_id, team_node_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING id",
+        new.id,
+        request.org_id.as_str(),
+        request.team_node_id.as_str(),
+        Json(request) as _,
+        request.hash(),
+        request.idempotency_key,
+        new.actor_subject,
+        new.actor_email,
     )
-    .bind(new.id)
-    .bind(&request.org_id)
-    .bind(&request.team_node_id)
-    .bind(Json(request))
-    .bind(request.hash())
-    .bind(&request.idempotency_key)
-    .bind(new.actor_subject)
-    .bind(new.actor_email)
     .fetch_optional(&mut *conn)
     .await?;
     let Some(id) = inserted else { return Ok(None) };
 
-    let applies = [
-        true,
-        true,
-        true,
-        request.wants_schedule(),
-        request.deployment_mode == super::request::DeploymentMode::Dedicated,
-    ];
-    let positions: Vec<i16> = (0..STEP_NAMES.len() as i16).collect();
-    let names: Vec<&str> = STEP_NAMES.to_vec();
-    let statuses: Vec<&str> = applies.iter().map(|a| if *a { "pending" } else { "skipped" }).collect();
-    sqlx::query(
+    let applies = |step: Step| match step {
+        Step::ConfigPatch | Step::TeamToken | Step::Bootstrap => true,
+        Step::PipelineCronjob => request.wants_schedule(),
+        Step::DedicatedDeployment => request.deployment_mode == DeploymentMode::Dedicated,
+    };
+    let positions: Vec<i16> = (0..Step::ALL.len() as i16).collect();
+    let statuses: Vec<StepStatus> = Step::ALL
+        .iter()
+        .map(|step| {
+            if applies(*step) {
+                StepStatus::Pending
+            } else {
+                StepStatus::Skipped
+            }
+        })
+        .collect();
+    sqlx::query!(
         "INSERT INTO orchestrator_provisioning_steps (run_id, position, name, status)
          SELECT $1, * FROM UNNEST($2::smallint[], $3::text[], $4::text[])",
+        id,
+        &positions,
+        Step::ALL as &[Step],
+        &statuses as &[StepStatus],
     )
-    .bind(id)
-    .bind(&positions)
-    .bind(&names)
-    .bind(&statuses)
     .execute(&mut *conn)
     .await?;
     Ok(Some(id))
 }
 
 pub async fn get_run(executor: impl PgExecutor<'_>, id: Uuid) -> Result<Option<RunRow>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "SELECT {RUN_COLUMNS} FROM orchestrator_provisioning_runs WHERE id = $1"
-    ))
-    .bind(id)
+    sqlx::query_as!(
+        RunRow,
+        r#"SELECT id, org_id AS "org_id: OrgId", team_node_id AS "team_node_id: TeamNodeId",
+             status AS "status: RunStatus", request AS "request: Json<ProvisionRequest>", idempotency_key,
+             current_step, error, error_detail, steps, sealed_team_token IS NOT NULL AS "team_token_held!",
+             actor_subject, actor_email, executions, created_at, updated_at, finished_at
+         FROM orchestrator_provisioning_runs WHERE id = $1"#,
+        id
+    )
     .fetch_optional(executor)
     .await
 }
 
+/// The run an idempotency key names, with the hash of its request (`None` for a run the existing
+/// service recorded, which kept no request to compare).
 pub async fn find_by_idempotency_key(
     executor: impl PgExecutor<'_>,
     org: &str,
     team: &str,
     key: &str,
-) -> Result<Option<RunRow>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "SELECT {RUN_COLUMNS} FROM orchestrator_provisioning_runs WHERE org_id = $1 AND team_node_id = $2 AND idempotency_key = $3"
-    ))
-    .bind(org)
-    .bind(team)
-    .bind(key)
+) -> Result<Option<(Uuid, Option<String>)>, sqlx::Error> {
+    let found = sqlx::query!(
+        "SELECT id, request_hash FROM orchestrator_provisioning_runs
+         WHERE org_id = $1 AND team_node_id = $2 AND idempotency_key = $3",
+        org,
+        team,
+        key
+    )
     .fetch_optional(executor)
-    .await
+    .await?;
+    Ok(found.map(|row| (row.id, row.request_hash)))
 }
 
 /// The newest run still going for a team: what a busy team's 409 points at. A run the existing
@@ -159,33 +166,40 @@ pub async fn running_run_for_team(
     org: &str,
     team: &str,
 ) -> Result<Option<Uuid>, sqlx::Error> {
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         "SELECT id FROM orchestrator_provisioning_runs
          WHERE org_id = $1 AND team_node_id = $2 AND status = 'running' AND request IS NOT NULL
          ORDER BY created_at DESC LIMIT 1",
+        org,
+        team
     )
-    .bind(org)
-    .bind(team)
     .fetch_optional(executor)
     .await
 }
 
 pub async fn steps(executor: impl PgExecutor<'_>, run_id: Uuid) -> Result<Vec<StepRow>, sqlx::Error> {
-    sqlx::query_as("SELECT * FROM orchestrator_provisioning_steps WHERE run_id = $1 ORDER BY position")
-        .bind(run_id)
-        .fetch_all(executor)
-        .await
+    sqlx::query_as!(
+        StepRow,
+        r#"SELECT run_id, position, name AS "name: Step", status AS "status: StepStatus", attempts, started_at,
+             finished_at, duration_ms, result, error
+         FROM orchestrator_provisioning_steps WHERE run_id = $1 ORDER BY position"#,
+        run_id
+    )
+    .fetch_all(executor)
+    .await
 }
 
 pub async fn step_started(executor: impl PgExecutor<'_>, run_id: Uuid, position: i16) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "WITH step AS (
-             UPDATE orchestrator_provisioning_steps SET status = 'running', started_at = now(), finished_at = NULL, duration_ms = NULL, error = NULL
+             UPDATE orchestrator_provisioning_steps
+             SET status = 'running', started_at = now(), finished_at = NULL, duration_ms = NULL, error = NULL
              WHERE run_id = $1 AND position = $2 RETURNING name)
-         UPDATE orchestrator_provisioning_runs SET current_step = (SELECT name FROM step), updated_at = now() WHERE id = $1",
+         UPDATE orchestrator_provisioning_runs SET current_step = (SELECT name FROM step), updated_at = now()
+         WHERE id = $1",
+        run_id,
+        position
     )
-    .bind(run_id)
-    .bind(position)
     .execute(executor)
     .await?;
     Ok(())
@@ -197,13 +211,24 @@ pub async fn step_attempt(
     position: i16,
     attempts: i32,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE orchestrator_provisioning_steps SET attempts = $3 WHERE run_id = $1 AND position = $2")
-        .bind(run_id)
-        .bind(position)
-        .bind(attempts)
-        .execute(executor)
-        .await?;
+    sqlx::query!(
+        "UPDATE orchestrator_provisioning_steps SET attempts = $3 WHERE run_id = $1 AND position = $2",
+        run_id,
+        position,
+        attempts
+    )
+    .execute(executor)
+    .await?;
     Ok(())
+}
+
+/// How a step's execution ended.
+pub struct StepEnd<'a> {
+    pub status: StepStatus,
+    pub attempts: i32,
+    /// Kept from before when `None` (the team token step recorded its intent there).
+    pub result: Option<&'a Value>,
+    pub error: Option<&'a Value>,
 }
 
 /// Records a step's end; the run's `updated_at` doubles as its heartbeat.
@@ -211,26 +236,23 @@ pub async fn step_finished(
     conn: &mut PgConnection,
     run_id: Uuid,
     position: i16,
-    status: &str,
-    attempts: i32,
-    result: Option<&Value>,
-    error: Option<&Value>,
+    end: StepEnd<'_>,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "WITH step AS (
              UPDATE orchestrator_provisioning_steps
              SET status = $3, attempts = $4, finished_at = now(),
                  duration_ms = (EXTRACT(EPOCH FROM (now() - coalesce(started_at, now()))) * 1000)::bigint,
                  result = coalesce($5, result), error = $6
-             WHERE run_id = $1 AND position = $2 RETURNING 1)
+             WHERE run_id = $1 AND position = $2 RETURNING 1 AS done)
          UPDATE orchestrator_provisioning_runs SET updated_at = now() WHERE id = $1 AND EXISTS (SELECT 1 FROM step)",
+        run_id,
+        position,
+        end.status.as_str(),
+        end.attempts,
+        end.result.map(storable_json),
+        end.error.map(storable_json),
     )
-    .bind(run_id)
-    .bind(position)
-    .bind(status)
-    .bind(attempts)
-    .bind(result.map(storable_json))
-    .bind(error.map(storable_json))
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -242,12 +264,14 @@ pub async fn step_result(
     run_id: Uuid,
     position: i16,
 ) -> Result<Option<Value>, sqlx::Error> {
-    sqlx::query_scalar("SELECT result FROM orchestrator_provisioning_steps WHERE run_id = $1 AND position = $2")
-        .bind(run_id)
-        .bind(position)
-        .fetch_optional(executor)
-        .await
-        .map(Option::flatten)
+    sqlx::query_scalar!(
+        "SELECT result FROM orchestrator_provisioning_steps WHERE run_id = $1 AND position = $2",
+        run_id,
+        position
+    )
+    .fetch_optional(executor)
+    .await
+    .map(Option::flatten)
 }
 
 pub async fn record_step_intent(
@@ -256,74 +280,81 @@ pub async fn record_step_intent(
     position: i16,
     intent: &Value,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE orchestrator_provisioning_steps SET result = $3 WHERE run_id = $1 AND position = $2")
-        .bind(run_id)
-        .bind(position)
-        .bind(intent)
-        .execute(executor)
-        .await?;
+    sqlx::query!(
+        "UPDATE orchestrator_provisioning_steps SET result = $3 WHERE run_id = $1 AND position = $2",
+        run_id,
+        position,
+        intent
+    )
+    .execute(executor)
+    .await?;
     Ok(())
 }
 
 pub async fn seal_team_token(executor: impl PgExecutor<'_>, run_id: Uuid, sealed: &[u8]) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE orchestrator_provisioning_runs SET sealed_team_token = $2 WHERE id = $1")
-        .bind(run_id)
-        .bind(sealed)
-        .execute(executor)
-        .await?;
+    sqlx::query!(
+        "UPDATE orchestrator_provisioning_runs SET sealed_team_token = $2 WHERE id = $1",
+        run_id,
+        sealed
+    )
+    .execute(executor)
+    .await?;
     Ok(())
 }
 
 pub async fn sealed_team_token(executor: impl PgExecutor<'_>, run_id: Uuid) -> Result<Option<Vec<u8>>, sqlx::Error> {
-    sqlx::query_scalar("SELECT sealed_team_token FROM orchestrator_provisioning_runs WHERE id = $1")
-        .bind(run_id)
-        .fetch_optional(executor)
-        .await
-        .map(Option::flatten)
+    sqlx::query_scalar!(
+        "SELECT sealed_team_token FROM orchestrator_provisioning_runs WHERE id = $1",
+        run_id
+    )
+    .fetch_optional(executor)
+    .await
+    .map(Option::flatten)
 }
 
 /// Takes the sealed team token out of the run if it is still `sealed`: at most one caller ever
 /// succeeds.
 pub async fn take_team_token(executor: impl PgExecutor<'_>, run_id: Uuid, sealed: &[u8]) -> Result<bool, sqlx::Error> {
-    Ok(sqlx::query(
-        "UPDATE orchestrator_provisioning_runs SET sealed_team_token = NULL
-         WHERE id = $1 AND sealed_team_token = $2",
+    let taken = sqlx::query!(
+        "UPDATE orchestrator_provisioning_runs SET sealed_team_token = NULL WHERE id = $1 AND sealed_team_token = $2",
+        run_id,
+        sealed
     )
-    .bind(run_id)
-    .bind(sealed)
     .execute(executor)
-    .await?
-    .rows_affected()
-        == 1)
+    .await?;
+    Ok(taken.rows_affected() == 1)
 }
 
 pub async fn erase_team_token(executor: impl PgExecutor<'_>, run_id: Uuid) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE orchestrator_provisioning_runs SET sealed_team_token = NULL WHERE id = $1")
-        .bind(run_id)
-        .execute(executor)
-        .await?;
+    sqlx::query!(
+        "UPDATE orchestrator_provisioning_runs SET sealed_team_token = NULL WHERE id = $1",
+        run_id
+    )
+    .execute(executor)
+    .await?;
     Ok(())
 }
 
 /// How a run ended: its status, the error (one line and as an object) and the step summary.
 pub struct RunEnd<'a> {
-    pub status: &'a str,
+    pub status: RunStatus,
     pub error: Option<&'a str>,
     pub error_detail: Option<&'a Value>,
     pub steps: &'a Value,
 }
 
 pub async fn finish_run(executor: impl PgExecutor<'_>, run_id: Uuid, end: RunEnd<'_>) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "UPDATE orchestrator_provisioning_runs SET status = $2, error = $3, error_detail = $4, steps = $5,
-         current_step = CASE WHEN $2 = 'succeeded' THEN NULL ELSE current_step END,
-         updated_at = now(), finished_at = now() WHERE id = $1",
+             current_step = CASE WHEN $2 = 'succeeded' THEN NULL ELSE current_step END,
+             updated_at = now(), finished_at = now()
+         WHERE id = $1",
+        run_id,
+        end.status.as_str(),
+        end.error.map(storable_text),
+        end.error_detail.map(storable_json),
+        storable_json(end.steps),
     )
-    .bind(run_id)
-    .bind(end.status)
-    .bind(end.error.map(storable_text))
-    .bind(end.error_detail.map(storable_json))
-    .bind(storable_json(end.steps))
     .execute(executor)
     .await?;
     Ok(())
@@ -335,9 +366,11 @@ pub async fn finish_run(executor: impl PgExecutor<'_>, run_id: Uuid, end: RunEnd
 pub fn step_summary(steps: &[StepRow], request: &ProvisionRequest) -> Value {
     let mut summary = serde_json::Map::new();
     for step in steps {
-        let mut entry = match step.status.as_str() {
-            "succeeded" | "rolled_back" => serde_json::Map::from_iter([("ok".to_string(), Value::Bool(true))]),
-            "failed" => serde_json::Map::from_iter([
+        let mut entry = match step.status {
+            StepStatus::Succeeded | StepStatus::RolledBack => {
+                serde_json::Map::from_iter([("ok".to_string(), Value::Bool(true))])
+            }
+            StepStatus::Failed => serde_json::Map::from_iter([
                 ("ok".to_string(), Value::Bool(false)),
                 (
                     "error".to_string(),
@@ -348,18 +381,18 @@ pub fn step_summary(steps: &[StepRow], request: &ProvisionRequest) -> Value {
                         .unwrap_or(Value::Null),
                 ),
             ]),
-            _ => continue,
+            StepStatus::Pending | StepStatus::Running | StepStatus::Skipped => continue,
         };
         if let Some(Value::Object(result)) = &step.result {
             for (key, value) in result {
                 entry.entry(key.clone()).or_insert_with(|| value.clone());
             }
         }
-        if step.status == "rolled_back" {
+        if step.status == StepStatus::RolledBack {
             entry.insert("rolled_back".into(), Value::Bool(true));
         }
-        summary.insert(step.name.clone(), Value::Object(entry));
-        if step.name == "config_patch" && step.status == "succeeded" {
+        summary.insert(step.name.as_str().to_string(), Value::Object(entry));
+        if step.name == Step::ConfigPatch && step.status == StepStatus::Succeeded {
             let channels = request.routing.get("slack_channel_ids").map_or(0, Vec::len);
             summary.insert(
                 "slack_channel_map".into(),
@@ -376,36 +409,40 @@ pub async fn mark_step_rolled_back(
     position: i16,
     note: &Value,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE orchestrator_provisioning_steps SET status = 'rolled_back', result = coalesce(result, '{}'::jsonb) || jsonb_build_object('rollback', $3::jsonb)
+    sqlx::query!(
+        "UPDATE orchestrator_provisioning_steps
+         SET status = 'rolled_back', result = coalesce(result, '{}'::jsonb) || jsonb_build_object('rollback', $3::jsonb)
          WHERE run_id = $1 AND position = $2",
+        run_id,
+        position,
+        note
     )
-    .bind(run_id)
-    .bind(position)
-    .bind(note)
     .execute(executor)
     .await?;
     Ok(())
 }
 
-/// Puts a failed run back to running from its failed step. `false` if it was not failed.
+/// Puts a failed run back to running from its failed step. `false` if it was not failed (or is
+/// the existing service's, which cannot be resumed).
 pub async fn reopen_failed_run(conn: &mut PgConnection, run_id: Uuid) -> Result<bool, sqlx::Error> {
-    let reopened = sqlx::query(
-        "UPDATE orchestrator_provisioning_runs SET status = 'running', error = NULL, finished_at = NULL, executions = executions + 1, updated_at = now()
-         WHERE id = $1 AND status = 'failed'",
+    let reopened = sqlx::query!(
+        "UPDATE orchestrator_provisioning_runs
+         SET status = 'running', error = NULL, error_detail = NULL, finished_at = NULL,
+             executions = executions + 1, updated_at = now()
+         WHERE id = $1 AND status = 'failed' AND request IS NOT NULL",
+        run_id
     )
-    .bind(run_id)
     .execute(&mut *conn)
     .await?
     .rows_affected()
         == 1;
     if reopened {
         // A rolled-back step was undone: a retry must do it again, not skip it.
-        sqlx::query(
+        sqlx::query!(
             "UPDATE orchestrator_provisioning_steps SET status = 'pending', error = NULL
              WHERE run_id = $1 AND status IN ('failed', 'rolled_back')",
+            run_id
         )
-        .bind(run_id)
         .execute(&mut *conn)
         .await?;
     }
@@ -413,13 +450,20 @@ pub async fn reopen_failed_run(conn: &mut PgConnection, run_id: Uuid) -> Result<
 }
 
 pub async fn count_execution(executor: impl PgExecutor<'_>, run_id: Uuid) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "UPDATE orchestrator_provisioning_runs SET executions = executions + 1, updated_at = now() WHERE id = $1",
+        run_id
     )
-    .bind(run_id)
     .execute(executor)
     .await?;
     Ok(())
+}
+
+/// A run still marked running whose owner may have died.
+pub struct StaleRun {
+    pub id: Uuid,
+    pub org_id: OrgId,
+    pub team_node_id: TeamNodeId,
 }
 
 /// Runs still marked running and not touched for `idle_seconds`: candidates for resumption.
@@ -427,26 +471,29 @@ pub async fn stale_running_runs(
     executor: impl PgExecutor<'_>,
     idle_seconds: f64,
     limit: i64,
-) -> Result<Vec<(Uuid, String, String)>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT id, org_id, team_node_id FROM orchestrator_provisioning_runs
+) -> Result<Vec<StaleRun>, sqlx::Error> {
+    sqlx::query_as!(
+        StaleRun,
+        r#"SELECT id, org_id AS "org_id: OrgId", team_node_id AS "team_node_id: TeamNodeId"
+         FROM orchestrator_provisioning_runs
          WHERE status = 'running' AND request IS NOT NULL AND updated_at < now() - make_interval(secs => $1)
-         ORDER BY updated_at LIMIT $2",
+         ORDER BY updated_at LIMIT $2"#,
+        idle_seconds,
+        limit
     )
-    .bind(idle_seconds)
-    .bind(limit)
     .fetch_all(executor)
     .await
 }
 
 pub struct RunFilter {
     pub org_id: Option<String>,
-    pub team_node_id: Option<String>,
-    pub status: Option<String>,
+    pub team_node_id: Option<TeamNodeId>,
+    pub status: Option<RunStatus>,
     pub before: Option<(DateTime<Utc>, Uuid)>,
     pub limit: i64,
 }
 
+/// Runs, newest first. Built at run time: four optional filters would be sixteen static queries.
 pub async fn list_runs(executor: impl PgExecutor<'_>, filter: &RunFilter) -> Result<Vec<RunRow>, sqlx::Error> {
     let mut sql = QueryBuilder::<Postgres>::new(format!(
         "SELECT {RUN_COLUMNS} FROM orchestrator_provisioning_runs WHERE TRUE"
@@ -457,7 +504,7 @@ pub async fn list_runs(executor: impl PgExecutor<'_>, filter: &RunFilter) -> Res
     if let Some(team) = &filter.team_node_id {
         sql.push(" AND team_node_id = ").push_bind(team);
     }
-    if let Some(status) = &filter.status {
+    if let Some(status) = filter.status {
         sql.push(" AND status = ").push_bind(status);
     }
     if let Some((at, id)) = filter.before {

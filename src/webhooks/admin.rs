@@ -9,12 +9,12 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::signature::Source;
-use super::store::{self, EventFilter, EventRow, STATUSES};
-use crate::app::AppState;
+use super::store::{self, EventFilter, EventRow};
 use crate::audit::{self, AuditEntry};
 use crate::auth::{Admin, Capability};
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult};
 use crate::pagination;
+use crate::state::AppState;
 
 const REPLAY_MAX: i64 = 1000;
 
@@ -45,9 +45,9 @@ fn valid_source(source: Option<String>) -> ApiResult<Option<String>> {
 
 fn valid_status(status: Option<String>) -> ApiResult<Option<String>> {
     match status {
-        Some(s) if !STATUSES.contains(&s.as_str()) => Err(ApiError::invalid_field(
+        Some(s) if !store::shown_statuses().contains(&s.as_str()) => Err(ApiError::invalid_field(
             "status",
-            format!("must be one of {}", STATUSES.join(", ")),
+            format!("must be one of {}", store::shown_statuses().join(", ")),
         )),
         other => Ok(other),
     }
@@ -55,18 +55,18 @@ fn valid_status(status: Option<String>) -> ApiResult<Option<String>> {
 
 /// Inbox events, newest first; an org admin sees events routed to its org only.
 #[utoipa::path(get, path = "/api/v1/admin/webhooks/events", tag = "webhooks", security(("admin_token" = [])), params(EventQuery),
-    responses((status = 200, body = EventPage), (status = 403, body = crate::openapi::ErrorBody), (status = 422, body = crate::openapi::ErrorBody)))]
+    responses((status = 200, body = EventPage), (status = 403, body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody)))]
 pub async fn list_events(
     State(state): State<AppState>,
     admin: Admin,
     ApiQuery(query): ApiQuery<EventQuery>,
 ) -> ApiResult<Json<EventPage>> {
     admin.require(&state.config.auth, Capability::WebhooksRead)?;
-    pagination::identifier_filters(&[("org_id", query.org_id.as_deref())])?;
+    let requested_org = pagination::org_filter(query.org_id.as_deref())?;
     let limit = pagination::limit(query.limit)?;
     let before = pagination::decode_uuid(query.cursor.as_deref())?;
     let filter = EventFilter {
-        org_id: admin.scope_filter(query.org_id.as_deref())?,
+        org_id: admin.scope_filter(requested_org)?,
         source: valid_source(query.source)?,
         status: valid_status(query.status)?,
         since: query.since,
@@ -108,7 +108,7 @@ async fn visible_event(state: &AppState, admin: &Admin, id: Uuid) -> ApiResult<E
 /// One event: status, attempts, last error, routed team, agent correlation id (and the body on request).
 #[utoipa::path(get, path = "/api/v1/admin/webhooks/events/{id}", tag = "webhooks", security(("admin_token" = [])),
     params(("id" = Uuid, Path, description = "event id"), EventDetailQuery),
-    responses((status = 200, body = EventDetail), (status = 404, body = crate::openapi::ErrorBody)))]
+    responses((status = 200, body = EventDetail), (status = 404, body = crate::error::ErrorBody)))]
 pub async fn get_event(
     State(state): State<AppState>,
     admin: Admin,
@@ -169,8 +169,8 @@ async fn replay_audited(
 /// Puts one finished event (delivered, skipped, unrouted or dead-lettered) back in the queue.
 #[utoipa::path(post, path = "/api/v1/admin/webhooks/events/{id}/replay", tag = "webhooks", security(("admin_token" = [])),
     params(("id" = Uuid, Path, description = "event id")),
-    responses((status = 200, body = ReplayReport), (status = 404, body = crate::openapi::ErrorBody),
-        (status = 409, description = "the event is still pending or being dispatched", body = crate::openapi::ErrorBody)))]
+    responses((status = 200, body = ReplayReport), (status = 404, body = crate::error::ErrorBody),
+        (status = 409, description = "the event is still pending or being dispatched", body = crate::error::ErrorBody)))]
 pub async fn replay_event(
     State(state): State<AppState>,
     admin: Admin,
@@ -212,14 +212,14 @@ pub struct ReplayFilter {
 /// Replays every finished event matching a filter (for example every dead-lettered GitHub event since a time), bounded.
 #[utoipa::path(post, path = "/api/v1/admin/webhooks/replay", tag = "webhooks", security(("admin_token" = [])),
     request_body = ReplayFilter,
-    responses((status = 200, body = ReplayReport), (status = 403, body = crate::openapi::ErrorBody), (status = 422, body = crate::openapi::ErrorBody)))]
+    responses((status = 200, body = ReplayReport), (status = 403, body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody)))]
 pub async fn replay_matching(
     State(state): State<AppState>,
     admin: Admin,
     ApiJson(body): ApiJson<ReplayFilter>,
 ) -> ApiResult<Json<ReplayReport>> {
     admin.require(&state.config.auth, Capability::WebhooksReplay)?;
-    pagination::identifier_filters(&[("org_id", body.org_id.as_deref())])?;
+    let requested_org = pagination::org_filter(body.org_id.as_deref())?;
     let limit = match body.limit {
         None => 100,
         Some(n) if (1..=REPLAY_MAX).contains(&n) => n,
@@ -238,7 +238,7 @@ pub async fn replay_matching(
         ));
     }
     let filter = EventFilter {
-        org_id: admin.scope_filter(body.org_id.as_deref())?,
+        org_id: admin.scope_filter(requested_org)?,
         source: valid_source(body.source)?,
         status,
         since: body.since,

@@ -17,9 +17,9 @@ use uuid::Uuid;
 use super::signature::{self, Source};
 use super::sources::{self, Envelope};
 use super::store::{self, Inserted};
-use crate::app::AppState;
 use crate::config::{SourceConfig, WebhookConfig};
 use crate::error::ApiError;
+use crate::state::AppState;
 
 /// Per-source limiters keyed by sender (Slack team and channel, GitHub repository, ...).
 #[derive(Clone)]
@@ -198,11 +198,11 @@ macro_rules! webhook_route {
             request_body(content = String, description = "the provider's raw payload, signed"),
             responses(
                 (status = 200, description = "stored (or a duplicate, or a protocol message answered)", body = Ack),
-                (status = 400, description = "signed but unreadable", body = crate::openapi::ErrorBody),
-                (status = 401, description = "signature missing, malformed, stale or wrong; or the source is not configured", body = crate::openapi::ErrorBody),
-                (status = 413, body = crate::openapi::ErrorBody),
-                (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody),
-                (status = 503, description = "could not store; retry", body = crate::openapi::ErrorBody)))]
+                (status = 400, description = "signed but unreadable", body = crate::error::ErrorBody),
+                (status = 401, description = "signature missing, malformed, stale or wrong; or the source is not configured", body = crate::error::ErrorBody),
+                (status = 413, body = crate::error::ErrorBody),
+                (status = 429, description = "rate limited; see Retry-After", body = crate::error::ErrorBody),
+                (status = 503, description = "could not store; retry", body = crate::error::ErrorBody)))]
         pub async fn $name(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
             ingest(&state, $source, $interactions, &headers, &body).await
         }

@@ -13,8 +13,8 @@ use uuid::Uuid;
 
 use super::sources::strip_nul;
 use super::store::{self, Inserted};
-use crate::app::AppState;
 use crate::error::{ApiError, ApiJson, ApiResult};
+use crate::state::AppState;
 
 #[derive(Deserialize, utoipa::ToSchema)]
 pub struct SlackTrigger {
@@ -48,13 +48,9 @@ fn authenticate(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
             "ORCHESTRATOR_INTERNAL_TOKEN is not configured; internal calls are refused",
         ));
     };
-    let presented = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .or_else(|| headers.get("x-internal-token").and_then(|v| v.to_str().ok()))
+    let presented = crate::auth::presented_token(headers, "x-internal-token")
         .ok_or_else(|| ApiError::unauthorized("missing_token", "an internal token is required"))?;
-    if bool::from(presented.trim().as_bytes().ct_eq(expected.expose().as_bytes())) {
+    if bool::from(presented.expose().as_bytes().ct_eq(expected.expose().as_bytes())) {
         Ok(())
     } else {
         Err(ApiError::unauthorized(
@@ -77,8 +73,8 @@ fn required(field: &str, value: &str, max: usize) -> ApiResult<()> {
 /// Queues a message from the platform's Slack bot for dispatch.
 #[utoipa::path(post, path = "/api/v1/internal/slack/trigger", tag = "webhooks", request_body = SlackTrigger,
     security(("internal_token" = [])),
-    responses((status = 202, body = TriggerAccepted), (status = 401, body = crate::openapi::ErrorBody),
-        (status = 422, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
+    responses((status = 202, body = TriggerAccepted), (status = 401, body = crate::error::ErrorBody),
+        (status = 422, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
 pub async fn slack_trigger(
     State(state): State<AppState>,
     headers: HeaderMap,

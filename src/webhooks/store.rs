@@ -1,4 +1,6 @@
-//! The SQL of the webhook inbox (`orchestrator_webhook_events`) and its dedupe keys (`orchestrator_webhook_deliveries`).
+//! The SQL of the webhook inbox (`orchestrator_webhook_events`) and its dedupe keys
+//! (`orchestrator_webhook_deliveries`), checked at compile time; the operator views' filters are
+//! built at run time.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -6,17 +8,16 @@ use serde_json::Value;
 use sqlx::{PgExecutor, Postgres, QueryBuilder};
 
 use crate::db::{storable_json, storable_text};
+use crate::domain::EventStatus;
 use uuid::Uuid;
 
-/// Every status an inbox event can have (the table's CHECK constraint).
-pub const STATUSES: [&str; 6] = [
-    "pending",
-    "processing",
-    "delivered",
-    "skipped",
-    "unrouted",
-    "dead_letter",
-];
+/// The statuses operators see: the stored ones, and `processing` for a pending event whose lease
+/// is live. The two open ones come first.
+pub fn shown_statuses() -> Vec<&'static str> {
+    let mut shown = vec!["pending", "processing"];
+    shown.extend(EventStatus::ALL.iter().filter(|s| s.is_final()).map(|s| s.as_str()));
+    shown
+}
 
 /// Channel the ingress notifies so idle dispatchers wake at once.
 pub const NOTIFY_CHANNEL: &str = "orchestrator_webhook_inbox";
@@ -56,8 +57,8 @@ pub async fn insert_events(
     let bodies: Vec<&[u8]> = events.iter().map(|e| e.body.as_slice()).collect();
     let ordering: Vec<Option<&str>> = events.iter().map(|e| e.ordering_key.as_deref()).collect();
     // WITH ORDINALITY keeps the request order, so the first of two deliveries with the same id wins.
-    let inserted: Vec<Uuid> = sqlx::query_scalar(
-        "WITH input AS (
+    let inserted: Vec<Uuid> = sqlx::query_scalar!(
+        r#"WITH input AS (
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[], $7::text[])
                  WITH ORDINALITY AS t(id, source, kind, delivery_id, headers, body, ordering_key, n)),
          delivery AS (
@@ -69,27 +70,27 @@ pub async fn insert_events(
              SELECT i.id, i.source, i.kind, i.delivery_id, i.headers::jsonb, i.body, i.ordering_key
              FROM input i JOIN delivery d ON d.event_id = i.id ORDER BY i.n
              RETURNING id)
-         SELECT id FROM event",
+         SELECT id AS "id!" FROM event"#,
+        &ids,
+        &sources as &[&str],
+        &kinds as &[&str],
+        &delivery_ids as &[&str],
+        &headers,
+        &bodies as &[&[u8]],
+        &ordering as &[Option<&str>],
     )
-    .bind(&ids)
-    .bind(&sources)
-    .bind(&kinds)
-    .bind(&delivery_ids)
-    .bind(&headers)
-    .bind(&bodies)
-    .bind(&ordering)
     .fetch_all(executor)
     .await?;
     if inserted.len() == events.len() {
         return Ok(ids.into_iter().map(Inserted::New).collect());
     }
     // Some were duplicates: find the events their delivery ids already name.
-    let existing: Vec<(String, String, Uuid)> = sqlx::query_as(
+    let existing = sqlx::query!(
         "SELECT d.source, d.delivery_id, d.event_id FROM orchestrator_webhook_deliveries d
          JOIN UNNEST($1::text[], $2::text[]) AS t(source, delivery_id) USING (source, delivery_id)",
+        &sources as &[&str],
+        &delivery_ids as &[&str],
     )
-    .bind(&sources)
-    .bind(&delivery_ids)
     .fetch_all(executor)
     .await?;
     Ok(events
@@ -100,14 +101,14 @@ pub async fn insert_events(
             }
             let original = existing
                 .iter()
-                .find(|(source, delivery, _)| *source == event.source && *delivery == event.delivery_id)
-                .map_or(event.id, |(_, _, id)| *id);
+                .find(|row| row.source == event.source && row.delivery_id == event.delivery_id)
+                .map_or(event.id, |row| row.event_id);
             Inserted::Duplicate(original)
         })
         .collect())
 }
 
-#[derive(Clone, Debug, sqlx::FromRow)]
+#[derive(Clone, Debug)]
 pub struct ClaimedEvent {
     pub id: Uuid,
     /// This claim's own lease token: renewals and the outcome are accepted only with it, so a
@@ -129,40 +130,18 @@ pub struct ClaimedEvent {
 /// dispatched is one whose lease is live.
 const STATUS_EXPR: &str = "CASE WHEN status = 'pending' AND lease_until > now() THEN 'processing' ELSE status END";
 
-/// The claim, `$1` the limit and `$2` the lease in seconds. Run on [`crate::db::queue_pool`],
-/// where walking the due index in order is the only plan it can get.
-pub const CLAIM_SQL: &str = "UPDATE orchestrator_webhook_events e
-         SET lease_owner = gen_random_uuid(), lease_until = now() + make_interval(secs => $2),
-             attempts = e.attempts + 1, updated_at = now()
-         WHERE e.id IN (
-             SELECT c.id FROM orchestrator_webhook_events c
-             WHERE c.next_attempt_at <= now()
-               AND c.status = 'pending'
-               AND (c.lease_until IS NULL OR c.lease_until < now())
-               -- Written as OR, not an anti join, so it probes the ordering index per candidate
-               -- instead of reading the whole backlog on every claim.
-               AND (c.ordering_key IS NULL OR NOT EXISTS (
-                   SELECT 1 FROM orchestrator_webhook_events p
-                   WHERE p.ordering_key = c.ordering_key
-                     AND p.status = 'pending'
-                     AND (p.received_at, p.id) < (c.received_at, c.id)))
-             ORDER BY c.next_attempt_at, c.received_at
-             LIMIT $1
-             FOR UPDATE SKIP LOCKED)
-         RETURNING e.id, e.lease_owner AS lease, e.source, e.kind, e.delivery_id, e.headers, e.body, e.received_at, e.attempts, e.ordering_key";
+/// The claim, `$1` the limit and `$2` the lease in seconds ([`claim`]); public for the test that
+/// pins its plan.
+pub const CLAIM_SQL: &str = include_str!("sql/claim.sql");
 
-/// Claims up to `limit` due events, each with a fresh lease token; only lease columns change, so
-/// the update stays HOT. An event waits while an earlier event with the same ordering key is
-/// unfinished, which keeps a thread's events in order. An expired lease (its worker died) makes an
-/// event claimable again.
+/// Claims up to `limit` due events, each with a fresh lease token. Run on
+/// [`crate::db::queue_pool`], where walking the due index in order is the only plan it can get.
 pub async fn claim(
     executor: impl PgExecutor<'_>,
     limit: i64,
     lease_secs: f64,
 ) -> Result<Vec<ClaimedEvent>, sqlx::Error> {
-    sqlx::query_as(CLAIM_SQL)
-        .bind(limit)
-        .bind(lease_secs)
+    sqlx::query_file_as!(ClaimedEvent, "src/webhooks/sql/claim.sql", limit, lease_secs)
         .fetch_all(executor)
         .await
 }
@@ -174,13 +153,13 @@ pub async fn renew_lease(
     owner: Uuid,
     lease_secs: f64,
 ) -> Result<bool, sqlx::Error> {
-    Ok(sqlx::query(
+    Ok(sqlx::query!(
         "UPDATE orchestrator_webhook_events SET lease_until = now() + make_interval(secs => $3)
          WHERE id = $1 AND lease_owner = $2 AND status = 'pending'",
+        id,
+        owner,
+        lease_secs
     )
-    .bind(id)
-    .bind(owner)
-    .bind(lease_secs)
     .execute(executor)
     .await?
     .rows_affected()
@@ -193,7 +172,7 @@ pub struct OutcomeRow {
     pub id: Uuid,
     pub owner: Uuid,
     /// `pending` (to be retried at `next_attempt_at`) or a final status.
-    pub status: &'static str,
+    pub status: EventStatus,
     pub next_attempt_at: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
     pub skip_reason: Option<String>,
@@ -205,7 +184,7 @@ pub struct OutcomeRow {
 
 impl OutcomeRow {
     /// An outcome with only its status; callers add what each one carries.
-    pub fn new(id: Uuid, owner: Uuid, status: &'static str) -> Self {
+    pub fn new(id: Uuid, owner: Uuid, status: EventStatus) -> Self {
         Self {
             id,
             owner,
@@ -221,27 +200,16 @@ impl OutcomeRow {
     }
 }
 
-/// Outcomes from ten parallel arrays, joined to their events by primary key. Run on
-/// [`crate::db::queue_pool`], where a lookup per row is the only plan it can get.
-pub const RECORD_OUTCOMES_SQL: &str = "UPDATE orchestrator_webhook_events e SET status = o.status, next_attempt_at = coalesce(o.next_attempt_at, e.next_attempt_at),
-             last_error = o.last_error, skip_reason = o.skip_reason, org_id = coalesce(o.org_id, e.org_id),
-             team_node_id = coalesce(o.team_node_id, e.team_node_id),
-             correlation_id = coalesce(o.correlation_id, e.correlation_id),
-             agent_result = coalesce(o.agent_result::jsonb, e.agent_result),
-             lease_owner = NULL, lease_until = NULL, updated_at = now(),
-             finished_at = CASE WHEN o.status <> 'pending' THEN now() END
-         FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::text[],
-                     $8::text[], $9::text[], $10::text[])
-             AS o(id, owner, status, next_attempt_at, last_error, skip_reason, org_id, team_node_id, correlation_id, agent_result)
-         WHERE e.id = o.id AND e.lease_owner = o.owner
-         RETURNING e.id";
+/// The outcome batch ([`record_outcomes`]); public for the test that pins its plan.
+pub const RECORD_OUTCOMES_SQL: &str = include_str!("sql/record_outcomes.sql");
 
 /// Writes outcomes in one statement. Each result says whether that row's lease was still its
-/// owner's (and so whether it was written), in the order of `rows`.
+/// owner's (and so whether it was written), in the order of `rows`. Run on
+/// [`crate::db::queue_pool`], where a lookup per row is the only plan it can get.
 pub async fn record_outcomes(executor: impl PgExecutor<'_>, rows: &[OutcomeRow]) -> Result<Vec<bool>, sqlx::Error> {
     let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
     let owners: Vec<Uuid> = rows.iter().map(|r| r.owner).collect();
-    let statuses: Vec<&str> = rows.iter().map(|r| r.status).collect();
+    let statuses: Vec<EventStatus> = rows.iter().map(|r| r.status).collect();
     let next: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.next_attempt_at).collect();
     let text = |f: fn(&OutcomeRow) -> &Option<String>| -> Vec<Option<String>> {
         rows.iter().map(|r| f(r).as_deref().map(storable_text)).collect()
@@ -250,19 +218,21 @@ pub async fn record_outcomes(executor: impl PgExecutor<'_>, rows: &[OutcomeRow])
         .iter()
         .map(|r| r.agent_result.as_ref().map(|v| storable_json(v).to_string()))
         .collect();
-    let written: Vec<Uuid> = sqlx::query_scalar(RECORD_OUTCOMES_SQL)
-        .bind(&ids)
-        .bind(&owners)
-        .bind(&statuses)
-        .bind(&next)
-        .bind(text(|r| &r.last_error))
-        .bind(text(|r| &r.skip_reason))
-        .bind(text(|r| &r.org_id))
-        .bind(text(|r| &r.team_node_id))
-        .bind(text(|r| &r.correlation_id))
-        .bind(&results)
-        .fetch_all(executor)
-        .await?;
+    let written: Vec<Uuid> = sqlx::query_file_scalar!(
+        "src/webhooks/sql/record_outcomes.sql",
+        &ids,
+        &owners,
+        &statuses as &[EventStatus],
+        &next as &[Option<DateTime<Utc>>],
+        &text(|r| &r.last_error) as &[Option<String>],
+        &text(|r| &r.skip_reason) as &[Option<String>],
+        &text(|r| &r.org_id) as &[Option<String>],
+        &text(|r| &r.team_node_id) as &[Option<String>],
+        &text(|r| &r.correlation_id) as &[Option<String>],
+        &results as &[Option<String>],
+    )
+    .fetch_all(executor)
+    .await?;
     Ok(ids.iter().map(|id| written.contains(id)).collect())
 }
 
@@ -299,18 +269,21 @@ fn event_columns() -> String {
 }
 
 pub async fn get_event(executor: impl PgExecutor<'_>, id: Uuid) -> Result<Option<EventRow>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "SELECT {} FROM orchestrator_webhook_events WHERE id = $1",
-        event_columns()
-    ))
-    .bind(id)
+    sqlx::query_as!(
+        EventRow,
+        r#"SELECT id, source, kind, delivery_id, headers, received_at,
+             CASE WHEN status = 'pending' AND lease_until > now() THEN 'processing' ELSE status END AS "status!",
+             attempts, next_attempt_at, ordering_key, last_error, skip_reason, org_id, team_node_id, correlation_id,
+             agent_result, updated_at, finished_at
+         FROM orchestrator_webhook_events WHERE id = $1"#,
+        id
+    )
     .fetch_optional(executor)
     .await
 }
 
 pub async fn get_body(executor: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Vec<u8>>, sqlx::Error> {
-    sqlx::query_scalar("SELECT body FROM orchestrator_webhook_events WHERE id = $1")
-        .bind(id)
+    sqlx::query_scalar!("SELECT body FROM orchestrator_webhook_events WHERE id = $1", id)
         .fetch_optional(executor)
         .await
         .map(Option::flatten)
@@ -391,30 +364,33 @@ pub async fn replay(
 }
 
 pub async fn notify(executor: impl PgExecutor<'_>) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT pg_notify('orchestrator_webhook_inbox', '')")
+    sqlx::query!("SELECT pg_notify('orchestrator_webhook_inbox', '')")
         .execute(executor)
         .await?;
     Ok(())
 }
 
-/// The statuses of events still waiting or being dispatched, counted from the partial indexes that
-/// hold only those rows: cheap however large the inbox's history is.
-pub const OPEN_STATUSES: [&str; 2] = ["pending", "processing"];
-
-pub const OPEN_COUNTS_SQL: &str = "SELECT CASE WHEN lease_until > now() THEN 'processing' ELSE 'pending' END, count(*)
-     FROM orchestrator_webhook_events WHERE status = 'pending' GROUP BY 1";
+/// Pending events, split into those waiting and those being dispatched, counted from the partial
+/// indexes that hold only them: cheap however large the inbox's history is.
+pub const OPEN_COUNTS_SQL: &str = include_str!("sql/open_counts.sql");
 
 pub async fn open_counts(executor: impl PgExecutor<'_>) -> Result<Vec<(String, i64)>, sqlx::Error> {
-    sqlx::query_as(OPEN_COUNTS_SQL).fetch_all(executor).await
+    let rows = sqlx::query_file!("src/webhooks/sql/open_counts.sql")
+        .fetch_all(executor)
+        .await?;
+    Ok(rows.into_iter().map(|r| (r.status, r.count)).collect())
 }
 
 /// Every status, counted over the whole table (a sequential scan of the retained history).
 pub async fn counts_by_status(executor: impl PgExecutor<'_>) -> Result<Vec<(String, i64)>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "SELECT {STATUS_EXPR}, count(*) FROM orchestrator_webhook_events GROUP BY 1"
-    ))
+    let rows = sqlx::query!(
+        r#"SELECT CASE WHEN status = 'pending' AND lease_until > now() THEN 'processing' ELSE status END AS "status!",
+             count(*) AS "count!"
+         FROM orchestrator_webhook_events GROUP BY 1"#
+    )
     .fetch_all(executor)
-    .await
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.status, r.count)).collect())
 }
 
 /// Rows one retention statement deletes at most.
@@ -427,23 +403,23 @@ pub async fn purge(
     retention_days: u32,
     dedupe_days: u32,
 ) -> Result<(u64, u64), sqlx::Error> {
-    let events = sqlx::query(
+    let events = sqlx::query!(
         "DELETE FROM orchestrator_webhook_events WHERE id IN (
              SELECT id FROM orchestrator_webhook_events WHERE status IN ('delivered', 'skipped', 'unrouted')
                AND finished_at < now() - make_interval(days => $1) LIMIT 10000 FOR UPDATE SKIP LOCKED)",
+        retention_days as i32
     )
-    .bind(retention_days as i32)
     .execute(executor)
     .await?
     .rows_affected();
-    let deliveries = sqlx::query(
+    let deliveries = sqlx::query!(
         "DELETE FROM orchestrator_webhook_deliveries WHERE (source, delivery_id) IN (
              SELECT d.source, d.delivery_id FROM orchestrator_webhook_deliveries d
              WHERE d.received_at < now() - make_interval(days => $1)
                AND NOT EXISTS (SELECT 1 FROM orchestrator_webhook_events e WHERE e.id = d.event_id)
              LIMIT 10000 FOR UPDATE SKIP LOCKED)",
+        dedupe_days as i32
     )
-    .bind(dedupe_days as i32)
     .execute(executor)
     .await?
     .rows_affected();

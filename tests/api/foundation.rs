@@ -289,3 +289,90 @@ async fn every_dashboard_metric_is_exported_after_a_short_exercise() {
         "the dashboard queries metrics the service does not export: {missing:?}"
     );
 }
+
+/// The document and the router come from one list of routes; this checks the promise from the
+/// outside, the way a client generated from the document would: every documented operation is
+/// served, and what it answers to requests that are wrong in each way the shared middleware
+/// handles (no credentials, malformed JSON, another content type, a bad path or query parameter)
+/// is a status the document lists for it.
+#[tokio::test]
+async fn the_openapi_document_matches_what_the_router_serves() {
+    let app = TestApp::spawn().await;
+    let doc = json_of(app.get("/openapi.json").await).await;
+    let mut probed = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            let documented: Vec<u16> = operation["responses"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(|s| s.parse().unwrap())
+                .collect();
+            let concrete = path.replace("{id}", "not-a-uuid");
+            let method = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let admin = operation.get("security").is_some();
+            let json_body = operation.pointer("/requestBody/content/application~1json").is_some();
+            let has_query = operation["parameters"]
+                .as_array()
+                .is_some_and(|ps| ps.iter().any(|p| p["in"] == "query"));
+            let request = |authorised: bool| {
+                let mut request = app.client.request(method.clone(), app.at(&concrete));
+                if authorised {
+                    let token = if path.starts_with("/api/v1/internal") {
+                        INTERNAL_TOKEN
+                    } else {
+                        SUPER_ADMIN
+                    };
+                    request = request.bearer_auth(token);
+                }
+                request
+            };
+            let mut probes: Vec<(&str, reqwest::RequestBuilder)> = vec![("bare", request(false))];
+            if admin || path.starts_with("/api/v1/internal") {
+                if json_body {
+                    probes.push((
+                        "malformed json",
+                        request(true).header("content-type", "application/json").body("{"),
+                    ));
+                    probes.push((
+                        "another content type",
+                        request(true).header("content-type", "text/plain").body("x"),
+                    ));
+                    probes.push(("an empty object", request(true).json(&serde_json::json!({}))));
+                } else {
+                    probes.push(("authorised", request(true)));
+                }
+                if has_query {
+                    let with_query = app
+                        .client
+                        .request(method.clone(), app.at(&format!("{concrete}?limit=lots")))
+                        .bearer_auth(SUPER_ADMIN);
+                    probes.push(("a bad query parameter", with_query));
+                }
+            }
+            for (probe, request) in probes {
+                let response = request.send().await.unwrap();
+                let status = response.status().as_u16();
+                let body: serde_json::Value = response.json().await.unwrap_or_default();
+                assert!(
+                    !(status == 404 && body["code"] == "not_found") && status != 405,
+                    "{method} {path} is documented but not served ({probe}: {status} {body})"
+                );
+                assert!(
+                    documented.contains(&status),
+                    "{method} {path} answered {status} to {probe}, which its documentation does not list ({documented:?}): {body}"
+                );
+                if status >= 400 {
+                    for field in ["detail", "code", "request_id"] {
+                        assert!(
+                            body[field].is_string(),
+                            "{method} {path} {status}: the error envelope lacks {field}: {body}"
+                        );
+                    }
+                }
+                probed += 1;
+            }
+        }
+    }
+    assert!(probed >= 35, "only {probed} probes");
+}

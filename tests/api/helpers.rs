@@ -167,7 +167,7 @@ impl TestApp {
         TestApp {
             url: format!("http://{addr}"),
             client: {
-                orchestrator::app::install_crypto_provider();
+                orchestrator::startup::install_crypto_provider();
                 reqwest::Client::new()
             },
             db,

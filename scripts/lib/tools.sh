@@ -1,0 +1,19 @@
+# Tools the scripts install when a machine does not have them. Source it, then call the function.
+
+SQLX_CLI_VERSION="0.8.6" # the sqlx of Cargo.lock: prepare's metadata must match the macros'
+
+# Prints the path of a `cargo sqlx` of SQLX_CLI_VERSION, installing it under target/tools first
+# when neither PATH nor an earlier install has one. Installed with --locked, Postgres only.
+ensure_sqlx_cli() {
+  local root="$1" bin
+  for bin in "$(command -v cargo-sqlx 2>/dev/null)" "$root/target/tools/bin/cargo-sqlx"; do
+    if [ -n "$bin" ] && [ -x "$bin" ] && "$bin" sqlx --version 2>/dev/null | grep -q " $SQLX_CLI_VERSION\$"; then
+      echo "$bin"
+      return 0
+    fi
+  done
+  echo "[tools] installing sqlx-cli $SQLX_CLI_VERSION into target/tools (once)" >&2
+  cargo install sqlx-cli --version "$SQLX_CLI_VERSION" --locked --no-default-features \
+    --features postgres,rustls --root "$root/target/tools" >&2 || return 1
+  echo "$root/target/tools/bin/cargo-sqlx"
+}

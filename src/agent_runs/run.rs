@@ -1,0 +1,275 @@
+//! A run on record: opened in both audits before anything acts for the team, and closed in both
+//! on every path, the client going away included.
+
+use std::time::Instant;
+
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::{store, AgentProxy};
+use crate::audit::{self, AuditEntry};
+use crate::auth::Admin;
+use crate::clients::agent::AgentError;
+use crate::domain::AgentRunStatus;
+
+/// The platform audit shows a one-line summary: longer answers are cut here.
+const OUTPUT_SUMMARY_CHARS: usize = 200;
+/// The platform audit keeps the message that started a run; a long one is cut.
+const TRIGGER_MESSAGE_CHARS: usize = 4000;
+
+/// What a run is about, for its audit records.
+pub struct RunRecord<'a> {
+    pub run_id: Uuid,
+    pub correlation_id: Uuid,
+    pub org_id: &'a str,
+    pub team_node_id: &'a str,
+    pub agent_name: &'a str,
+    pub message: &'a str,
+    pub context: &'a Value,
+    pub streaming: bool,
+}
+
+/// An opened run. Closing it is mandatory: if it is dropped unclosed (the client went away,
+/// the task was cancelled) it closes itself as failed in the background.
+pub struct OpenRun {
+    proxy: AgentProxy,
+    run_id: Uuid,
+    org_id: String,
+    actor: String,
+    started: Instant,
+    closed: bool,
+}
+
+/// How a run ended, for both audits: ours (`succeeded` or `failed`) and the platform's.
+pub struct Closing {
+    status: AgentRunStatus,
+    platform_status: PlatformStatus,
+    summary: Option<Value>,
+    error: Option<Value>,
+    report: PlatformReport,
+}
+
+/// The platform audit's vocabulary for a run's end: anything else is a 422 (`contracts.md`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+enum PlatformStatus {
+    Completed,
+    Failed,
+    Timeout,
+}
+
+/// What the platform audit shows of a run's end.
+#[derive(Default)]
+struct PlatformReport {
+    tool_calls_count: i64,
+    output_summary: Option<String>,
+    output_json: Option<Value>,
+    confidence: Option<f64>,
+    error_message: Option<String>,
+}
+
+impl Closing {
+    /// The agent answered; `answer` is its whole answer and `output` the part that is its output.
+    /// An answer that says `success: false` is a failed run in the platform audit.
+    pub fn answered(answer: &Value, output: &Value) -> Self {
+        let summary = json!({"success": answer.get("success"), "output_chars": output.to_string().len()});
+        let succeeded = answer.get("success").and_then(Value::as_bool) != Some(false);
+        let summary_text = match output {
+            Value::String(text) => Some(text.clone()),
+            Value::Object(fields) => ["summary", "root_cause"]
+                .iter()
+                .find_map(|k| fields.get(*k).and_then(Value::as_str).map(str::to_string)),
+            _ => None,
+        };
+        Self {
+            status: AgentRunStatus::Succeeded,
+            platform_status: if succeeded {
+                PlatformStatus::Completed
+            } else {
+                PlatformStatus::Failed
+            },
+            summary: Some(summary),
+            error: None,
+            report: PlatformReport {
+                tool_calls_count: answer.get("tool_calls_count").and_then(Value::as_i64).unwrap_or(0),
+                output_summary: summary_text.map(|t| crate::clients::truncate(&t, OUTPUT_SUMMARY_CHARS)),
+                output_json: match output {
+                    Value::Object(_) => Some(output.clone()),
+                    Value::String(text) => Some(json!({"text": text})),
+                    _ => None,
+                },
+                confidence: output.get("confidence").and_then(Value::as_f64),
+                error_message: None,
+            },
+        }
+    }
+
+    pub fn failed(code: &str, message: &str) -> Self {
+        Self {
+            status: AgentRunStatus::Failed,
+            platform_status: PlatformStatus::Failed,
+            summary: None,
+            error: Some(json!({"code": code, "message": message})),
+            report: PlatformReport {
+                error_message: Some(message.to_string()),
+                ..PlatformReport::default()
+            },
+        }
+    }
+
+    pub fn timed_out(message: &str) -> Self {
+        Self {
+            platform_status: PlatformStatus::Timeout,
+            ..Self::failed("timeout", message)
+        }
+    }
+
+    pub fn from_error(e: &AgentError) -> Self {
+        match e {
+            AgentError::Timeout(_) => Self::timed_out(&e.to_string()),
+            other => Self::failed(crate::agent_call::error_label(other), &other.to_string()),
+        }
+    }
+}
+
+/// Records the run (our table and audit trail, in one transaction) for the admin who asked.
+pub async fn open(proxy: &AgentProxy, admin: &Admin, record: &RunRecord<'_>) -> Result<OpenRun, sqlx::Error> {
+    let mut tx = proxy.db.begin().await?;
+    store::open(
+        &mut *tx,
+        &store::NewRun {
+            id: record.run_id,
+            correlation_id: record.correlation_id,
+            org_id: record.org_id,
+            team_node_id: record.team_node_id,
+            agent_name: record.agent_name,
+            actor_subject: admin.subject(),
+            actor_email: admin.email(),
+            streaming: record.streaming,
+        },
+    )
+    .await?;
+    let mut entry = AuditEntry::new(admin.subject(), "agent_run.started", "accepted");
+    entry.actor_email = admin.email();
+    entry.org_id = Some(record.org_id);
+    entry.team_node_id = Some(record.team_node_id);
+    entry.detail = json!({"agent_run_id": record.run_id, "correlation_id": record.correlation_id,
+        "agent_name": record.agent_name, "streaming": record.streaming});
+    audit::record(&mut *tx, entry).await?;
+    tx.commit().await?;
+    Ok(OpenRun {
+        proxy: proxy.clone(),
+        run_id: record.run_id,
+        org_id: record.org_id.to_string(),
+        actor: admin.subject().to_string(),
+        started: Instant::now(),
+        closed: false,
+    })
+}
+
+/// Opens the run in the platform audit, as `contracts.md` gives the body. The platform audit is a
+/// record, not a gate: a failure is logged and the run goes on.
+pub async fn open_in_platform_audit(proxy: &AgentProxy, admin: &Admin, record: &RunRecord<'_>) {
+    let Some(internal) = &proxy.internal_admin_token else {
+        return;
+    };
+    let body = json!({
+        "run_id": record.run_id,
+        "org_id": record.org_id,
+        "team_node_id": record.team_node_id,
+        "correlation_id": record.correlation_id,
+        "trigger_source": "api",
+        "trigger_actor": admin.email().unwrap_or(admin.subject()),
+        "trigger_message": crate::clients::truncate(record.message, TRIGGER_MESSAGE_CHARS),
+        "trigger_channel_id": null,
+        "agent_name": record.agent_name,
+        "metadata": {"context": record.context},
+    });
+    if let Err(e) = proxy
+        .config_service
+        .audit_agent_run_start(internal, record.org_id, &body)
+        .await
+    {
+        tracing::warn!(run_id = %record.run_id, error = %e, "recording the run in the platform audit failed");
+    }
+}
+
+impl OpenRun {
+    /// Closes the run in the background: the caller's answer never waits for the bookkeeping. A
+    /// crash before it lands leaves the run to the sweeper.
+    pub fn finish(mut self, closing: Closing) {
+        self.closed = true;
+        self.spawn_close(closing);
+    }
+
+    fn spawn_close(&self, closing: Closing) {
+        let proxy = self.proxy.clone();
+        let (run_id, org, actor, started) = (self.run_id, self.org_id.clone(), self.actor.clone(), self.started);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { close(&proxy, run_id, &org, &actor, started, closing).await });
+        }
+    }
+}
+
+impl Drop for OpenRun {
+    fn drop(&mut self) {
+        if !self.closed {
+            self.spawn_close(Closing::failed(
+                "client_disconnected",
+                "the client went away before the run finished; the agent call was cancelled",
+            ));
+        }
+    }
+}
+
+async fn close(proxy: &AgentProxy, run_id: Uuid, org: &str, actor: &str, started: Instant, closing: Closing) {
+    let duration_ms = started.elapsed().as_millis() as i64;
+    let closed: Result<(), sqlx::Error> = async {
+        let mut tx = proxy.db.begin().await?;
+        let closed_now = store::close(
+            &mut *tx,
+            run_id,
+            closing.status,
+            duration_ms,
+            closing.summary.as_ref(),
+            closing.error.as_ref(),
+        )
+        .await?;
+        if closed_now {
+            let mut entry = AuditEntry::new(actor, "agent_run.completed", closing.status.as_str());
+            entry.org_id = Some(org);
+            entry.detail = json!({"agent_run_id": run_id, "duration_ms": duration_ms, "error": closing.error});
+            audit::record(&mut *tx, entry).await?;
+        }
+        tx.commit().await
+    }
+    .await;
+    if let Err(e) = closed {
+        tracing::error!(%run_id, error = %e, "closing an agent run in the database failed; the sweeper will close it");
+    }
+    close_in_platform_audit(proxy, run_id, org, &closing).await;
+}
+
+/// Closes the run in the platform audit, in its vocabulary (`contracts.md`).
+pub async fn close_in_platform_audit(proxy: &AgentProxy, run_id: Uuid, org: &str, closing: &Closing) {
+    let Some(admin) = &proxy.internal_admin_token else {
+        return;
+    };
+    let report = &closing.report;
+    let update = json!({
+        "run_id": run_id,
+        "status": closing.platform_status,
+        "tool_calls_count": report.tool_calls_count,
+        "output_summary": report.output_summary,
+        "output_json": report.output_json,
+        "error_message": report.error_message,
+        "confidence": report.confidence,
+    });
+    if let Err(e) = proxy
+        .config_service
+        .audit_agent_run_update(admin, org, &run_id.to_string(), &update)
+        .await
+    {
+        tracing::warn!(%run_id, error = %e, "closing the run in the platform audit failed");
+    }
+}

@@ -1,0 +1,191 @@
+//! Statuses and steps, each a closed set of text values in the database.
+
+use std::fmt;
+use std::str::FromStr;
+
+use sqlx::encode::IsNull;
+use sqlx::error::BoxDynError;
+use sqlx::postgres::{PgArgumentBuffer, PgTypeInfo, PgValueRef};
+use sqlx::{Decode, Encode, Postgres, Type};
+
+/// A text value that is not one of the set.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{value:?} is not a {what}")]
+pub struct UnknownValue {
+    pub what: &'static str,
+    pub value: String,
+}
+
+/// An enum stored as one of its text values: serde, Postgres text (any text-like column, the
+/// existing service's VARCHARs included), Display and FromStr all use the same names.
+macro_rules! text_enum {
+    ($(#[$doc:meta])* $name:ident, $what:literal { $($(#[$vdoc:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+        pub enum $name {
+            $($(#[$vdoc])* #[serde(rename = $text)] $variant),+
+        }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+
+            /// Every value, as the API's error messages list them.
+            pub fn names() -> String {
+                Self::ALL.iter().map(|v| v.as_str()).collect::<Vec<_>>().join(", ")
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = UnknownValue;
+            fn from_str(value: &str) -> Result<Self, UnknownValue> {
+                match value {
+                    $($text => Ok($name::$variant),)+
+                    other => Err(UnknownValue { what: $what, value: other.to_string() }),
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl Type<Postgres> for $name {
+            fn type_info() -> PgTypeInfo {
+                <&str as Type<Postgres>>::type_info()
+            }
+            fn compatible(ty: &PgTypeInfo) -> bool {
+                <&str as Type<Postgres>>::compatible(ty)
+            }
+        }
+
+        impl Encode<'_, Postgres> for $name {
+            fn encode_by_ref(&self, buf: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
+                <&str as Encode<Postgres>>::encode(self.as_str(), buf)
+            }
+        }
+
+        impl<'r> Decode<'r, Postgres> for $name {
+            fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+                let text = <&str as Decode<Postgres>>::decode(value)?;
+                Ok(text.parse()?)
+            }
+        }
+
+        impl sqlx::postgres::PgHasArrayType for $name {
+            fn array_type_info() -> PgTypeInfo {
+                <&str as sqlx::postgres::PgHasArrayType>::array_type_info()
+            }
+        }
+    };
+}
+
+text_enum!(
+    /// Where a provisioning run is.
+    RunStatus, "run status" {
+        Running = "running",
+        Succeeded = "succeeded",
+        Failed = "failed",
+        /// Failed, and what it had done was undone.
+        RolledBack = "rolled_back",
+    }
+);
+
+impl RunStatus {
+    pub fn is_final(self) -> bool {
+        self != RunStatus::Running
+    }
+}
+
+text_enum!(
+    /// Where one step of a run is.
+    StepStatus, "step status" {
+        Pending = "pending",
+        Running = "running",
+        Succeeded = "succeeded",
+        Failed = "failed",
+        /// Not part of this run (no schedule asked for, a shared team).
+        Skipped = "skipped",
+        RolledBack = "rolled_back",
+    }
+);
+
+impl StepStatus {
+    /// Nothing left to do for the step in this execution.
+    pub fn is_done(self) -> bool {
+        matches!(
+            self,
+            StepStatus::Succeeded | StepStatus::Skipped | StepStatus::RolledBack
+        )
+    }
+}
+
+text_enum!(
+    /// A step of provisioning, named as the existing service named it in its answers.
+    Step, "step" {
+        ConfigPatch = "config_patch",
+        TeamToken = "team_token",
+        Bootstrap = "bootstrap",
+        PipelineCronjob = "pipeline_cronjob",
+        DedicatedDeployment = "dedicated_deployment",
+    }
+);
+
+text_enum!(
+    /// An inbox event's stored status. "processing" is not one: it is a pending event whose lease
+    /// is live, shown as such.
+    EventStatus, "event status" {
+        Pending = "pending",
+        Delivered = "delivered",
+        Skipped = "skipped",
+        Unrouted = "unrouted",
+        DeadLetter = "dead_letter",
+    }
+);
+
+impl EventStatus {
+    /// Done with: only an operator's replay puts it back in the queue.
+    pub fn is_final(self) -> bool {
+        self != EventStatus::Pending
+    }
+}
+
+text_enum!(
+    /// Where an admin-triggered agent run is, in the orchestrator's own record of it.
+    AgentRunStatus, "agent run status" {
+        Running = "running",
+        Succeeded = "succeeded",
+        Failed = "failed",
+    }
+);
+
+text_enum!(
+    /// How a team's agent runs: on the shared agent service or a dedicated Deployment of its own.
+    DeploymentMode, "deployment mode" {
+        Shared = "shared",
+        Dedicated = "dedicated",
+    }
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for step in Step::ALL {
+            assert_eq!(step.as_str().parse::<Step>().unwrap(), *step);
+            assert_eq!(serde_json::to_value(step).unwrap(), step.as_str());
+        }
+        assert_eq!("rolled_back".parse::<RunStatus>().unwrap(), RunStatus::RolledBack);
+        assert!("processing".parse::<EventStatus>().is_err());
+        assert_eq!(DeploymentMode::names(), "shared, dedicated");
+    }
+}

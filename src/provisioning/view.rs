@@ -1,0 +1,168 @@
+//! A provisioning run as the API shows it: the existing service's answer, enriched.
+
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::engine::Engine;
+use super::store::{self, RunRow, StepRow};
+use crate::auth::{Admin, Capability};
+use crate::config::AuthConfig;
+use crate::domain::{OrgId, RunStatus, TeamNodeId};
+use crate::error::ApiResult;
+
+/// A provisioning run as the API shows it: the existing service's answer (`steps` keyed by step
+/// name, `error` one line of text), with the per-step detail (`step_details`) and the error as an
+/// object (`error_detail`) added.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct RunView {
+    #[serde(flatten)]
+    pub run: RunSummary,
+    #[schema(value_type = String)]
+    pub team_id: TeamNodeId,
+    /// The team token issued by this run. Shown exactly once, to the first caller allowed to
+    /// provision who reads the run after the token was issued.
+    pub team_token: Option<String>,
+    /// True while an issued token is held (sealed) for a caller that has not received it.
+    pub team_token_held: bool,
+    /// The AI pipeline's answer to the bootstrap.
+    #[schema(value_type = Option<Object>)]
+    pub pipeline_bootstrap: Option<Value>,
+    /// The CronJob applied: name, namespace, schedule, org_id, team_node_id, created.
+    #[schema(value_type = Option<Object>)]
+    pub pipeline_cronjob: Option<Value>,
+    /// The dedicated agent applied: name, namespace, org_id, team_node_id, replicas, service_url.
+    #[schema(value_type = Option<Object>)]
+    pub dedicated_deployment: Option<Value>,
+    /// Each step that ran, keyed by name: `{"ok": bool, ...its output}` or `{"ok": false, "error"}`.
+    #[schema(value_type = Object)]
+    pub steps: Value,
+    /// Every step in order, with status, attempts, timings, result and error.
+    pub step_details: Vec<StepRow>,
+}
+
+/// A run without its steps and outputs, as lists show it. `error` is one line (`<step>:
+/// <message>`); `error_detail` is `{step, code, message}` (and `rollback_errors` when an undo
+/// failed).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct RunSummary {
+    pub provisioning_run_id: Uuid,
+    pub status: RunStatus,
+    #[schema(value_type = String)]
+    pub org_id: OrgId,
+    #[schema(value_type = String)]
+    pub team_node_id: TeamNodeId,
+    pub current_step: Option<String>,
+    pub error: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub error_detail: Option<Value>,
+    pub idempotency_key: Option<String>,
+    pub executions: i32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct RunPage {
+    pub items: Vec<RunSummary>,
+    pub next_cursor: Option<String>,
+}
+
+impl From<RunRow> for RunSummary {
+    fn from(r: RunRow) -> Self {
+        Self {
+            provisioning_run_id: r.id,
+            status: r.status,
+            org_id: r.org_id,
+            team_node_id: r.team_node_id,
+            current_step: r.current_step,
+            error: r.error,
+            error_detail: r.error_detail,
+            idempotency_key: r.idempotency_key,
+            executions: r.executions,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            finished_at: r.finished_at,
+        }
+    }
+}
+
+/// What `POST /provision/team` answers for a run: 202 while it runs, 200 once it succeeded, and
+/// for a failed one what the existing service answered: 502 when a neighbour (the config service,
+/// the AI pipeline, Kubernetes) failed it, 500 otherwise.
+pub fn answer_status(run: &RunRow) -> StatusCode {
+    match run.status {
+        RunStatus::Running => StatusCode::ACCEPTED,
+        RunStatus::Succeeded => StatusCode::OK,
+        RunStatus::Failed | RunStatus::RolledBack => {
+            let code = run
+                .error_detail
+                .as_ref()
+                .and_then(|e| e.get("code"))
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let neighbour = ["neighbour_", "kubernetes_", "invalid_configured_schedule"]
+                .iter()
+                .any(|prefix| code.starts_with(prefix));
+            if neighbour || run.request.is_none() {
+                StatusCode::BAD_GATEWAY
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        }
+    }
+}
+
+/// The run as the API shows it; the one-time team token goes to the first admin allowed to
+/// provision who reads it.
+pub async fn view(engine: &Engine, auth: &AuthConfig, admin: &Admin, run: RunRow) -> ApiResult<RunView> {
+    let steps = store::steps(&engine.db, run.id).await?;
+    let mut team_token_held = run.team_token_held;
+    let mut team_token = None;
+    // Only an admin allowed to provision may receive the secret.
+    if team_token_held && admin.has(auth, Capability::Provision) {
+        // Open before taking: a replica that cannot open it (another key) must not destroy the
+        // only copy. The take is conditional on the same bytes, so still only one caller gets it.
+        if let Some(sealed) = store::sealed_team_token(&engine.db, run.id).await? {
+            match engine.sealer.open(&sealed, run.id.as_bytes()) {
+                Some(token) => {
+                    if store::take_team_token(&engine.db, run.id, &sealed).await? {
+                        team_token_held = false;
+                        team_token = Some(token.expose().to_string());
+                    }
+                }
+                None => tracing::error!(
+                    run_id = %run.id,
+                    "the sealed team token cannot be opened here: ORCHESTRATOR_SECRETS_KEY differs between replicas, or changed"
+                ),
+            }
+        }
+    }
+    let output_of = |name: &str, field: &str| {
+        run.steps
+            .get(name)
+            .filter(|step| step.get("ok") == Some(&Value::Bool(true)))
+            .and_then(|step| step.get(field))
+            .cloned()
+    };
+    // A run still going (or the existing service's, which kept no step rows) is summarised from
+    // what there is; a finished run of this service carries its summary already.
+    let summary = match &run.request {
+        Some(request) if !run.is_final() && !steps.is_empty() => store::step_summary(&steps, &request.0),
+        _ => run.steps.clone(),
+    };
+    Ok(RunView {
+        team_id: run.team_node_id.clone(),
+        pipeline_bootstrap: output_of("bootstrap", "run"),
+        pipeline_cronjob: output_of("pipeline_cronjob", "result"),
+        dedicated_deployment: output_of("dedicated_deployment", "result"),
+        team_token,
+        team_token_held,
+        steps: summary,
+        step_details: steps,
+        run: run.into(),
+    })
+}

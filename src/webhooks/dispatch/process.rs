@@ -1,0 +1,335 @@
+//! One claimed event, from plan to outcome: what it carries, who owns it, the team's agent run,
+//! and what is written back.
+
+use std::time::Instant;
+
+use chrono::Utc;
+use serde_json::{json, Value};
+
+use super::decision::{self, AfterFailure, DispatchError};
+use super::Dispatcher;
+use crate::agent_call::{self, TeamAgent};
+use crate::audit::{self, AuditEntry};
+use crate::clients::agent::{AgentError, AgentRequest};
+use crate::config::Secret;
+use crate::domain::EventStatus;
+use crate::webhooks::destinations;
+use crate::webhooks::signature::Source;
+use crate::webhooks::sources::{self, Plan, RunPlan};
+use crate::webhooks::store::{self, ClaimedEvent, OutcomeRow};
+
+/// The result of dispatching one event, before it is written.
+enum Dispatched {
+    Delivered { org: String, team: String, result: Value },
+    Skipped(String),
+    Unrouted(String),
+}
+
+/// Why an attempt failed, with the team it was routed to if routing got that far (so the team's
+/// org admins can see and replay it).
+struct Failure {
+    error: DispatchError,
+    team: Option<(String, String)>,
+}
+
+impl From<DispatchError> for Failure {
+    fn from(error: DispatchError) -> Self {
+        Self { error, team: None }
+    }
+}
+
+pub(super) async fn process(dispatcher: &Dispatcher, event: ClaimedEvent) {
+    let owner = event.lease;
+    let Some(source) = Source::parse(&event.source) else {
+        tracing::error!(event_id = %event.id, source = %event.source, "event of an unknown source");
+        return;
+    };
+    let started = Instant::now();
+    let lease = dispatcher.settings.lease;
+    // Renew the lease while the agent runs, so no other worker takes the event meanwhile.
+    // If renewals keep failing until the lease is gone, stop: another worker may take the event,
+    // and this one must not go on running the agent for it.
+    let heartbeat = async {
+        let mut renewed = Instant::now();
+        loop {
+            tokio::time::sleep(lease / 3).await;
+            match store::renew_lease(&dispatcher.queue_db, event.id, owner, lease.as_secs_f64()).await {
+                Ok(true) => renewed = Instant::now(),
+                Ok(false) => {
+                    tracing::warn!(event_id = %event.id, "lost the lease of an event being dispatched");
+                    return;
+                }
+                Err(e) if renewed.elapsed() + lease / 3 >= lease => {
+                    tracing::warn!(event_id = %event.id, error = %e, "cannot renew the lease before it expires; abandoning");
+                    return;
+                }
+                Err(e) => tracing::warn!(event_id = %event.id, error = %e, "renewing a lease failed"),
+            }
+        }
+    };
+    let result = tokio::select! {
+        result = dispatch(dispatcher, source, &event) => result,
+        () = heartbeat => Err(DispatchError::LeaseLost.into()),
+    };
+    let label = source.as_str();
+    let finished = |status: &str| {
+        dispatcher
+            .metrics
+            .webhook_dispatch_attempts_total
+            .with_label_values(&[label, status])
+            .inc();
+        observe_latency(dispatcher, label, &event);
+    };
+    let outcome = match result {
+        Ok(Dispatched::Delivered { org, team, result }) => {
+            finished("delivered");
+            OutcomeRow {
+                org_id: Some(org),
+                team_node_id: Some(team),
+                correlation_id: Some(event.id.to_string()),
+                agent_result: Some(result),
+                ..OutcomeRow::new(event.id, owner, EventStatus::Delivered)
+            }
+        }
+        Ok(Dispatched::Skipped(reason)) => {
+            finished("skipped");
+            OutcomeRow {
+                skip_reason: Some(reason),
+                ..OutcomeRow::new(event.id, owner, EventStatus::Skipped)
+            }
+        }
+        Ok(Dispatched::Unrouted(reason)) => {
+            finished("unrouted");
+            OutcomeRow {
+                last_error: Some(reason),
+                ..OutcomeRow::new(event.id, owner, EventStatus::Unrouted)
+            }
+        }
+        Err(failure) => failed(dispatcher, source, &event, failure),
+    };
+    let write = if outcome.status == EventStatus::DeadLetter {
+        record_dead_letter(dispatcher, source, &event, outcome).await
+    } else {
+        dispatcher.outcomes.submit(outcome).await.map_err(|e| e.to_string())
+    };
+    match write {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!(event_id = %event.id, "the event's lease moved on before its outcome was written"),
+        Err(error) => {
+            tracing::error!(event_id = %event.id, %error, "writing a dispatch outcome failed; the lease will expire and it is retried")
+        }
+    }
+    tracing::debug!(event_id = %event.id, source = label, elapsed_ms = started.elapsed().as_millis() as u64, "dispatched");
+}
+
+fn observe_latency(dispatcher: &Dispatcher, source: &str, event: &ClaimedEvent) {
+    let age = (Utc::now() - event.received_at).num_milliseconds().max(0) as f64 / 1000.0;
+    dispatcher
+        .metrics
+        .webhook_dispatch_latency_seconds
+        .with_label_values(&[source])
+        .observe(age);
+}
+
+/// Another attempt after a backoff, or a dead letter.
+fn failed(dispatcher: &Dispatcher, source: Source, event: &ClaimedEvent, failure: Failure) -> OutcomeRow {
+    let Failure { error, team } = failure;
+    let (org_id, team_node_id) = team.unzip();
+    let attempts = event.attempts.max(1) as u32;
+    let age = (Utc::now() - event.received_at).to_std().unwrap_or_default();
+    let label = source.as_str();
+    let count = |outcome: &str| {
+        dispatcher
+            .metrics
+            .webhook_dispatch_attempts_total
+            .with_label_values(&[label, outcome])
+            .inc();
+    };
+    match decision::after_failure(&dispatcher.settings.retry, attempts, age, &error) {
+        AfterFailure::Retry(delay) => {
+            count("retry");
+            tracing::info!(event_id = %event.id, source = label, attempts, delay_ms = delay.as_millis() as u64, %error, "dispatch failed; will retry");
+            OutcomeRow {
+                next_attempt_at: Some(Utc::now() + chrono::TimeDelta::from_std(delay).unwrap_or_default()),
+                last_error: Some(error.to_string()),
+                org_id,
+                team_node_id,
+                ..OutcomeRow::new(event.id, event.lease, EventStatus::Pending)
+            }
+        }
+        AfterFailure::DeadLetter => {
+            count("dead_letter");
+            observe_latency(dispatcher, label, event);
+            tracing::error!(event_id = %event.id, source = label, attempts, %error, "dispatch gave up; event dead-lettered");
+            OutcomeRow {
+                last_error: Some(error.to_string()),
+                org_id,
+                team_node_id,
+                ..OutcomeRow::new(event.id, event.lease, EventStatus::DeadLetter)
+            }
+        }
+    }
+}
+
+/// A dead letter and its audit row commit together (rare: not group-committed).
+async fn record_dead_letter(
+    dispatcher: &Dispatcher,
+    source: Source,
+    event: &ClaimedEvent,
+    outcome: OutcomeRow,
+) -> Result<bool, String> {
+    let write = async {
+        let mut tx = dispatcher.queue_db.begin().await?;
+        let written = store::record_outcomes(&mut *tx, std::slice::from_ref(&outcome)).await?[0];
+        if written {
+            let mut entry = AuditEntry::new("orchestrator", "webhook.dead_lettered", "dead_letter");
+            entry.webhook_event_id = Some(event.id);
+            entry.detail = json!({"source": source.as_str(), "kind": event.kind, "attempts": event.attempts,
+                "error": outcome.last_error});
+            audit::record(&mut *tx, entry).await?;
+        }
+        tx.commit().await?;
+        Ok::<_, sqlx::Error>(written)
+    };
+    write.await.map_err(|e| e.to_string())
+}
+
+async fn dispatch(dispatcher: &Dispatcher, source: Source, event: &ClaimedEvent) -> Result<Dispatched, Failure> {
+    let Some(body) = &event.body else {
+        return Ok(Dispatched::Skipped("the body was purged".into()));
+    };
+    let run = match sources::plan(source, &event.kind, body) {
+        Plan::Skip(reason) => return Ok(Dispatched::Skipped(reason)),
+        Plan::Feedback(feedback) => {
+            dispatcher
+                .config_service
+                .feedback(&feedback)
+                .await
+                .map_err(DispatchError::Feedback)?;
+            return Ok(Dispatched::Delivered {
+                org: String::new(),
+                team: String::new(),
+                result: json!({"feedback": feedback["feedback"]}),
+            });
+        }
+        Plan::Run(run) => run,
+    };
+    let Some((org, team)) = route(dispatcher, &run).await? else {
+        return Ok(Dispatched::Unrouted(format!(
+            "no team owns {}={}",
+            run.routing_key, run.routing_value
+        )));
+    };
+    match run_agent(dispatcher, source, event, &run, &org, &team).await {
+        Ok(result) => Ok(Dispatched::Delivered { org, team, result }),
+        Err(error) => Err(Failure {
+            error,
+            team: Some((org, team)),
+        }),
+    }
+}
+
+async fn route(dispatcher: &Dispatcher, run: &RunPlan) -> Result<Option<(String, String)>, DispatchError> {
+    let key = (run.routing_key.to_string(), run.routing_value.clone());
+    let found = match dispatcher.caches.routing(&key) {
+        Some(found) => found,
+        None => {
+            let mut identifiers = serde_json::Map::new();
+            identifiers.insert(run.routing_key.into(), Value::String(run.routing_value.clone()));
+            let found = dispatcher
+                .config_service
+                .routing_lookup(&identifiers)
+                .await
+                .map_err(DispatchError::Routing)?;
+            dispatcher.caches.remember_routing(key, found.clone());
+            found
+        }
+    };
+    Ok(match (found.found, found.org_id, found.team_node_id) {
+        (true, Some(org), Some(team)) => Some((org, team)),
+        _ => None,
+    })
+}
+
+/// The team's credential and config, minted with the orchestrator's own admin token and cached.
+async fn team_agent(dispatcher: &Dispatcher, org: &str, team: &str) -> Result<TeamAgent, DispatchError> {
+    let key = (org.to_string(), team.to_string());
+    if let Some(agent) = dispatcher.caches.team(&key) {
+        return Ok(agent);
+    }
+    let admin = dispatcher
+        .settings
+        .internal_admin_token
+        .as_ref()
+        .ok_or(DispatchError::NoCredential)?;
+    let agent = TeamAgent::mint(
+        &dispatcher.config_service,
+        admin,
+        org,
+        team,
+        &dispatcher.settings.namespace,
+    )
+    .await?;
+    dispatcher.caches.remember_team(key, agent.clone());
+    Ok(agent)
+}
+
+async fn run_agent(
+    dispatcher: &Dispatcher,
+    source: Source,
+    event: &ClaimedEvent,
+    run: &RunPlan,
+    org: &str,
+    team: &str,
+) -> Result<Value, DispatchError> {
+    let team_agent = team_agent(dispatcher, org, team).await?;
+    let agent_name = team_agent.entrance_agent();
+    let limits = dispatcher.settings.limits(source);
+    let correlation = event.id.to_string();
+    let session_id = run.session_id.clone().unwrap_or_else(|| correlation.clone());
+    let context = run.context(source, &session_id);
+    let destinations = destinations::resolve(
+        source,
+        &run.reply_to,
+        &team_agent.config,
+        run.destinations.as_deref(),
+        dispatcher.settings.slack_bot_token.as_ref().map(Secret::expose),
+    );
+    let request = AgentRequest {
+        agent_name: &agent_name,
+        message: &run.message,
+        context: &context,
+        timeout: limits.timeout,
+        max_turns: limits.max_turns,
+        correlation_id: &correlation,
+        session_id: &session_id,
+        output_destinations: Some(&destinations),
+        trigger_source: source.as_str(),
+        org_id: org,
+        team_id: team,
+        team_token: &team_agent.token,
+        base_url: team_agent.dedicated.as_ref(),
+    };
+    match agent_call::run(&dispatcher.agent, &dispatcher.metrics, source.as_str(), &request).await {
+        Ok(answer) => Ok(json!({
+            "success": answer.success,
+            "agent_name": agent_name,
+            "output": bounded(answer.output),
+        })),
+        Err(e) => {
+            if matches!(&e, AgentError::Upstream(n) if matches!(n.status(), Some(401 | 403))) {
+                // The impersonation token may have been revoked: mint a new one next time.
+                dispatcher.caches.forget_team(&(org.to_string(), team.to_string()));
+            }
+            Err(DispatchError::Agent(e))
+        }
+    }
+}
+
+fn bounded(value: Value) -> Value {
+    match value {
+        Value::String(s) => Value::String(crate::clients::truncate(&s, 4000)),
+        other if other.to_string().len() > 8000 => json!({"truncated": true}),
+        other => other,
+    }
+}

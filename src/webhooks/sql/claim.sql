@@ -1,0 +1,24 @@
+-- Claims up to $1 due events with a lease of $2 seconds, oldest first. Only the lease columns
+-- change, so with free room on the page the update is HOT. An event waits while an earlier event
+-- with the same ordering key is unfinished (a thread's events in order). Run on the queue pool,
+-- where walking the due index in order is the only plan it can get.
+UPDATE orchestrator_webhook_events e
+SET lease_owner = gen_random_uuid(), lease_until = now() + make_interval(secs => $2),
+    attempts = e.attempts + 1, updated_at = now()
+WHERE e.id IN (
+    SELECT c.id FROM orchestrator_webhook_events c
+    WHERE c.next_attempt_at <= now()
+      AND c.status = 'pending'
+      AND (c.lease_until IS NULL OR c.lease_until < now())
+      -- Written as OR, not an anti join, so it probes the ordering index per candidate instead
+      -- of reading the whole backlog on every claim.
+      AND (c.ordering_key IS NULL OR NOT EXISTS (
+          SELECT 1 FROM orchestrator_webhook_events p
+          WHERE p.ordering_key = c.ordering_key
+            AND p.status = 'pending'
+            AND (p.received_at, p.id) < (c.received_at, c.id)))
+    ORDER BY c.next_attempt_at, c.received_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED)
+RETURNING e.id, e.lease_owner AS "lease!", e.source, e.kind, e.delivery_id, e.headers, e.body, e.received_at,
+    e.attempts, e.ordering_key
