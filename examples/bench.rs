@@ -1,4 +1,4 @@
-//! Benchmark harness: `scripts/bench <provision|ingest|proxy|all>` builds this example in release
+//! Benchmark harness: `scripts/bench <provision|deprovision|ingest|proxy|all>` builds this example in release
 //! and runs it once per scenario against a fresh database.
 //!
 //! Each run starts the devstack stand-ins in-process (no added latency), spawns the release
@@ -7,12 +7,12 @@
 //! section of `BENCHMARKS.md`. The child is always stopped (SIGTERM, then SIGKILL), also on panic.
 //!
 //! ```text
-//! bench <provision|ingest|proxy> [--teams N] [--concurrency N] [--duration SECS] [--connections N]
+//! bench <provision|deprovision|ingest|proxy> [--teams N] [--concurrency N] [--duration SECS] [--connections N]
 //!       [--rounds N] [--runs N] [--warmup N] [--no-write] [--results PATH] [--orchestrator PATH]
 //! ```
 //!
 //! Environment: `DATABASE_URL` (the bench database, required), `BENCH_COMMAND` (the command shown
-//! in the results), `PGBENCH` (pgbench binary, default `pgbench`), `BENCH_DB_POOL_SIZE` and
+//! in the results), `BENCH_RUST_LOG` (the orchestrator's `RUST_LOG`, default `warn`), `PGBENCH` (pgbench binary, default `pgbench`), `BENCH_DB_POOL_SIZE` and
 //! `BENCH_LOCK_POOL_SIZE` (default 40 each).
 
 use std::collections::BTreeMap;
@@ -104,9 +104,9 @@ impl Options {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
         let mut args = std::env::args().skip(1);
         let scenario = args.next().unwrap_or_default();
-        if !["provision", "ingest", "proxy"].contains(&scenario.as_str()) {
+        if !["provision", "deprovision", "ingest", "proxy"].contains(&scenario.as_str()) {
             bail!(
-                "usage: bench <provision|ingest|proxy> [--teams N] [--concurrency N] [--duration SECS] \
+                "usage: bench <provision|deprovision|ingest|proxy> [--teams N] [--concurrency N] [--duration SECS] \
                  [--connections N] [--rounds N] [--runs N] [--warmup N] [--no-write] [--results PATH] [--orchestrator PATH]"
             );
         }
@@ -177,6 +177,7 @@ async fn run() -> Result<Verdict> {
     let options = Options::parse()?;
     let report = match options.scenario.as_str() {
         "provision" => provision(&options).await?,
+        "deprovision" => deprovision(&options).await?,
         "ingest" => ingest(&options).await?,
         "proxy" => proxy(&options).await?,
         other => bail!("unknown scenario {other}"),
@@ -260,7 +261,10 @@ impl Bench {
             .env("ORCHESTRATOR_INTERNAL_ADMIN_TOKEN", "dev-internal-admin")
             .env("ORCHESTRATOR_SECRETS_KEY", SECRETS_KEY)
             .env("GITHUB_WEBHOOK_SECRET", GITHUB_SECRET)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .env("NO_COLOR", "1")
             .env("ORCHESTRATOR_GITHUB_RATE_LIMIT_PER_MINUTE", UNLIMITED_RATE)
             .env("ORCHESTRATOR_GITHUB_RATE_LIMIT_BURST", UNLIMITED_RATE)
@@ -572,56 +576,52 @@ fn aim(ok: bool, text: &str) -> String {
 // ------------------------------------------------------------------------------------------------
 // Scenario: provision
 
-async fn provision(options: &Options) -> Result<Report> {
-    let teams = options.number("teams", 1000)?;
-    let concurrency = options.number("concurrency", 16)?;
-    let bench = Bench::start(options).await?;
+/// What `concurrently` measured.
+struct Driven {
+    wall: Duration,
+    latencies: Vec<Duration>,
+    errors: Vec<String>,
+}
 
+/// Sends `count` requests (`body(i)` to `url`) from `concurrency` clients, each request as soon as
+/// the client's previous one was answered; an answer `ok` rejects is an error.
+async fn concurrently(
+    url: &str,
+    count: u64,
+    concurrency: u64,
+    body: fn(u64) -> Value,
+    ok: fn(reqwest::StatusCode, &Value) -> bool,
+) -> Result<Driven> {
     let next = Arc::new(AtomicU64::new(0));
-    let url = bench.url("/api/v1/admin/provision/team");
     let started = Instant::now();
-    let db = bench_db(options).await?;
-    let stats_before = pg_activity(&db).await?;
-    let calls_before = neighbour_calls(&bench.stack);
-    let cpu_before = bench.cpu();
     let mut workers = Vec::new();
     for _ in 0..concurrency {
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(1)
             .timeout(Duration::from_secs(120))
             .build()?;
-        let (next, url) = (next.clone(), url.clone());
+        let (next, url) = (next.clone(), url.to_string());
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = Vec::new();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= teams {
+                if i >= count {
                     break;
                 }
-                let body = json!({
-                    "org_id": "acme",
-                    "team_node_id": format!("bench-{i}"),
-                    "slack_channel_ids": [format!("C{i}")],
-                    "create_pipeline_schedule": true,
-                });
                 let t = Instant::now();
                 let outcome = async {
-                    let response = client.post(&url).bearer_auth(ADMIN_TOKEN).json(&body).send().await?;
+                    let response = client.post(&url).bearer_auth(ADMIN_TOKEN).json(&body(i)).send().await?;
                     let status = response.status();
                     let text = response.text().await?;
                     Ok::<_, reqwest::Error>((status, text))
                 }
                 .await;
-                let elapsed = t.elapsed();
-                latencies.push(elapsed);
+                latencies.push(t.elapsed());
                 match outcome {
                     Ok((status, text)) => {
-                        let succeeded = status == reqwest::StatusCode::OK
-                            && serde_json::from_str::<Value>(&text)
-                                .map(|v| v["status"] == "succeeded")
-                                .unwrap_or(false);
-                        if !succeeded {
+                        let answer = serde_json::from_str::<Value>(&text).unwrap_or(Value::Null);
+                        if !ok(status, &answer) {
                             errors.push(format!("bench-{i}: {status} {}", snippet(&text)));
                         }
                     }
@@ -631,76 +631,228 @@ async fn provision(options: &Options) -> Result<Report> {
             (latencies, errors)
         }));
     }
-    let mut samples = Vec::new();
-    let mut errors = Vec::new();
+    let mut driven = Driven {
+        wall: Duration::ZERO,
+        latencies: Vec::new(),
+        errors: Vec::new(),
+    };
     for worker in workers {
-        let (l, e) = worker.await.context("a provisioning client panicked")?;
-        samples.extend(l);
-        errors.extend(e);
+        let (l, e) = worker.await.context("a client panicked")?;
+        driven.latencies.extend(l);
+        driven.errors.extend(e);
     }
-    let wall = started.elapsed();
+    driven.wall = started.elapsed();
+    Ok(driven)
+}
+
+fn provision_body(i: u64) -> Value {
+    json!({
+        "org_id": "acme",
+        "team_node_id": format!("bench-{i}"),
+        "slack_channel_ids": [format!("C{i}")],
+        "create_pipeline_schedule": true,
+    })
+}
+
+fn provisioned(status: reqwest::StatusCode, answer: &Value) -> bool {
+    status == reqwest::StatusCode::OK && answer["status"] == "succeeded"
+}
+
+/// The rows every run-driving scenario reports: rate, latencies, memory, CPU and work per run.
+struct RunFigures {
+    noun: &'static str,
+    count: u64,
+    driven: Driven,
+    cpu: String,
+    peak: u64,
+    startup: Duration,
+    idle: u64,
+    calls: usize,
+    transactions: i64,
+    rows_written: i64,
+    /// Aims: runs per second and p99 latency (none for a scenario without aims).
+    aims: Option<(f64, Duration)>,
+}
+
+/// The runs a scenario measures: `count` requests to `path` from `concurrency` clients.
+struct Runs {
+    noun: &'static str,
+    path: &'static str,
+    count: u64,
+    concurrency: u64,
+    body: fn(u64) -> Value,
+    ok: fn(reqwest::StatusCode, &Value) -> bool,
+    aims: Option<(f64, Duration)>,
+}
+
+/// Drives the runs against the service and measures them; `after` reads the stand-ins before the
+/// service is stopped. Postgres counters are read once the service is gone (its backends publish
+/// them as they exit).
+async fn measure_runs<T>(
+    options: &Options,
+    bench: Bench,
+    runs: Runs,
+    after: impl FnOnce(&Devstack) -> T,
+) -> Result<(RunFigures, T)> {
+    let db = bench_db(options).await?;
+    let stats_before = pg_activity(&db).await?;
+    let calls_before = neighbour_calls(&bench.stack);
+    let cpu_before = bench.cpu();
+    let driven = concurrently(&bench.url(runs.path), runs.count, runs.concurrency, runs.body, runs.ok).await?;
     let cpu = bench.cpu().usage_since(&cpu_before);
     let peak = bench.peak_rss_kb();
     let (startup, idle) = (bench.startup, bench.idle_rss_kb);
-    let bootstraps = bench.stack.ai_pipeline.state().bootstraps().len();
     let calls = neighbour_calls(&bench.stack) - calls_before;
+    let seen = after(&bench.stack);
     bench.stop().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let stats_after = pg_activity(&db).await?;
     db.close().await;
+    let figures = RunFigures {
+        noun: runs.noun,
+        count: runs.count,
+        driven,
+        cpu,
+        peak,
+        startup,
+        idle,
+        calls,
+        transactions: stats_after.transactions - stats_before.transactions,
+        rows_written: stats_after.rows_written - stats_before.rows_written,
+        aims: runs.aims,
+    };
+    Ok((figures, seen))
+}
 
-    let latencies = Latencies::new(samples);
-    let rate = teams as f64 / wall.as_secs_f64();
+fn report_runs(report: &mut Report, f: RunFigures) {
+    let errors = &f.driven.errors;
+    let latencies = Latencies::new(f.driven.latencies.clone());
+    let rate = f.count as f64 / f.driven.wall.as_secs_f64();
     let p99 = latencies.percentile(99.0);
-    let mut report = Report::new(
-        "provision",
-        &format!("`provision`: {teams} distinct teams, {concurrency} concurrent clients"),
-    );
     report.row(
-        "teams provisioned (200, `succeeded`)",
-        (teams - errors.len() as u64).to_string(),
+        &format!("teams {} (200, `succeeded`)", f.noun),
+        (f.count - errors.len() as u64).to_string(),
         "",
     );
     report.row("errors", errors.len().to_string(), "0");
-    report.row("wall time", format!("{:.2} s", wall.as_secs_f64()), "");
-    report.row(
-        "runs per second",
-        format!("{rate:.1}"),
-        &aim(errors.is_empty() && rate >= 150.0, "≥ 150"),
-    );
+    report.row("wall time", format!("{:.2} s", f.driven.wall.as_secs_f64()), "");
+    let (rate_aim, p99_aim) = match f.aims {
+        Some((min_rate, max_p99)) => (
+            aim(errors.is_empty() && rate >= min_rate, &format!("≥ {min_rate:.0}")),
+            aim(
+                errors.is_empty() && p99 < max_p99,
+                &format!("< {} ms", max_p99.as_millis()),
+            ),
+        ),
+        None => (String::new(), String::new()),
+    };
+    report.row("runs per second", format!("{rate:.1}"), &rate_aim);
     report.row("latency p50", ms(latencies.percentile(50.0)), "");
     report.row("latency p90", ms(latencies.percentile(90.0)), "");
-    report.row(
-        "latency p99",
-        ms(p99),
-        &aim(errors.is_empty() && p99 < Duration::from_millis(200), "< 200 ms"),
-    );
+    report.row("latency p99", ms(p99), &p99_aim);
     report.row("latency max", ms(latencies.max()), "");
-    report.row("peak RSS (VmHWM)", mb(peak), "");
-    report.row("idle RSS after ready (VmRSS)", mb(idle), "");
-    report.row("start-up to ready (fresh database, migrations)", ms(startup), "");
-    report.row("CPU during the load", cpu, "");
+    report.row("peak RSS (VmHWM)", mb(f.peak), "");
+    report.row("idle RSS after ready (VmRSS)", mb(f.idle), "");
+    report.row("start-up to ready (fresh database, migrations)", ms(f.startup), "");
+    report.row("CPU during the load", f.cpu, "");
     report.row(
         "work per run",
         format!(
             "{:.1} neighbour calls (config service, AI pipeline, Kubernetes), {:.1} Postgres transactions, \
              {:.1} rows written",
-            calls as f64 / teams as f64,
-            (stats_after.transactions - stats_before.transactions) as f64 / teams as f64,
-            (stats_after.rows_written - stats_before.rows_written) as f64 / teams as f64
+            f.calls as f64 / f.count as f64,
+            f.transactions as f64 / f.count as f64,
+            f.rows_written as f64 / f.count as f64
         ),
         "",
     );
+    report.fail_if(!errors.is_empty(), format!("{} requests failed", errors.len()));
+    print_errors(errors);
+}
+
+async fn provision(options: &Options) -> Result<Report> {
+    let teams = options.number("teams", 1000)?;
+    let concurrency = options.number("concurrency", 16)?;
+    let bench = Bench::start(options).await?;
+    let runs = Runs {
+        noun: "provisioned",
+        path: "/api/v1/admin/provision/team",
+        count: teams,
+        concurrency,
+        body: provision_body,
+        ok: provisioned,
+        aims: Some((150.0, Duration::from_millis(200))),
+    };
+    let (figures, bootstraps) = measure_runs(options, bench, runs, |stack| {
+        stack.ai_pipeline.state().bootstraps().len()
+    })
+    .await?;
+    let mut report = Report::new(
+        "provision",
+        &format!("`provision`: {teams} distinct teams, {concurrency} concurrent clients"),
+    );
+    report_runs(&mut report, figures);
     report.note(format!(
         "Each request is `POST /api/v1/admin/provision/team` (`create_pipeline_schedule: true`, shared \
          deployment), answered when the run has finished; latency is the full request time. The AI pipeline \
          stand-in recorded {bootstraps} bootstraps."
     ));
-    report.fail_if(
-        !errors.is_empty(),
-        format!("{} provisioning requests failed", errors.len()),
+    Ok(report)
+}
+
+// ------------------------------------------------------------------------------------------------
+// Scenario: deprovision
+
+async fn deprovision(options: &Options) -> Result<Report> {
+    let teams = options.number("teams", 1000)?;
+    let concurrency = options.number("concurrency", 16)?;
+    let bench = Bench::start(options).await?;
+    // The teams to remove, each with a CronJob, a token and routing (not measured).
+    let setup = concurrently(
+        &bench.url("/api/v1/admin/provision/team"),
+        teams,
+        concurrency,
+        provision_body,
+        provisioned,
+    )
+    .await?;
+    if !setup.errors.is_empty() {
+        print_errors(&setup.errors);
+        bail!(
+            "{} teams could not be provisioned for the deprovisioning bench",
+            setup.errors.len()
+        );
+    }
+    // An idle backend publishes its counters up to 10 s late (PGSTAT_IDLE_INTERVAL): let the
+    // setup's arrive before the measured ones start, or they would be counted as deprovisioning's.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let runs = Runs {
+        noun: "deprovisioned",
+        path: "/api/v1/admin/deprovision/team",
+        count: teams,
+        concurrency,
+        body: |i| json!({"org_id": "acme", "team_node_id": format!("bench-{i}")}),
+        ok: |status, answer| status == reqwest::StatusCode::OK && answer["ok"] == true,
+        aims: None,
+    };
+    let (figures, left) = measure_runs(options, bench, runs, |stack| {
+        stack.kubernetes.state().objects("cronjobs").len()
+    })
+    .await?;
+    let mut report = Report::new(
+        "deprovision",
+        &format!("`deprovision`: {teams} provisioned teams removed, {concurrency} concurrent clients"),
     );
-    print_errors(&errors);
+    report_runs(&mut report, figures);
+    report.row("CronJobs left afterwards", left.to_string(), "0");
+    report.fail_if(left != 0, format!("{left} CronJobs were left behind"));
+    report.note(
+        "The teams are first provisioned (`create_pipeline_schedule: true`, a Slack channel, a team token; not \
+         measured). Each measured request is `POST /api/v1/admin/deprovision/team`, answered when the run has \
+         finished: routing cleared, the token revoked, both CronJobs and the dedicated agent looked up and \
+         deleted where they exist."
+            .to_string(),
+    );
     Ok(report)
 }
 
@@ -1747,7 +1899,7 @@ const INTRO: &str = "# Benchmarks
 Measured with `scripts/bench` (see the intro of that script). To rerun everything:
 
 ```sh
-scripts/bench all      # or: scripts/bench provision | ingest | proxy
+scripts/bench all      # or: scripts/bench provision | deprovision | ingest | proxy
 ```
 
 Each scenario gets a fresh database (`orchestrator_bench`), starts the devstack stand-ins in-process

@@ -30,6 +30,8 @@ pub enum Capability {
     WebhooksRead,
     WebhooksReplay,
     AuditRead,
+    DeploymentRead,
+    PipelineRead,
 }
 
 const ADMIN_STAR: &str = "admin:*";
@@ -125,6 +127,8 @@ fn required_permission(config: &AuthConfig, capability: Capability) -> &str {
         Capability::WebhooksRead => &p.webhooks_read,
         Capability::WebhooksReplay => &p.webhooks_replay,
         Capability::AuditRead => &p.audit_read,
+        Capability::DeploymentRead => &p.deployment_read,
+        Capability::PipelineRead => &p.pipeline_read,
     }
 }
 

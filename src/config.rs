@@ -185,6 +185,8 @@ pub struct RequiredPermissions {
     pub webhooks_read: String,
     pub webhooks_replay: String,
     pub audit_read: String,
+    pub deployment_read: String,
+    pub pipeline_read: String,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -196,6 +198,8 @@ pub struct ProvisioningConfig {
     pub retry_initial: Duration,
     pub retry_max: Duration,
     pub resume_interval: Duration,
+    /// A run stops as `timed_out` at its first step boundary past this.
+    pub run_deadline: Duration,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -460,6 +464,11 @@ impl Config {
                     "admin:webhooks:replay",
                 ),
                 audit_read: permission("ORCHESTRATOR_REQUIRED_PERMISSION_AUDIT_READ", "admin:audit:read"),
+                deployment_read: permission(
+                    "ORCHESTRATOR_REQUIRED_PERMISSION_DEPLOYMENT_READ",
+                    "admin:deployment:read",
+                ),
+                pipeline_read: permission("ORCHESTRATOR_REQUIRED_PERMISSION_PIPELINE_READ", "admin:pipeline:read"),
             },
         };
 
@@ -471,6 +480,8 @@ impl Config {
             retry_initial: env.millis("ORCHESTRATOR_PROVISION_RETRY_INITIAL_MS", 200, 1, 60_000)?,
             retry_max: env.millis("ORCHESTRATOR_PROVISION_RETRY_MAX_MS", 5_000, 1, 600_000)?,
             resume_interval: env.millis("ORCHESTRATOR_PROVISION_RESUME_INTERVAL_MS", 5_000, 50, 600_000)?,
+            // 30 minutes: ten times what a run takes when every neighbour retries to its limit.
+            run_deadline: env.seconds("ORCHESTRATOR_RUN_DEADLINE_SECONDS", 1800, 1, 7 * 86_400)?,
         };
 
         // Timeouts and turn limits default to the existing service's: 180 s and 30 turns for

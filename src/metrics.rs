@@ -109,8 +109,8 @@ impl Metrics {
             )?,
             provisioning_runs_total: counter(
                 "provisioning_runs_total",
-                "Provisioning runs that reached a final status.",
-                &["status"],
+                "Runs (provisioning and deprovisioning) that reached a final status, by workflow and status.",
+                &["workflow", "status"],
             )?,
             provisioning_runs_in_progress,
             provisioning_step_duration_seconds: histogram(

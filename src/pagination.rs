@@ -5,7 +5,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use chrono::{DateTime, Utc};
 
-use crate::domain::{OrgId, TeamNodeId};
+use crate::domain::{OrgId, TeamNodeId, TextEnum};
 use crate::error::{ApiError, OrInvalidField};
 
 pub const DEFAULT_LIMIT: i64 = 50;
@@ -48,21 +48,49 @@ pub fn decode_uuid(cursor: Option<&str>) -> Result<Option<(DateTime<Utc>, uuid::
 }
 
 /// Lists fetch `limit + 1` rows: the extra one says there is a next page, whose cursor is the
-/// key of the last row kept.
+/// key of the last row kept (`(timestamp, id)` of a newest-first list).
 pub fn split<T, I: std::fmt::Display>(
-    mut rows: Vec<T>,
+    rows: Vec<T>,
     limit: i64,
     key: impl Fn(&T) -> (DateTime<Utc>, I),
 ) -> (Vec<T>, Option<String>) {
+    split_by(rows, limit, |row| {
+        let (at, id) = key(row);
+        encode(at, id)
+    })
+}
+
+/// The same, for a list in another order: `cursor` encodes the last row's key.
+pub fn split_by<T>(mut rows: Vec<T>, limit: i64, cursor: impl Fn(&T) -> String) -> (Vec<T>, Option<String>) {
     if rows.len() as i64 <= limit {
         return (rows, None);
     }
     rows.truncate(limit as usize);
-    let next = rows.last().map(|row| {
-        let (at, id) = key(row);
-        encode(at, id)
-    });
+    let next = rows.last().map(cursor);
     (rows, next)
+}
+
+/// The cursor of a list in (org, team) order.
+pub fn encode_team(org: &str, team: &str) -> String {
+    // Identifiers never hold a '|'.
+    URL_SAFE_NO_PAD.encode(format!("{org}|{team}"))
+}
+
+pub fn decode_team(cursor: Option<&str>) -> Result<Option<(String, String)>, ApiError> {
+    let Some(cursor) = cursor else { return Ok(None) };
+    let bad = || ApiError::invalid_field("cursor", "is not a cursor this service issued");
+    let raw = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad())?;
+    let text = String::from_utf8(raw).map_err(|_| bad())?;
+    let (org, team) = text.split_once('|').ok_or_else(bad)?;
+    Ok(Some((org.to_string(), team.to_string())))
+}
+
+/// A list filter naming one of a closed set of values: anything else is a 422 listing them.
+pub fn enum_filter<T: TextEnum>(value: Option<&str>, field: &str) -> Result<Option<T>, ApiError> {
+    value
+        .map(str::parse::<T>)
+        .transpose()
+        .map_err(|_| ApiError::invalid_field(field, format!("must be one of {}", T::names())))
 }
 
 /// A list filter naming an org: anything but an identifier (a control character, a NUL that

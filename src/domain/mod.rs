@@ -6,4 +6,7 @@ mod ids;
 mod status;
 
 pub use ids::{AgentName, InvalidValue, OrgId, TeamNodeId};
-pub use status::{AgentRunStatus, DeploymentMode, EventStatus, RunStatus, Step, StepStatus, UnknownValue};
+pub use status::{
+    AgentRunStatus, DeploymentMode, EventStatus, RunStatus, Step, StepStatus, TeamStatus, TextEnum, UnknownValue,
+    Workflow,
+};

@@ -16,6 +16,12 @@ pub struct UnknownValue {
     pub value: String,
 }
 
+/// A closed set of text values.
+pub trait TextEnum: FromStr + Copy {
+    /// Every value, as the API's error messages list them.
+    fn names() -> String;
+}
+
 /// An enum stored as one of its text values: serde, Postgres text (any text-like column, the
 /// existing service's VARCHARs included), Display and FromStr all use the same names.
 macro_rules! text_enum {
@@ -38,6 +44,12 @@ macro_rules! text_enum {
             /// Every value, as the API's error messages list them.
             pub fn names() -> String {
                 Self::ALL.iter().map(|v| v.as_str()).collect::<Vec<_>>().join(", ")
+            }
+        }
+
+        impl TextEnum for $name {
+            fn names() -> String {
+                $name::names()
             }
         }
 
@@ -88,13 +100,17 @@ macro_rules! text_enum {
 }
 
 text_enum!(
-    /// Where a provisioning run is.
+    /// Where a run is.
     RunStatus, "run status" {
         Running = "running",
         Succeeded = "succeeded",
         Failed = "failed",
         /// Failed, and what it had done was undone.
         RolledBack = "rolled_back",
+        /// Stopped by an operator at a step boundary (and undone, if asked).
+        Cancelled = "cancelled",
+        /// Stopped at a step boundary past its deadline.
+        TimedOut = "timed_out",
     }
 );
 
@@ -102,7 +118,58 @@ impl RunStatus {
     pub fn is_final(self) -> bool {
         self != RunStatus::Running
     }
+
+    /// A run that can be resumed from where it stopped by an operator's retry.
+    pub fn is_retryable(self) -> bool {
+        matches!(self, RunStatus::Failed | RunStatus::TimedOut)
+    }
 }
+
+text_enum!(
+    /// What a run does to its team: provisioning creates or changes it, deprovisioning removes
+    /// everything the platform holds for it.
+    Workflow, "workflow" {
+        Provision = "provision",
+        Deprovision = "deprovision",
+    }
+);
+
+impl Workflow {
+    /// Its steps, in the order they run (and the reverse of the order they are undone in).
+    pub fn steps(self) -> &'static [Step] {
+        match self {
+            Workflow::Provision => &[
+                Step::ConfigPatch,
+                Step::TeamToken,
+                Step::Bootstrap,
+                Step::PipelineCronjob,
+                Step::DedicatedDeployment,
+            ],
+            // Routing first: from then on webhooks for the team answer `unrouted`.
+            Workflow::Deprovision => &[
+                Step::ClearRouting,
+                Step::RevokeTokens,
+                Step::DeleteCronjobs,
+                Step::DeleteDedicatedAgent,
+            ],
+        }
+    }
+}
+
+text_enum!(
+    /// Where a team stands in its lifecycle.
+    TeamStatus, "team status" {
+        /// A provisioning run is creating or changing it.
+        Provisioning = "provisioning",
+        /// Its last run succeeded: it is as asked.
+        Active = "active",
+        /// Its last run did not succeed: it may be partly as asked; retry or provision again.
+        Failed = "failed",
+        Deprovisioning = "deprovisioning",
+        /// Nothing of it is left on the platform; its runs stay readable.
+        Deprovisioned = "deprovisioned",
+    }
+);
 
 text_enum!(
     /// Where one step of a run is.
@@ -128,13 +195,18 @@ impl StepStatus {
 }
 
 text_enum!(
-    /// A step of provisioning, named as the existing service named it in its answers.
+    /// A step of a workflow. Provisioning's are named as the existing service named them in its
+    /// answers.
     Step, "step" {
         ConfigPatch = "config_patch",
         TeamToken = "team_token",
         Bootstrap = "bootstrap",
         PipelineCronjob = "pipeline_cronjob",
         DedicatedDeployment = "dedicated_deployment",
+        ClearRouting = "clear_routing",
+        RevokeTokens = "revoke_tokens",
+        DeleteCronjobs = "delete_cronjobs",
+        DeleteDedicatedAgent = "delete_dedicated_agent",
     }
 );
 
@@ -168,7 +240,9 @@ text_enum!(
 
 text_enum!(
     /// How a team's agent runs: on the shared agent service or a dedicated Deployment of its own.
+    #[derive(Default)]
     DeploymentMode, "deployment mode" {
+        #[default]
         Shared = "shared",
         Dedicated = "dedicated",
     }
@@ -187,5 +261,8 @@ mod tests {
         assert_eq!("rolled_back".parse::<RunStatus>().unwrap(), RunStatus::RolledBack);
         assert!("processing".parse::<EventStatus>().is_err());
         assert_eq!(DeploymentMode::names(), "shared, dedicated");
+        for workflow in Workflow::ALL {
+            assert!(!workflow.steps().is_empty());
+        }
     }
 }

@@ -21,7 +21,8 @@ use crate::state::AppState;
     modifiers(&SecuritySchemes),
     tags(
         (name = "operations", description = "Health, readiness, metrics and this document."),
-        (name = "provisioning", description = "Durable team provisioning runs."),
+        (name = "provisioning", description = "Durable runs that provision, change and deprovision teams."),
+        (name = "teams", description = "Every team: what was asked of it, where it stands, and what it owns now."),
         (name = "audit", description = "The audit trail."),
         (name = "agents", description = "Admin-triggered agent runs through the proxy."),
         (name = "webhooks", description = "Verified webhook ingress and the operator view of the inbox."),

@@ -1,28 +1,32 @@
-//! Executes a provisioning run: each step recorded as it starts and ends, transient failures
-//! retried within the step, permanent ones failing the run, optional rollback.
+//! The step engine: executes a run of any workflow, one step after another, on the connection
+//! that holds the team's lock. A step's end is recorded as it happens (its start only where doing
+//! it twice could do harm: the team token); transient failures are retried within the step; a
+//! cancel or the deadline stops the run at a step boundary; the last step's end, the run's end,
+//! the team's record, the audit row and the lock's release are one transaction.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use chrono::Utc;
 use serde_json::{json, Value};
-use sqlx::PgPool;
+use sqlx::{Connection, PgPool};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use super::lock::TeamLock;
-use super::request::ProvisionRequest;
+use super::lock::{self, TeamLock};
 use super::sealing::Sealer;
-use super::steps::{self, StepError};
-use super::store;
+use super::steps::{IntentJournal, StepContext, StepError, TeamScope};
+use super::store::{self, RunRow, Signals, StepRow};
+use super::workflow::{self, RunInput};
 use crate::audit::{self, AuditEntry};
 use crate::clients::ai_pipeline::AiPipelineClient;
 use crate::clients::config_service::ConfigServiceClient;
 use crate::clients::kubernetes::KubeClient;
 use crate::config::{KubernetesConfig, ProvisioningConfig, Secret};
-use crate::domain::{RunStatus, Step, StepStatus};
+use crate::domain::{RunStatus, Step, StepStatus, Workflow};
 use crate::metrics::Metrics;
 use crate::retry::RetryPolicy;
 
@@ -85,6 +89,15 @@ impl Engine {
         self.0.stop.is_cancelled()
     }
 
+    /// Tells the run's executor, if it is in this process, that a cancel was recorded; an executor
+    /// elsewhere learns it from its next write.
+    pub fn signal_cancel(&self, run_id: Uuid, undo: bool) {
+        if let Some(slot) = self.0.registry.slot(run_id) {
+            *lock_unpoisoned(&slot.cancel) = Some(undo);
+            slot.wake.notify_waiters();
+        }
+    }
+
     fn step_policy(&self) -> RetryPolicy {
         let p = &self.settings;
         RetryPolicy {
@@ -97,37 +110,64 @@ impl Engine {
     }
 }
 
-/// Runs executing in this process, and a way to wake whoever waits for one to finish.
+fn lock_unpoisoned<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A run as its executor left it, handed to whoever waits for it in this process so that the
+/// answer needs no read.
+pub struct FinishedRun {
+    pub run: RunRow,
+    pub steps: Vec<StepRow>,
+    /// The team token this execution issued, sealed: the waiter can open it without a read.
+    pub sealed_token: Option<Vec<u8>>,
+}
+
+/// A run executing in this process: how to wait for it, and how to tell it to stop.
+#[derive(Default)]
+pub struct RunSlot {
+    done: Notify,
+    finished: Mutex<Option<Arc<FinishedRun>>>,
+    /// A cancel recorded for it (`Some(undo)`).
+    cancel: Mutex<Option<bool>>,
+    wake: Notify,
+}
+
+impl RunSlot {
+    fn finished(&self) -> Option<Arc<FinishedRun>> {
+        lock_unpoisoned(&self.finished).clone()
+    }
+}
+
+/// Runs executing in this process.
 #[derive(Clone, Default)]
 struct RunRegistry {
-    waiters: Arc<Mutex<HashMap<Uuid, Arc<Notify>>>>,
+    slots: Arc<Mutex<HashMap<Uuid, Arc<RunSlot>>>>,
 }
 
 impl RunRegistry {
-    /// Registers a run this process is about to execute.
-    fn started(&self, run_id: Uuid) {
-        let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
-        waiters.entry(run_id).or_default();
+    fn started(&self, run_id: Uuid) -> Arc<RunSlot> {
+        lock_unpoisoned(&self.slots).entry(run_id).or_default().clone()
     }
 
-    /// The notifier of a run executing in this process; `None` if it runs elsewhere (or is done),
-    /// so waiting never leaves entries behind.
-    fn notifier(&self, run_id: Uuid) -> Option<Arc<Notify>> {
-        let waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
-        waiters.get(&run_id).cloned()
+    /// `None` if it runs elsewhere (or is done), so waiting never leaves entries behind.
+    fn slot(&self, run_id: Uuid) -> Option<Arc<RunSlot>> {
+        lock_unpoisoned(&self.slots).get(&run_id).cloned()
     }
 
-    fn finished(&self, run_id: Uuid) {
-        let notify = self.waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(&run_id);
-        if let Some(notify) = notify {
-            notify.notify_waiters();
+    fn finished(&self, run_id: Uuid, finished: Option<FinishedRun>) {
+        let slot = lock_unpoisoned(&self.slots).remove(&run_id);
+        if let Some(slot) = slot {
+            *lock_unpoisoned(&slot.finished) = finished.map(Arc::new);
+            slot.done.notify_waiters();
         }
     }
 }
 
-/// Everything the executor needs beyond the engine.
+/// A run to execute, with its team's lock.
 pub struct Execution {
-    pub run_id: Uuid,
+    pub run: RunRow,
+    pub steps: Vec<StepRow>,
     pub lock: TeamLock,
     /// The credential the steps act with: the caller's admin token, or the internal admin token
     /// when a replica resumes a run nobody is waiting for.
@@ -135,179 +175,567 @@ pub struct Execution {
     pub actor_subject: String,
 }
 
-/// Starts executing a run in the background; it keeps going if the client goes away.
-pub fn spawn(engine: &Engine, execution: Execution) {
-    engine.0.registry.started(execution.run_id);
+/// Starts executing a run in the background; it keeps going if the client goes away. The slot
+/// hands its end to a waiter in this process.
+pub fn spawn(engine: &Engine, execution: Execution) -> Arc<RunSlot> {
+    let run_id = execution.run.id;
+    let slot = engine.0.registry.started(run_id);
     let engine = engine.clone();
-    let tracker = engine.0.tracker.clone();
-    tracker.spawn(async move {
-        let run_id = execution.run_id;
+    let task_slot = slot.clone();
+    engine.0.tracker.clone().spawn(async move {
         engine.metrics.provisioning_runs_in_progress.inc();
-        if let Err(e) = execute(&engine, execution).await {
-            // The run stays `running` with its lock released: the resumer picks it up again.
-            tracing::error!(%run_id, error = %e, "provisioning run interrupted by a database error; it will be resumed");
-        }
+        let finished = match execute(&engine, execution, &task_slot).await {
+            Ok(finished) => finished,
+            Err(e) => {
+                // The run stays `running` and its lock dies with its connection: the resumer
+                // picks it up again.
+                tracing::error!(%run_id, error = %e, "run interrupted by a database error; it will be resumed");
+                None
+            }
+        };
         engine.metrics.provisioning_runs_in_progress.dec();
-        engine.0.registry.finished(run_id);
+        engine.0.registry.finished(run_id, finished);
     });
+    slot
 }
 
+/// Where the executor's loop ended.
 enum Outcome {
     Succeeded,
     Failed {
-        position: i16,
-        step: Step,
+        index: usize,
         error: StepError,
     },
-    /// Shutting down between steps: leave the run to be resumed.
+    Cancelled {
+        undo: bool,
+    },
+    TimedOut {
+        index: usize,
+    },
+    /// Shutting down, or the run was taken over: leave it to be resumed.
     Interrupted,
 }
 
-async fn execute(engine: &Engine, execution: Execution) -> Result<(), sqlx::Error> {
+/// What one step's attempts came to.
+enum Attempted {
+    Done(Box<store::StepSuccess>),
+    Failed(StepError),
+    Stopped(Outcome),
+}
+
+/// The executor's writes: fenced by the execution count, on the lock's connection. Each tells
+/// whether a cancel was recorded since.
+struct Journal {
+    lock: tokio::sync::Mutex<TeamLock>,
+    run_id: Uuid,
+    epoch: i32,
+    signals: Mutex<Signals>,
+    /// A write found the run taken over by another execution.
+    lost: std::sync::atomic::AtomicBool,
+    /// What steps recorded before acting, by position (the token step's intent).
+    intents: Mutex<HashMap<i16, Value>>,
+    /// The team token a step of this execution issued, sealed.
+    sealed: Mutex<Option<Vec<u8>>>,
+}
+
+impl Journal {
+    fn note(&self, signals: Option<Signals>) -> bool {
+        match signals {
+            Some(signals) => {
+                *lock_unpoisoned(&self.signals) = signals;
+                true
+            }
+            None => {
+                self.lost.store(true, std::sync::atomic::Ordering::SeqCst);
+                false
+            }
+        }
+    }
+
+    fn lost(&self) -> bool {
+        self.lost.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    async fn connection<T>(
+        &self,
+        write: impl AsyncFnOnce(&mut sqlx::PgConnection) -> Result<T, sqlx::Error>,
+    ) -> Result<T, sqlx::Error> {
+        let mut lock = self.lock.lock().await;
+        let conn = lock.connection().ok_or(sqlx::Error::PoolClosed)?;
+        write(conn).await
+    }
+}
+
+impl IntentJournal for Journal {
+    fn record_intent<'a>(
+        &'a self,
+        position: i16,
+        intent: &'a Value,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StepError>> + Send + 'a>> {
+        Box::pin(async move {
+            let (run_id, epoch) = (self.run_id, self.epoch);
+            let signals = self
+                .connection(async |conn| store::record_step_intent(conn, run_id, epoch, position, intent).await)
+                .await
+                .map_err(|e| StepError::database(&e))?;
+            if !self.note(signals) {
+                return Err(StepError::run_lost());
+            }
+            lock_unpoisoned(&self.intents).insert(position, intent.clone());
+            Ok(())
+        })
+    }
+}
+
+struct Executor<'a> {
+    engine: &'a Engine,
+    run: &'a RunRow,
+    input: &'a RunInput,
+    credential: &'a Secret,
+    actor: &'a str,
+    journal: Journal,
+    slot: &'a RunSlot,
+}
+
+async fn execute(engine: &Engine, execution: Execution, slot: &RunSlot) -> Result<Option<FinishedRun>, sqlx::Error> {
     let Execution {
-        run_id,
-        mut lock,
+        run,
+        mut steps,
+        lock,
         credential,
         actor_subject,
     } = execution;
-    let result = execute_locked(engine, run_id, &mut lock, &credential, &actor_subject).await;
-    lock.release().await;
-    result
+    // A run the existing service recorded has no request to execute; it is never resumed.
+    let input = match RunInput::of(&run) {
+        Some(Ok(input)) => input,
+        Some(Err(e)) => {
+            tracing::error!(run_id = %run.id, error = %e, "the run's recorded request cannot be read; it cannot be executed");
+            lock.release().await;
+            return Ok(None);
+        }
+        None => {
+            lock.release().await;
+            return Ok(None);
+        }
+    };
+    let executor = Executor {
+        engine,
+        run: &run,
+        input: &input,
+        credential: &credential,
+        actor: &actor_subject,
+        journal: Journal {
+            lock: tokio::sync::Mutex::new(lock),
+            run_id: run.id,
+            epoch: run.executions,
+            signals: Mutex::new(Signals {
+                cancel_requested: run.cancel_requested_at.is_some(),
+                cancel_undo: run.cancel_undo,
+            }),
+            lost: Default::default(),
+            intents: Mutex::new(HashMap::new()),
+            sealed: Mutex::new(None),
+        },
+        slot,
+    };
+    let (outcome, last) = executor.run_steps(&mut steps).await?;
+    executor.conclude(outcome, last, steps).await
 }
 
-async fn execute_locked(
-    engine: &Engine,
-    run_id: Uuid,
-    lock: &mut TeamLock,
-    credential: &Secret,
-    actor: &str,
-) -> Result<(), sqlx::Error> {
-    let Some(run) = store::get_run(&engine.db, run_id).await? else {
-        return Ok(());
-    };
-    if run.is_final() {
-        return Ok(());
-    }
-    // A run the existing service recorded has no request to execute; it is never resumed.
-    let Some(request) = run.request.as_ref().map(|r| r.0.clone()) else {
-        return Ok(());
-    };
-    let mut steps = store::steps(&engine.db, run_id).await?;
-    let mut outcome = Outcome::Succeeded;
-
-    for step in steps.iter_mut() {
-        if step.status.is_done() {
-            continue;
-        }
-        if engine.stopping() {
-            outcome = Outcome::Interrupted;
-            break;
-        }
-        // The lock dies with its session (a failover, an idle session killed); then another
-        // replica may already be resuming this run, and this executor must stop.
-        if !lock.is_held().await {
-            tracing::warn!(%run_id, "lost the team's provisioning lock; leaving the run to be resumed");
-            outcome = Outcome::Interrupted;
-            break;
-        }
-        match run_step(engine, run_id, step, &request, credential).await? {
-            Ok(result) => {
-                step.result = Some(result);
-                step.status = StepStatus::Succeeded;
-            }
-            Err(error) => {
-                outcome = Outcome::Failed {
-                    position: step.position,
-                    step: step.name,
-                    error,
-                };
-                break;
-            }
+impl Executor<'_> {
+    fn scope(&self) -> TeamScope<'_> {
+        TeamScope {
+            engine: self.engine,
+            org: &self.run.org_id,
+            team: &self.run.team_node_id,
+            credential: self.credential,
         }
     }
 
-    match outcome {
-        Outcome::Interrupted => Ok(()),
-        Outcome::Succeeded => {
-            let summary = store::step_summary(&steps, &request);
-            let end = store::RunEnd {
-                status: RunStatus::Succeeded,
-                error: None,
-                error_detail: None,
-                steps: &summary,
+    /// The cancel recorded for the run, here or on any replica: `Some(undo)`.
+    fn cancel(&self) -> Option<bool> {
+        let local = *lock_unpoisoned(&self.slot.cancel);
+        let signals = *lock_unpoisoned(&self.journal.signals);
+        match (local, signals.cancel_requested) {
+            (Some(undo), _) => Some(undo || signals.cancel_undo),
+            (None, true) => Some(signals.cancel_undo),
+            (None, false) => None,
+        }
+    }
+
+    /// How long until the run's deadline; zero once past it.
+    fn time_left(&self) -> Option<Duration> {
+        self.run
+            .deadline_at
+            .map(|deadline| (deadline - Utc::now()).to_std().unwrap_or(Duration::ZERO))
+    }
+
+    /// Why the run must stop before the step at `index`, if it must.
+    fn stop_before(&self, index: usize) -> Option<Outcome> {
+        if self.engine.stopping() || self.journal.lost() {
+            return Some(Outcome::Interrupted);
+        }
+        if let Some(undo) = self.cancel() {
+            return Some(Outcome::Cancelled { undo });
+        }
+        if self.time_left() == Some(Duration::ZERO) {
+            return Some(Outcome::TimedOut { index });
+        }
+        None
+    }
+
+    /// Runs every step not done yet. The last step's success is returned unwritten: it is
+    /// recorded with the run's end.
+    async fn run_steps(&self, steps: &mut [StepRow]) -> Result<(Outcome, Option<store::StepSuccess>), sqlx::Error> {
+        let remaining: Vec<usize> = (0..steps.len()).filter(|&i| !steps[i].status.is_done()).collect();
+        for (k, &index) in remaining.iter().enumerate() {
+            if let Some(stop) = self.stop_before(index) {
+                return Ok((stop, None));
+            }
+            match self.run_step(&mut steps[index]).await? {
+                Attempted::Done(success) => {
+                    success.apply_to(&mut steps[index]);
+                    if success.sealed_token.is_some() {
+                        *lock_unpoisoned(&self.journal.sealed) = success.sealed_token.clone();
+                    }
+                    if k + 1 == remaining.len() {
+                        return Ok((Outcome::Succeeded, Some(*success)));
+                    }
+                    let (run_id, epoch) = (self.run.id, self.journal.epoch);
+                    let signals = self
+                        .journal
+                        .connection(async |conn| store::step_succeeded(conn, run_id, epoch, &success).await)
+                        .await?;
+                    if !self.journal.note(signals) {
+                        return Ok((Outcome::Interrupted, None));
+                    }
+                }
+                Attempted::Failed(error) => return Ok((Outcome::Failed { index, error }, None)),
+                Attempted::Stopped(outcome) => return Ok((outcome, None)),
+            }
+        }
+        Ok((Outcome::Succeeded, None))
+    }
+
+    /// One step with its retries. Every failed attempt's error is recorded (and kept in `step`).
+    async fn run_step(&self, step: &mut StepRow) -> Result<Attempted, sqlx::Error> {
+        let policy = self.engine.step_policy();
+        let started_at = Utc::now();
+        let started = Instant::now();
+        let mut attempts = step.attempts;
+        let mut tries = 0u32;
+        let label = step.name.as_str();
+        loop {
+            attempts += 1;
+            tries += 1;
+            let recorded = lock_unpoisoned(&self.journal.intents)
+                .get(&step.position)
+                .cloned()
+                .or_else(|| step.result.clone());
+            let cx = StepContext {
+                scope: self.scope(),
+                run_id: self.run.id,
+                position: step.position,
+                input: self.input,
+                recorded: recorded.as_ref(),
+                journal: &self.journal,
             };
-            record_end(engine, &run, actor, end).await?;
-            tracing::info!(%run_id, org = %run.org_id, team = %run.team_node_id, "provisioning run succeeded");
-            Ok(())
-        }
-        Outcome::Failed { position, step, error } => {
-            let mut error_json = error.to_json(step);
-            let mut status = RunStatus::Failed;
-            if request.rollback_on_failure {
-                let completed: Vec<_> = steps
-                    .iter()
-                    .filter(|s| s.position < position && s.status != StepStatus::Skipped)
-                    .cloned()
-                    .collect();
-                let problems = steps::undo(engine, run_id, &request, credential, &completed).await?;
-                if problems.is_empty() {
-                    status = RunStatus::RolledBack;
-                } else {
-                    error_json["rollback_errors"] = json!(problems);
+            let attempt_started = Instant::now();
+            let outcome = step.name.apply(&cx).await;
+            let observe = |outcome: &str| {
+                self.engine
+                    .metrics
+                    .provisioning_step_duration_seconds
+                    .with_label_values(&[label, outcome])
+                    .observe(attempt_started.elapsed().as_secs_f64());
+            };
+            if self.journal.lost() {
+                return Ok(Attempted::Stopped(Outcome::Interrupted));
+            }
+            let error = match outcome {
+                Ok(done) => {
+                    observe("succeeded");
+                    let sealed_token = done
+                        .issued_token
+                        .as_ref()
+                        .map(|token| self.engine.sealer.seal(token, self.run.id.as_bytes()));
+                    return Ok(Attempted::Done(Box::new(store::StepSuccess {
+                        position: step.position,
+                        attempts,
+                        started_at,
+                        duration_ms: started.elapsed().as_millis() as i64,
+                        result: done.result,
+                        sealed_token,
+                    })));
+                }
+                Err(error) => error,
+            };
+            if self.engine.stopping() {
+                observe("interrupted");
+                return Ok(Attempted::Stopped(Outcome::Interrupted));
+            }
+            let decision = after_failure(&policy, tries, started.elapsed(), &error, self.time_left());
+            let final_attempt = decision == AfterFailure::Fail;
+            let error_json = error.to_json(step.name);
+            let (run_id, epoch, position) = (self.run.id, self.journal.epoch, step.position);
+            let failure = store::AttemptFailure {
+                position,
+                attempts,
+                started_at,
+                error: &error_json,
+                final_attempt,
+            };
+            let signals = self
+                .journal
+                .connection(async |conn| store::attempt_failed(conn, run_id, epoch, failure).await)
+                .await?;
+            if !self.journal.note(signals) {
+                return Ok(Attempted::Stopped(Outcome::Interrupted));
+            }
+            if let Value::Array(errors) = &mut step.attempt_errors {
+                errors.push(error_json);
+            }
+            match decision {
+                AfterFailure::Fail => {
+                    observe("failed");
+                    return Ok(Attempted::Failed(error));
+                }
+                AfterFailure::OutOfTime => {
+                    observe("timed_out");
+                    return Ok(Attempted::Stopped(Outcome::TimedOut {
+                        index: position as usize,
+                    }));
+                }
+                AfterFailure::Retry(delay) => {
+                    observe("retried");
+                    if let Some(undo) = self.cancel() {
+                        return Ok(Attempted::Stopped(Outcome::Cancelled { undo }));
+                    }
+                    tracing::info!(%run_id, step = label, attempt = attempts, code = error.code, delay_ms = delay.as_millis() as u64, "step failed; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = self.slot.wake.notified() => {}
+                        () = self.engine.0.stop.cancelled() => {}
+                    }
+                    if let Some(stop) = self.stop_before(position as usize) {
+                        return Ok(Attempted::Stopped(stop));
+                    }
                 }
             }
-            // Re-read: the failed step and any rollback are recorded there.
-            let steps = store::steps(&engine.db, run_id).await?;
-            let summary = store::step_summary(&steps, &request);
-            let one_line = format!("{step}: {}", error.message);
-            let end = store::RunEnd {
-                status,
-                error: Some(&one_line),
-                error_detail: Some(&error_json),
-                steps: &summary,
-            };
-            record_end(engine, &run, actor, end).await?;
-            tracing::warn!(%run_id, org = %run.org_id, team = %run.team_node_id, %step, code = error.code, %status, "provisioning run failed");
-            Ok(())
         }
+    }
+
+    /// Undoes the completed steps in reverse. Returns what could not be undone.
+    async fn undo(&self, completed: &[StepRow]) -> Result<Vec<Value>, sqlx::Error> {
+        let mut problems = Vec::new();
+        for step in completed.iter().rev() {
+            let cx = StepContext {
+                scope: self.scope(),
+                run_id: self.run.id,
+                position: step.position,
+                input: self.input,
+                recorded: step.result.as_ref(),
+                journal: &self.journal,
+            };
+            match step.name.undo(&cx).await {
+                Ok(note) => store::mark_step_rolled_back(&self.engine.db, self.run.id, step.position, &note).await?,
+                Err(e) => problems.push(e.to_json(step.name)),
+            }
+        }
+        Ok(problems)
+    }
+
+    /// Records how the run ended, with its audit row and the team's record, and releases the lock,
+    /// in one transaction.
+    async fn conclude(
+        self,
+        outcome: Outcome,
+        last: Option<store::StepSuccess>,
+        steps: Vec<StepRow>,
+    ) -> Result<Option<FinishedRun>, sqlx::Error> {
+        let succeeded = |s: &&StepRow| s.status == StepStatus::Succeeded;
+        let (status, error, current_step) = match outcome {
+            Outcome::Interrupted => {
+                self.journal.lock.into_inner().release().await;
+                return Ok(None);
+            }
+            Outcome::Succeeded => (RunStatus::Succeeded, None, None),
+            Outcome::Failed { index, error } => {
+                let step = steps[index].name;
+                let mut detail = error.to_json(step);
+                let mut status = RunStatus::Failed;
+                if self.input.rolls_back_on_failure() {
+                    let completed: Vec<StepRow> = steps[..index].iter().filter(succeeded).cloned().collect();
+                    let problems = self.undo(&completed).await?;
+                    if problems.is_empty() {
+                        status = RunStatus::RolledBack;
+                    } else {
+                        detail["rollback_errors"] = json!(problems);
+                    }
+                }
+                (status, Some((format!("{step}: {}", error.message), detail)), Some(step))
+            }
+            Outcome::Cancelled { undo } => {
+                let by = self.run.cancelled_by.clone().unwrap_or_else(|| "an operator".into());
+                let message = format!("cancelled by {by}");
+                let mut detail = json!({"code": "cancelled", "message": message, "undone": undo});
+                if undo {
+                    let completed: Vec<StepRow> = steps.iter().filter(succeeded).cloned().collect();
+                    let problems = self.undo(&completed).await?;
+                    if !problems.is_empty() {
+                        detail["rollback_errors"] = json!(problems);
+                    }
+                }
+                (RunStatus::Cancelled, Some((message, detail)), None)
+            }
+            Outcome::TimedOut { index } => {
+                let step = steps[index].name;
+                let message = format!(
+                    "the run passed its deadline before {step} finished (ORCHESTRATOR_RUN_DEADLINE_SECONDS); retry it"
+                );
+                let detail = json!({"step": step, "code": "deadline_exceeded", "message": message});
+                (
+                    RunStatus::TimedOut,
+                    Some((format!("{step}: {message}"), detail)),
+                    Some(step),
+                )
+            }
+        };
+        // A run that did not succeed is summarised from its record (the failed attempts, an
+        // undo); a successful one from the steps as executed, which are the record.
+        let undone = matches!(status, RunStatus::RolledBack | RunStatus::Cancelled)
+            || error.as_ref().is_some_and(|(_, d)| d.get("rollback_errors").is_some());
+        let steps = if status == RunStatus::Succeeded {
+            steps
+        } else {
+            store::steps(&self.engine.db, self.run.id).await?
+        };
+        let summary = store::step_summary(&steps, self.input.slack_channels());
+        let bootstrapped = steps
+            .iter()
+            .any(|s| s.name == Step::Bootstrap && s.status == StepStatus::Succeeded);
+        let workflow = self.input.workflow();
+        let mut audit_detail = match &error {
+            Some((_, detail)) => json!({ "error": detail }),
+            None => json!({}),
+        };
+        if workflow == Workflow::Deprovision {
+            audit_detail["deleted"] = deleted_of(&steps);
+        }
+
+        let mut lock = self.journal.lock.into_inner();
+        let key = lock.key();
+        let Some(conn) = lock.connection() else {
+            return Ok(None);
+        };
+        let mut tx = conn.begin().await?;
+        if let Some(last) = &last {
+            let signals = store::step_succeeded(&mut tx, self.run.id, self.journal.epoch, last).await?;
+            if signals.is_none() {
+                tx.rollback().await?;
+                lock.release().await;
+                return Ok(None);
+            }
+        }
+        let end = store::RunEnd {
+            status,
+            error: error.as_ref().map(|(line, _)| line.as_str()),
+            error_detail: error.as_ref().map(|(_, detail)| detail),
+            steps: &summary,
+            current_step,
+        };
+        let Some(ended) = store::finish_run(&mut tx, self.run.id, self.journal.epoch, end).await? else {
+            tx.rollback().await?;
+            lock.release().await;
+            return Ok(None);
+        };
+        let team_end = store::TeamRunEnd {
+            status: workflow::team_status_after(workflow, status),
+            bootstrapped,
+        };
+        store::team_run_ended(&mut tx, &self.run.org_id, &self.run.team_node_id, self.run.id, team_end).await?;
+        audit::record(
+            &mut *tx,
+            run_audit(
+                self.run,
+                self.actor,
+                action(workflow, "completed"),
+                status.as_str(),
+                audit_detail,
+            ),
+        )
+        .await?;
+        lock::unlock(&mut tx, key).await?;
+        tx.commit().await?;
+        lock.release_unlocked();
+
+        self.engine
+            .metrics
+            .provisioning_runs_total
+            .with_label_values(&[workflow.as_str(), status.as_str()])
+            .inc();
+        let (run_id, org, team) = (self.run.id, &self.run.org_id, &self.run.team_node_id);
+        match &error {
+            None => tracing::info!(%run_id, %org, %team, %workflow, "run succeeded"),
+            Some((line, _)) => {
+                tracing::warn!(%run_id, %org, %team, %workflow, %status, error = %line, "run did not succeed")
+            }
+        }
+
+        if undone {
+            // The undo changed what is held; the waiter reads the run back.
+            return Ok(None);
+        }
+        let sealed_token = last
+            .as_ref()
+            .and_then(|l| l.sealed_token.clone())
+            .or_else(|| lock_unpoisoned(&self.journal.sealed).clone());
+        let run = RunRow {
+            status,
+            error: error.as_ref().map(|(line, _)| line.clone()),
+            error_detail: error.map(|(_, detail)| detail),
+            steps: summary,
+            current_step: ended.current_step,
+            team_token_held: self.run.team_token_held || sealed_token.is_some(),
+            updated_at: ended.updated_at,
+            finished_at: ended.finished_at,
+            ..self.run.clone()
+        };
+        Ok(Some(FinishedRun {
+            run,
+            steps,
+            sealed_token,
+        }))
     }
 }
 
-/// Records the run's end and its audit row in one transaction, then counts it.
-async fn record_end(
-    engine: &Engine,
-    run: &store::RunRow,
-    actor: &str,
-    end: store::RunEnd<'_>,
-) -> Result<(), sqlx::Error> {
-    let status = end.status;
-    let detail = match end.error_detail {
-        Some(error) => json!({ "error": error }),
-        None => json!({}),
-    };
-    let mut tx = engine.db.begin().await?;
-    store::finish_run(&mut *tx, run.id, end).await?;
-    audit::record(
-        &mut *tx,
-        run_audit(run, actor, "provision.completed", status.as_str(), detail),
-    )
-    .await?;
-    tx.commit().await?;
-    engine
-        .metrics
-        .provisioning_runs_total
-        .with_label_values(&[status.as_str()])
-        .inc();
-    Ok(())
+/// The audit action of a workflow's event: `provision.completed`, `deprovision.requested`, ...
+pub fn action(workflow: Workflow, what: &str) -> &'static str {
+    match (workflow, what) {
+        (Workflow::Provision, "requested") => "provision.requested",
+        (Workflow::Provision, "retried") => "provision.retried",
+        (Workflow::Provision, "cancel_requested") => "provision.cancel_requested",
+        (Workflow::Provision, _) => "provision.completed",
+        (Workflow::Deprovision, "requested") => "deprovision.requested",
+        (Workflow::Deprovision, "retried") => "deprovision.retried",
+        (Workflow::Deprovision, "cancel_requested") => "deprovision.cancel_requested",
+        (Workflow::Deprovision, _) => "deprovision.completed",
+    }
 }
 
-fn run_audit<'a>(
-    run: &'a store::RunRow,
-    actor: &'a str,
-    action: &'a str,
-    outcome: &'a str,
-    detail: Value,
-) -> AuditEntry<'a> {
+/// What a deprovisioning run removed: its steps' `deleted` entries in one object (the existing
+/// service's answer).
+pub fn deleted_of(steps: &[StepRow]) -> Value {
+    let mut deleted = serde_json::Map::new();
+    for step in steps {
+        if let Some(Value::Object(entries)) = step.result.as_ref().and_then(|r| r.get("deleted")) {
+            deleted.extend(entries.clone());
+        }
+    }
+    Value::Object(deleted)
+}
+
+fn run_audit<'a>(run: &'a RunRow, actor: &'a str, action: &'a str, outcome: &'a str, detail: Value) -> AuditEntry<'a> {
     AuditEntry {
         actor_subject: actor,
         actor_email: run
@@ -331,137 +759,85 @@ pub(crate) enum AfterFailure {
     Retry(Duration),
     /// The step fails, and with it the run.
     Fail,
+    /// Another attempt would start past the run's deadline: the run stops as timed out, and a
+    /// retry resumes it at this step.
+    OutOfTime,
 }
 
 /// A transient error is retried while the policy allows another attempt (attempts and total time,
-/// the pause included) and the service is not shutting down; anything else fails the step.
+/// the pause included) and the run's deadline is not reached by then; anything else fails the
+/// step.
 pub(crate) fn after_failure(
     policy: &RetryPolicy,
     tries: u32,
     elapsed: Duration,
     error: &StepError,
-    stopping: bool,
+    time_left: Option<Duration>,
 ) -> AfterFailure {
     let delay = policy.delay(tries, error.retry_after);
-    if error.transient && !stopping && policy.allows_another(tries, elapsed, delay) {
-        AfterFailure::Retry(delay)
-    } else {
+    if !error.transient || !policy.allows_another(tries, elapsed, delay) {
         AfterFailure::Fail
+    } else if time_left.is_some_and(|left| delay >= left) {
+        AfterFailure::OutOfTime
+    } else {
+        AfterFailure::Retry(delay)
     }
 }
 
-/// One step with its retries. The outer `Result` is the database; the inner is the step.
-async fn run_step(
-    engine: &Engine,
-    run_id: Uuid,
-    step: &store::StepRow,
-    request: &ProvisionRequest,
-    credential: &Secret,
-) -> Result<Result<Value, StepError>, sqlx::Error> {
-    let policy = engine.step_policy();
-    store::step_started(&engine.db, run_id, step.position).await?;
-    let started = Instant::now();
-    let mut attempts = step.attempts;
-    let mut tries = 0u32;
-    let label = step.name.as_str();
-    loop {
-        attempts += 1;
-        tries += 1;
-        if tries > 1 {
-            store::step_attempt(&engine.db, run_id, step.position, attempts).await?;
-        }
-        let attempt_started = Instant::now();
-        let outcome = steps::perform(engine, run_id, step.name, step.position, request, credential).await;
-        let elapsed = attempt_started.elapsed().as_secs_f64();
-        let observe = |outcome: &str| {
-            engine
-                .metrics
-                .provisioning_step_duration_seconds
-                .with_label_values(&[label, outcome])
-                .observe(elapsed);
-        };
-        match outcome {
-            Ok(done) => {
-                observe("succeeded");
-                let mut conn = engine.db.acquire().await?;
-                let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-                if let Some(token) = &done.issued_token {
-                    store::seal_team_token(&mut *tx, run_id, &engine.sealer.seal(token, run_id.as_bytes())).await?;
-                }
-                store::step_finished(
-                    &mut tx,
-                    run_id,
-                    step.position,
-                    store::StepEnd {
-                        status: StepStatus::Succeeded,
-                        attempts,
-                        result: Some(&done.result),
-                        error: None,
-                    },
-                )
-                .await?;
-                tx.commit().await?;
-                return Ok(Ok(done.result));
-            }
-            Err(error) => match after_failure(&policy, tries, started.elapsed(), &error, engine.stopping()) {
-                AfterFailure::Retry(delay) => {
-                    observe("retried");
-                    tracing::info!(%run_id, step = label, attempt = attempts, code = error.code, delay_ms = delay.as_millis() as u64, "step failed; retrying");
-                    tokio::time::sleep(delay).await;
-                }
-                AfterFailure::Fail => {
-                    observe("failed");
-                    let mut conn = engine.db.acquire().await?;
-                    store::step_finished(
-                        &mut conn,
-                        run_id,
-                        step.position,
-                        store::StepEnd {
-                            status: StepStatus::Failed,
-                            attempts,
-                            result: None,
-                            error: Some(&error.to_json(step.name)),
-                        },
-                    )
-                    .await?;
-                    return Ok(Err(error));
-                }
-            },
+/// What a run looks like to someone waiting for it.
+pub struct RunState {
+    pub run: RunRow,
+    /// Its steps, when the executor handed them over (else the view reads them).
+    pub steps: Option<Vec<StepRow>>,
+    pub sealed_token: Option<Vec<u8>>,
+}
+
+impl From<RunRow> for RunState {
+    fn from(run: RunRow) -> Self {
+        Self {
+            run,
+            steps: None,
+            sealed_token: None,
         }
     }
 }
 
-/// Waits until the run is final or `deadline` passes. Wakes on the local executor's notice and
-/// polls as a fallback, since the executor may live on another replica.
+/// Waits until the run is final or `deadline` passes. A run executing in this process hands its
+/// end over (no read); one executing elsewhere is polled.
 pub async fn wait_for_final(
     engine: &Engine,
     run_id: Uuid,
+    slot: Option<Arc<RunSlot>>,
     deadline: tokio::time::Instant,
-) -> Result<Option<store::RunRow>, sqlx::Error> {
+) -> Result<Option<RunState>, sqlx::Error> {
+    let mut slot = slot;
     loop {
-        let notify = engine.0.registry.notifier(run_id);
-        let notified = notify.as_ref().map(|n| n.notified());
-        tokio::pin!(notified);
-        if let Some(notified) = notified.as_mut().as_pin_mut() {
-            notified.enable();
+        if let Some(slot) = slot.take().or_else(|| engine.0.registry.slot(run_id)) {
+            let done = slot.done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if lock_unpoisoned(&slot.finished).is_none() && tokio::time::Instant::now() < deadline {
+                tokio::select! {
+                    () = done => {}
+                    () = tokio::time::sleep_until(deadline) => {}
+                }
+            }
+            if let Some(finished) = slot.finished() {
+                return Ok(Some(RunState {
+                    run: finished.run.clone(),
+                    steps: Some(finished.steps.clone()),
+                    sealed_token: finished.sealed_token.clone(),
+                }));
+            }
         }
         let run = store::get_run(&engine.db, run_id).await?;
         match run {
-            Some(run) if run.is_final() => return Ok(Some(run)),
             None => return Ok(None),
-            Some(run) if tokio::time::Instant::now() >= deadline => return Ok(Some(run)),
+            Some(run) if run.is_final() || tokio::time::Instant::now() >= deadline => return Ok(Some(run.into())),
             Some(_) => {}
         }
         let poll = (tokio::time::Instant::now() + Duration::from_millis(250)).min(deadline);
-        match notified.as_mut().as_pin_mut() {
-            Some(notified) => {
-                tokio::select! {
-                    () = notified => {}
-                    () = tokio::time::sleep_until(poll) => {}
-                }
-            }
-            None => tokio::time::sleep_until(poll).await,
-        }
+        tokio::time::sleep_until(poll).await;
     }
 }
 
@@ -492,29 +868,42 @@ mod tests {
     fn a_transient_failure_is_retried_within_the_budget() {
         let p = policy();
         assert!(matches!(
-            after_failure(&p, 1, Duration::ZERO, &error(true), false),
+            after_failure(&p, 1, Duration::ZERO, &error(true), None),
             AfterFailure::Retry(d) if d <= Duration::from_millis(100)
         ));
         assert_eq!(
-            after_failure(&p, 3, Duration::ZERO, &error(true), false),
+            after_failure(&p, 3, Duration::ZERO, &error(true), None),
             AfterFailure::Fail
         );
         assert_eq!(
-            after_failure(&p, 1, Duration::from_secs(10), &error(true), false),
+            after_failure(&p, 1, Duration::from_secs(10), &error(true), None),
             AfterFailure::Fail,
             "out of time"
         );
     }
 
     #[test]
-    fn a_permanent_failure_or_a_shutdown_fails_at_once() {
-        let p = policy();
+    fn a_permanent_failure_fails_at_once() {
         assert_eq!(
-            after_failure(&p, 1, Duration::ZERO, &error(false), false),
+            after_failure(&policy(), 1, Duration::ZERO, &error(false), None),
             AfterFailure::Fail
         );
+    }
+
+    #[test]
+    fn a_retry_that_would_start_past_the_deadline_times_the_run_out() {
+        let p = policy();
         assert_eq!(
-            after_failure(&p, 1, Duration::ZERO, &error(true), true),
+            after_failure(&p, 1, Duration::ZERO, &error(true), Some(Duration::from_millis(10))),
+            AfterFailure::OutOfTime
+        );
+        assert!(matches!(
+            after_failure(&p, 1, Duration::ZERO, &error(true), Some(Duration::from_secs(60))),
+            AfterFailure::Retry(_)
+        ));
+        // A permanent failure is a failure, deadline or not.
+        assert_eq!(
+            after_failure(&p, 1, Duration::ZERO, &error(false), Some(Duration::ZERO)),
             AfterFailure::Fail
         );
     }
@@ -524,7 +913,7 @@ mod tests {
         let mut slow = error(true);
         slow.retry_after = Some(Duration::from_millis(700));
         assert!(matches!(
-            after_failure(&policy(), 1, Duration::ZERO, &slow, false),
+            after_failure(&policy(), 1, Duration::ZERO, &slow, None),
             AfterFailure::Retry(d) if d >= Duration::from_millis(700)
         ));
     }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use sqlx::pool::PoolConnection;
-use sqlx::{PgPool, Postgres};
+use sqlx::{PgConnection, PgPool, Postgres};
 
 /// Separates our keys from any other advisory lock user of the same database.
 const NAMESPACE: &str = "incidentfox-orchestrator/provisioning";
@@ -25,28 +25,66 @@ pub fn lock_key(org: &str, team: &str) -> i64 {
     i64::from_be_bytes(bytes)
 }
 
+/// A lock-pool connection that holds (or is about to hold) a team's lock. A run's own writes go
+/// through it too, so the transaction that ends the run can release the lock as it commits.
 pub struct TeamLock {
     conn: Option<PoolConnection<Postgres>>,
     key: i64,
 }
 
+/// Takes the lock on `conn` if it is free, without waiting; inside a transaction, the session
+/// keeps it after the commit (and a rollback does not release it either).
+pub async fn try_lock(conn: &mut PgConnection, key: i64) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar!(r#"SELECT pg_try_advisory_lock($1) AS "locked!""#, key)
+        .fetch_one(conn)
+        .await
+}
+
+/// Releases the lock on `conn`; inside a transaction, at once (not at the commit), so whoever
+/// takes it next must not trust rows this transaction is still changing (they lock them).
+pub async fn unlock(conn: &mut PgConnection, key: i64) -> Result<(), sqlx::Error> {
+    sqlx::query_scalar!("SELECT pg_advisory_unlock($1) AS unlocked", key)
+        .fetch_one(conn)
+        .await?;
+    Ok(())
+}
+
 impl TeamLock {
+    /// A lock-pool connection for the team, in the guard before any lock is taken on it: if the
+    /// caller is cancelled mid-query, Drop closes the connection rather than pool one that may
+    /// hold the lock.
+    pub async fn connect(pool: &PgPool, org: &str, team: &str) -> Result<TeamLock, sqlx::Error> {
+        Ok(TeamLock {
+            conn: Some(pool.acquire().await?),
+            key: lock_key(org, team),
+        })
+    }
+
+    pub fn key(&self) -> i64 {
+        self.key
+    }
+
+    /// The session that holds the lock. `None` once released.
+    pub fn connection(&mut self) -> Option<&mut PgConnection> {
+        self.conn.as_deref_mut()
+    }
+
+    /// Returns the connection to the pool: only when it is known not to hold the lock (it was
+    /// never taken, or a committed transaction released it).
+    pub fn release_unlocked(mut self) {
+        drop(self.conn.take());
+    }
+
     /// Tries once, without waiting. The connection is returned to the pool when the lock is busy,
     /// so waiting requests never hold lock connections.
     pub async fn try_acquire(pool: &PgPool, org: &str, team: &str) -> Result<Option<TeamLock>, sqlx::Error> {
         // The connection is inside the guard before the lock query runs: if this future is
         // cancelled mid-query, Drop closes the connection rather than pooling one that may hold
         // the lock.
-        let mut guard = TeamLock {
-            conn: Some(pool.acquire().await?),
-            key: lock_key(org, team),
-        };
-        let locked: bool = match guard.conn.as_mut() {
-            Some(conn) => {
-                sqlx::query_scalar!(r#"SELECT pg_try_advisory_lock($1) AS "locked!""#, guard.key)
-                    .fetch_one(&mut **conn)
-                    .await?
-            }
+        let mut guard = Self::connect(pool, org, team).await?;
+        let key = guard.key;
+        let locked = match guard.connection() {
+            Some(conn) => try_lock(conn, key).await?,
             None => false,
         };
         if locked {
@@ -55,18 +93,6 @@ impl TeamLock {
             // Not locked: the connection holds nothing and may go back to the pool.
             drop(guard.conn.take());
             Ok(None)
-        }
-    }
-
-    /// Whether the session holding the lock is still alive. If it died (a failover, an idle
-    /// session killed), Postgres released the lock and another replica may be resuming the run.
-    pub async fn is_held(&mut self) -> bool {
-        match self.conn.as_mut() {
-            Some(conn) => sqlx::query_scalar!("SELECT 1 AS alive")
-                .fetch_one(&mut **conn)
-                .await
-                .is_ok(),
-            None => false,
         }
     }
 
@@ -96,11 +122,9 @@ impl TeamLock {
     /// the lock on the server all the same.
     pub async fn release(mut self) {
         // The connection stays in the guard while unlocking: cancelled mid-query, Drop closes it.
-        let unlocked = match self.conn.as_mut() {
-            Some(conn) => sqlx::query_scalar!("SELECT pg_advisory_unlock($1) AS unlocked", self.key)
-                .fetch_one(&mut **conn)
-                .await
-                .is_ok(),
+        let key = self.key;
+        let unlocked = match self.connection() {
+            Some(conn) => unlock(conn, key).await.is_ok(),
             None => return,
         };
         if unlocked {

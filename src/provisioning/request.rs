@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::cron;
@@ -29,23 +29,24 @@ const MAX_KEY_LEN: usize = 128;
 const MAX_ROUTING_VALUES: usize = 200;
 const MAX_ROUTING_VALUE_LEN: usize = 256;
 
+/// A provisioning request as asked. A field left out keeps what the team was asked before (a new
+/// team: the default); see [`TeamSpec::resolve`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProvisionRequest {
     pub org_id: OrgId,
     pub team_node_id: TeamNodeId,
+    /// The routing lists to set; each replaces the team's list of that key.
     pub routing: BTreeMap<String, Vec<String>>,
     pub idempotency_key: Option<String>,
     pub pipeline_schedule: Option<String>,
-    pub create_pipeline_schedule: bool,
-    pub deployment_mode: DeploymentMode,
+    #[serde(default)]
+    pub create_pipeline_schedule: Option<bool>,
+    #[serde(default)]
+    pub deployment_mode: Option<DeploymentMode>,
     pub rollback_on_failure: bool,
 }
 
 impl ProvisionRequest {
-    pub fn wants_schedule(&self) -> bool {
-        self.pipeline_schedule.is_some() || self.create_pipeline_schedule
-    }
-
     /// The hash that tells a replay (same key, same request) from key reuse.
     pub fn hash(&self) -> String {
         let mut normalised = self.clone();
@@ -88,36 +89,111 @@ impl ProvisionRequest {
             Some(_) => return Err(ApiError::invalid_field("routing", "must be an object of routing lists")),
         }
 
-        let idempotency_key = optional_string(object, "idempotency_key")?;
-        if let Some(key) = &idempotency_key {
-            if key.is_empty() || key.chars().count() > MAX_KEY_LEN || key.chars().any(char::is_control) {
-                return Err(ApiError::invalid_field(
-                    "idempotency_key",
-                    "must be 1 to 128 printable characters",
-                ));
-            }
-        }
+        let idempotency_key = idempotency_key(object)?;
         let pipeline_schedule = optional_string(object, "pipeline_schedule")?.map(|s| s.trim().to_string());
         if let Some(schedule) = &pipeline_schedule {
             cron::validate(schedule).map_err(|e| ApiError::invalid_field("pipeline_schedule", e))?;
         }
-        let deployment_mode = match optional_string(object, "deployment_mode")? {
-            None => DeploymentMode::Shared,
-            Some(mode) => mode
-                .parse()
-                .map_err(|_| ApiError::invalid_field("deployment_mode", "must be \"shared\" or \"dedicated\""))?,
-        };
+        let deployment_mode = optional_string(object, "deployment_mode")?
+            .map(|mode| mode.parse::<DeploymentMode>())
+            .transpose()
+            .map_err(|_| ApiError::invalid_field("deployment_mode", "must be \"shared\" or \"dedicated\""))?;
         Ok(Self {
             org_id,
             team_node_id,
             routing,
             idempotency_key,
             pipeline_schedule,
-            create_pipeline_schedule: optional_bool(object, "create_pipeline_schedule")?.unwrap_or(false),
+            create_pipeline_schedule: optional_bool(object, "create_pipeline_schedule")?,
             deployment_mode,
             rollback_on_failure: optional_bool(object, "rollback_on_failure")?.unwrap_or(false),
         })
     }
+}
+
+/// What was asked of a team: the desired state a provisioning run converges it to.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TeamSpec {
+    /// The routing lists this service set, by key (a key never set is the config service's alone).
+    pub routing: BTreeMap<String, Vec<String>>,
+    /// The AI pipeline's CronJob exists.
+    pub pipeline_schedule_enabled: bool,
+    /// Its cron expression; `None`: the team config's `ai_pipeline.schedule`, else the default.
+    pub pipeline_schedule: Option<String>,
+    pub deployment_mode: DeploymentMode,
+    /// Inferred from the existing service's runs, not asked of this one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inferred: bool,
+}
+
+impl TeamSpec {
+    /// The request over what was asked before: a routing list given replaces that list, a
+    /// schedule given (or `create_pipeline_schedule`) turns it on, `create_pipeline_schedule:
+    /// false` alone turns it off, and anything left out stays as it was.
+    pub fn resolve(previous: Option<&TeamSpec>, request: &ProvisionRequest) -> TeamSpec {
+        let mut spec = previous.cloned().unwrap_or_default();
+        spec.inferred = false;
+        for (key, values) in &request.routing {
+            spec.routing.insert(key.clone(), values.clone());
+        }
+        match (&request.pipeline_schedule, request.create_pipeline_schedule) {
+            (Some(schedule), _) => {
+                spec.pipeline_schedule_enabled = true;
+                spec.pipeline_schedule = Some(schedule.clone());
+            }
+            (None, Some(create)) => spec.pipeline_schedule_enabled = create,
+            (None, None) => {}
+        }
+        if let Some(mode) = request.deployment_mode {
+            spec.deployment_mode = mode;
+        }
+        spec
+    }
+}
+
+/// A deprovisioning request, the existing service's body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeprovisionRequest {
+    pub org_id: OrgId,
+    pub team_node_id: TeamNodeId,
+    /// `false` keeps the team's Kubernetes objects (tokens are revoked and routing cleared still).
+    pub delete_k8s_resources: bool,
+    /// Answer the plan from live state and change nothing.
+    pub dry_run: bool,
+    pub idempotency_key: Option<String>,
+}
+
+impl DeprovisionRequest {
+    pub fn hash(&self) -> String {
+        let normalised = json!({"delete_k8s_resources": self.delete_k8s_resources});
+        hex::encode(Sha256::digest(normalised.to_string().as_bytes()))
+    }
+
+    pub fn parse(body: &Value) -> Result<Self, ApiError> {
+        let object = body
+            .as_object()
+            .ok_or_else(|| ApiError::unprocessable("invalid_body", "the request body must be a JSON object"))?;
+        Ok(Self {
+            org_id: OrgId::parse(required_string(object, "org_id")?).or_invalid("org_id")?,
+            team_node_id: TeamNodeId::parse(required_string(object, "team_node_id")?).or_invalid("team_node_id")?,
+            delete_k8s_resources: optional_bool(object, "delete_k8s_resources")?.unwrap_or(true),
+            dry_run: optional_bool(object, "dry_run")?.unwrap_or(false),
+            idempotency_key: idempotency_key(object)?,
+        })
+    }
+}
+
+fn idempotency_key(object: &Map<String, Value>) -> Result<Option<String>, ApiError> {
+    let key = optional_string(object, "idempotency_key")?;
+    if let Some(key) = &key {
+        if key.is_empty() || key.chars().count() > MAX_KEY_LEN || key.chars().any(char::is_control) {
+            return Err(ApiError::invalid_field(
+                "idempotency_key",
+                "must be 1 to 128 printable characters",
+            ));
+        }
+    }
+    Ok(key)
 }
 
 fn required_string(object: &Map<String, Value>, field: &str) -> Result<String, ApiError> {
@@ -201,8 +277,61 @@ mod tests {
         .unwrap();
         assert_eq!(request.routing["slack_channel_ids"], vec!["C1", "C2"]);
         assert_eq!(request.routing["github_repos"], vec!["acme/api"]);
-        assert_eq!(request.deployment_mode, DeploymentMode::Dedicated);
-        assert!(request.wants_schedule());
+        assert_eq!(request.deployment_mode, Some(DeploymentMode::Dedicated));
+        assert_eq!(request.pipeline_schedule.as_deref(), Some("0 3 * * *"));
+    }
+
+    #[test]
+    fn a_request_changes_what_it_names_and_keeps_the_rest() {
+        let parse = |body: Value| ProvisionRequest::parse(&body).unwrap();
+        let first = TeamSpec::resolve(
+            None,
+            &parse(
+                json!({"org_id": "acme", "team_node_id": "sre", "slack_channel_ids": ["C1"],
+                "routing": {"github_repos": ["acme/api"]}, "pipeline_schedule": "0 3 * * *", "deployment_mode": "dedicated"}),
+            ),
+        );
+        assert!(first.pipeline_schedule_enabled);
+        assert_eq!(first.deployment_mode, DeploymentMode::Dedicated);
+        // Only the Slack list: it replaces that list, and everything else stays.
+        let second = TeamSpec::resolve(
+            Some(&first),
+            &parse(json!({"org_id": "acme", "team_node_id": "sre", "slack_channel_ids": ["C2"]})),
+        );
+        assert_eq!(second.routing["slack_channel_ids"], vec!["C2"]);
+        assert_eq!(second.routing["github_repos"], vec!["acme/api"]);
+        assert!(second.pipeline_schedule_enabled);
+        assert_eq!(second.pipeline_schedule.as_deref(), Some("0 3 * * *"));
+        assert_eq!(second.deployment_mode, DeploymentMode::Dedicated);
+        // Turned off explicitly; and back to shared.
+        let third = TeamSpec::resolve(
+            Some(&second),
+            &parse(
+                json!({"org_id": "acme", "team_node_id": "sre", "create_pipeline_schedule": false,
+                "deployment_mode": "shared"}),
+            ),
+        );
+        assert!(!third.pipeline_schedule_enabled);
+        assert_eq!(third.deployment_mode, DeploymentMode::Shared);
+        // On again keeps the cron expression it had.
+        let fourth = TeamSpec::resolve(
+            Some(&third),
+            &parse(json!({"org_id": "acme", "team_node_id": "sre", "create_pipeline_schedule": true})),
+        );
+        assert!(fourth.pipeline_schedule_enabled);
+        assert_eq!(fourth.pipeline_schedule.as_deref(), Some("0 3 * * *"));
+        // A new team gets the defaults.
+        let fresh = TeamSpec::resolve(None, &parse(json!({"org_id": "acme", "team_node_id": "new"})));
+        assert_eq!(fresh, TeamSpec::default());
+    }
+
+    #[test]
+    fn a_deprovision_request_defaults_to_deleting_everything() {
+        let request = DeprovisionRequest::parse(&json!({"org_id": "acme", "team_node_id": "sre"})).unwrap();
+        assert!(request.delete_k8s_resources && !request.dry_run);
+        let err =
+            DeprovisionRequest::parse(&json!({"org_id": "acme", "team_node_id": "sre", "dry_run": "yes"})).unwrap_err();
+        assert_eq!(field_of(err), "dry_run");
     }
 
     #[test]

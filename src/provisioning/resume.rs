@@ -2,11 +2,15 @@
 //! them from the step they were in.
 
 use serde_json::json;
+use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use super::engine::{self, Engine, Execution};
-use super::lock::TeamLock;
-use super::store;
+use super::lock::{self, TeamLock};
+use super::store::{self, RunRow, StepRow};
+use super::workflow;
+use crate::audit::{self, AuditEntry};
 use crate::domain::RunStatus;
 
 /// Subject the audit trail names for a run resumed by a replica.
@@ -32,41 +36,36 @@ pub async fn resume_once(engine: &Engine) -> Result<usize, sqlx::Error> {
     let mut resumed = 0;
     for candidate in candidates {
         let run_id = candidate.id;
-        let Some(lock) = TeamLock::try_acquire(&engine.lock_db, &candidate.org_id, &candidate.team_node_id).await?
+        let Some(mut lock) = TeamLock::try_acquire(&engine.lock_db, &candidate.org_id, &candidate.team_node_id).await?
         else {
             continue;
         };
-        // Re-read under the lock: the owner may have finished just before dying.
-        let still_running = store::get_run(&engine.db, run_id).await?.is_some_and(|r| !r.is_final());
-        if !still_running {
-            lock.release().await;
-            continue;
-        }
+        // Under the lock, and counting a new execution so that the old owner's writes, should it
+        // still be alive somewhere, are refused from now on.
+        let taken = take_over(&mut lock, run_id).await;
+        let (run, steps) = match taken {
+            Ok(Some(taken)) => taken,
+            Ok(None) => {
+                lock.release().await;
+                continue;
+            }
+            Err(e) => {
+                lock.release().await;
+                return Err(e);
+            }
+        };
         let Some(credential) = engine.internal_admin_token.clone() else {
             tracing::error!(%run_id, "cannot resume an orphaned run: ORCHESTRATOR_INTERNAL_ADMIN_TOKEN is not set");
-            let message = "the run's owner died and ORCHESTRATOR_INTERNAL_ADMIN_TOKEN is not set; retry the run";
-            let error = json!({"code": "resume_credential_missing", "message": message});
-            store::finish_run(
-                &engine.db,
-                run_id,
-                store::RunEnd {
-                    status: RunStatus::Failed,
-                    error: Some(message),
-                    error_detail: Some(&error),
-                    steps: &json!({}),
-                },
-            )
-            .await?;
-            lock.release().await;
+            fail_without_credential(engine, &run, lock).await?;
             continue;
         };
-        store::count_execution(&engine.db, run_id).await?;
         engine.metrics.provisioning_runs_resumed_total.inc();
-        tracing::info!(%run_id, org = %candidate.org_id, team = %candidate.team_node_id, "resuming an orphaned provisioning run");
+        tracing::info!(%run_id, org = %candidate.org_id, team = %candidate.team_node_id, "resuming an orphaned run");
         engine::spawn(
             engine,
             Execution {
-                run_id,
+                run,
+                steps,
                 lock,
                 credential,
                 actor_subject: RESUMER.into(),
@@ -75,4 +74,65 @@ pub async fn resume_once(engine: &Engine) -> Result<usize, sqlx::Error> {
         resumed += 1;
     }
     Ok(resumed)
+}
+
+/// The run, taken over as a new execution; `None` if it is no longer running (its owner finished
+/// just before dying).
+async fn take_over(lock: &mut TeamLock, run_id: Uuid) -> Result<Option<(RunRow, Vec<StepRow>)>, sqlx::Error> {
+    let conn = lock.connection().ok_or(sqlx::Error::PoolClosed)?;
+    if !store::take_over(&mut *conn, run_id).await? {
+        return Ok(None);
+    }
+    let Some(run) = store::get_run(&mut *conn, run_id).await? else {
+        return Ok(None);
+    };
+    let steps = store::steps(&mut *conn, run_id).await?;
+    Ok(Some((run, steps)))
+}
+
+/// Ends a run nobody can act for: the team's record and the audit say why.
+async fn fail_without_credential(engine: &Engine, run: &RunRow, mut lock: TeamLock) -> Result<(), sqlx::Error> {
+    let message = "the run's owner died and ORCHESTRATOR_INTERNAL_ADMIN_TOKEN is not set; retry the run";
+    let error = json!({"code": "resume_credential_missing", "message": message});
+    let key = lock.key();
+    let conn = lock.connection().ok_or(sqlx::Error::PoolClosed)?;
+    let mut tx = conn.begin().await?;
+    let end = store::RunEnd {
+        status: RunStatus::Failed,
+        error: Some(message),
+        error_detail: Some(&error),
+        steps: &run.steps,
+        current_step: None,
+    };
+    if store::finish_run(&mut tx, run.id, run.executions, end).await?.is_some() {
+        let team_end = store::TeamRunEnd {
+            status: workflow::team_status_after(run.workflow, RunStatus::Failed),
+            bootstrapped: false,
+        };
+        store::team_run_ended(&mut tx, &run.org_id, &run.team_node_id, run.id, team_end).await?;
+        audit::record(
+            &mut *tx,
+            AuditEntry {
+                org_id: Some(&run.org_id),
+                team_node_id: Some(&run.team_node_id),
+                provisioning_run_id: Some(run.id),
+                detail: json!({ "error": error }),
+                ..AuditEntry::new(
+                    RESUMER,
+                    engine::action(run.workflow, "completed"),
+                    RunStatus::Failed.as_str(),
+                )
+            },
+        )
+        .await?;
+    }
+    lock::unlock(&mut tx, key).await?;
+    tx.commit().await?;
+    lock.release_unlocked();
+    engine
+        .metrics
+        .provisioning_runs_total
+        .with_label_values(&[run.workflow.as_str(), RunStatus::Failed.as_str()])
+        .inc();
+    Ok(())
 }

@@ -6,11 +6,12 @@ use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::engine::Engine;
+use super::engine::{Engine, RunState};
 use super::store::{self, RunRow, StepRow};
+use super::workflow::RunInput;
 use crate::auth::{Admin, Capability};
 use crate::config::AuthConfig;
-use crate::domain::{OrgId, RunStatus, TeamNodeId};
+use crate::domain::{OrgId, RunStatus, TeamNodeId, Workflow};
 use crate::error::ApiResult;
 
 /// A provisioning run as the API shows it: the existing service's answer (`steps` keyed by step
@@ -49,6 +50,8 @@ pub struct RunView {
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct RunSummary {
     pub provisioning_run_id: Uuid,
+    /// provision (create or change a team) or deprovision.
+    pub workflow: Workflow,
     pub status: RunStatus,
     #[schema(value_type = String)]
     pub org_id: OrgId,
@@ -60,6 +63,11 @@ pub struct RunSummary {
     pub error_detail: Option<Value>,
     pub idempotency_key: Option<String>,
     pub executions: i32,
+    /// Past it, the run stops at its next step boundary as `timed_out`.
+    pub deadline_at: Option<DateTime<Utc>>,
+    /// A cancel was asked for (by `cancelled_by`); the run stops at its next step boundary.
+    pub cancel_requested: bool,
+    pub cancelled_by: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
@@ -75,6 +83,7 @@ impl From<RunRow> for RunSummary {
     fn from(r: RunRow) -> Self {
         Self {
             provisioning_run_id: r.id,
+            workflow: r.workflow,
             status: r.status,
             org_id: r.org_id,
             team_node_id: r.team_node_id,
@@ -83,6 +92,9 @@ impl From<RunRow> for RunSummary {
             error_detail: r.error_detail,
             idempotency_key: r.idempotency_key,
             executions: r.executions,
+            deadline_at: r.deadline_at,
+            cancel_requested: r.cancel_requested_at.is_some(),
+            cancelled_by: r.cancelled_by,
             created_at: r.created_at,
             updated_at: r.updated_at,
             finished_at: r.finished_at,
@@ -92,11 +104,14 @@ impl From<RunRow> for RunSummary {
 
 /// What `POST /provision/team` answers for a run: 202 while it runs, 200 once it succeeded, and
 /// for a failed one what the existing service answered: 502 when a neighbour (the config service,
-/// the AI pipeline, Kubernetes) failed it, 500 otherwise.
+/// the AI pipeline, Kubernetes) failed it, 500 otherwise. A cancelled run is 409, one that timed
+/// out 504.
 pub fn answer_status(run: &RunRow) -> StatusCode {
     match run.status {
         RunStatus::Running => StatusCode::ACCEPTED,
         RunStatus::Succeeded => StatusCode::OK,
+        RunStatus::Cancelled => StatusCode::CONFLICT,
+        RunStatus::TimedOut => StatusCode::GATEWAY_TIMEOUT,
         RunStatus::Failed | RunStatus::RolledBack => {
             let code = run
                 .error_detail
@@ -118,15 +133,27 @@ pub fn answer_status(run: &RunRow) -> StatusCode {
 
 /// The run as the API shows it; the one-time team token goes to the first admin allowed to
 /// provision who reads it.
-pub async fn view(engine: &Engine, auth: &AuthConfig, admin: &Admin, run: RunRow) -> ApiResult<RunView> {
-    let steps = store::steps(&engine.db, run.id).await?;
+pub async fn view(engine: &Engine, auth: &AuthConfig, admin: &Admin, state: RunState) -> ApiResult<RunView> {
+    let RunState {
+        run,
+        steps,
+        sealed_token,
+    } = state;
+    let steps = match steps {
+        Some(steps) => steps,
+        None => store::steps(&engine.db, run.id).await?,
+    };
     let mut team_token_held = run.team_token_held;
     let mut team_token = None;
     // Only an admin allowed to provision may receive the secret.
     if team_token_held && admin.has(auth, Capability::Provision) {
+        let sealed = match sealed_token {
+            Some(sealed) => Some(sealed),
+            None => store::sealed_team_token(&engine.db, run.id).await?,
+        };
         // Open before taking: a replica that cannot open it (another key) must not destroy the
         // only copy. The take is conditional on the same bytes, so still only one caller gets it.
-        if let Some(sealed) = store::sealed_team_token(&engine.db, run.id).await? {
+        if let Some(sealed) = sealed {
             match engine.sealer.open(&sealed, run.id.as_bytes()) {
                 Some(token) => {
                     if store::take_team_token(&engine.db, run.id, &sealed).await? {
@@ -150,8 +177,8 @@ pub async fn view(engine: &Engine, auth: &AuthConfig, admin: &Admin, run: RunRow
     };
     // A run still going (or the existing service's, which kept no step rows) is summarised from
     // what there is; a finished run of this service carries its summary already.
-    let summary = match &run.request {
-        Some(request) if !run.is_final() && !steps.is_empty() => store::step_summary(&steps, &request.0),
+    let summary = match RunInput::of(&run) {
+        Some(Ok(input)) if !run.is_final() && !steps.is_empty() => store::step_summary(&steps, input.slack_channels()),
         _ => run.steps.clone(),
     };
     Ok(RunView {

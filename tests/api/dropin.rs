@@ -96,7 +96,7 @@ async fn a_table_of_the_runs_name_in_another_shape_stops_the_migration_with_a_re
 
 /// The objects the existing service created for a team, as it created them: no ownership
 /// annotations, its command and args split, its selector.
-fn old_cronjob(org: &str, team: &str, name: &str) -> Value {
+pub(crate) fn old_cronjob(org: &str, team: &str, name: &str) -> Value {
     let labels = json!({"app.kubernetes.io/name": "ai-pipeline", "app.kubernetes.io/component": "scheduled-ingestion",
         "app.kubernetes.io/managed-by": "incidentfox-orchestrator", "incidentfox.io/org-id": org.to_lowercase(),
         "incidentfox.io/team-node-id": team.to_lowercase()});

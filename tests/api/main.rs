@@ -6,6 +6,7 @@ mod destinations;
 mod dropin;
 mod foundation;
 mod helpers;
+mod lifecycle;
 mod provisioning;
 mod standins;
 mod webhooks;

@@ -6,9 +6,9 @@ use serde_json::{json, Value};
 
 use crate::helpers::*;
 
-const ORG: &str = "acme";
+pub(crate) const ORG: &str = "acme";
 
-async fn provision(app: &TestApp, token: &str, body: Value) -> reqwest::Response {
+pub(crate) async fn provision(app: &TestApp, token: &str, body: Value) -> reqwest::Response {
     app.client
         .post(app.at("/api/v1/admin/provision/team"))
         .bearer_auth(token)
@@ -19,7 +19,7 @@ async fn provision(app: &TestApp, token: &str, body: Value) -> reqwest::Response
 }
 
 /// Starts a run without waiting for it (`Prefer: respond-async`).
-async fn provision_async(app: &TestApp, body: Value) -> reqwest::Response {
+pub(crate) async fn provision_async(app: &TestApp, body: Value) -> reqwest::Response {
     app.client
         .post(app.at("/api/v1/admin/provision/team"))
         .bearer_auth(SUPER_ADMIN)
@@ -31,7 +31,7 @@ async fn provision_async(app: &TestApp, body: Value) -> reqwest::Response {
 }
 
 /// A step's detail (status, attempts, result, error) from a run's `step_details`.
-fn step<'a>(run: &'a Value, name: &str) -> &'a Value {
+pub(crate) fn step<'a>(run: &'a Value, name: &str) -> &'a Value {
     run["step_details"]
         .as_array()
         .unwrap()
@@ -41,11 +41,11 @@ fn step<'a>(run: &'a Value, name: &str) -> &'a Value {
 }
 
 /// Reads a run as the super admin (who would take a held token).
-async fn run_status(app: &TestApp, run_id: &str) -> Value {
+pub(crate) async fn run_status(app: &TestApp, run_id: &str) -> Value {
     run_status_as(app, run_id, SUPER_ADMIN).await
 }
 
-async fn run_status_as(app: &TestApp, run_id: &str, token: &str) -> Value {
+pub(crate) async fn run_status_as(app: &TestApp, run_id: &str, token: &str) -> Value {
     json_of(
         app.client
             .get(app.at(&format!("/api/v1/admin/provision/runs/{run_id}")))
@@ -57,11 +57,11 @@ async fn run_status_as(app: &TestApp, run_id: &str, token: &str) -> Value {
     .await
 }
 
-async fn wait_for_status(app: &TestApp, run_id: &str, status: &str) -> Value {
+pub(crate) async fn wait_for_status(app: &TestApp, run_id: &str, status: &str) -> Value {
     wait_for_status_as(app, run_id, status, SUPER_ADMIN).await
 }
 
-async fn wait_for_status_as(app: &TestApp, run_id: &str, status: &str, token: &str) -> Value {
+pub(crate) async fn wait_for_status_as(app: &TestApp, run_id: &str, status: &str, token: &str) -> Value {
     eventually(30, &format!("run {run_id} to be {status}"), || async {
         let run = run_status_as(app, run_id, token).await;
         (run["status"] == status).then_some(run)
@@ -252,6 +252,25 @@ async fn transient_failures_are_retried_inside_each_step() {
     assert_eq!(step(&run, "team_token")["attempts"], 2);
     assert_eq!(step(&run, "bootstrap")["attempts"], 2);
     assert_eq!(step(&run, "pipeline_cronjob")["attempts"], 3);
+    // Every failed attempt's error is kept, oldest first.
+    let history = step(&run, "pipeline_cronjob")["attempt_errors"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(history.len(), 2, "{run:#}");
+    assert!(
+        history.iter().all(|e| e["code"] == "kubernetes_unavailable"),
+        "{history:#?}"
+    );
+    let stored = run_status(&app, run["provisioning_run_id"].as_str().unwrap()).await;
+    assert_eq!(step(&stored, "pipeline_cronjob")["attempt_errors"], json!(history));
+    assert_eq!(
+        step(&stored, "config_patch")["attempt_errors"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
     assert_eq!(stack.config_service.state().issued_token_count(ORG, "flaky"), 1);
     assert_eq!(stack.ai_pipeline.state().bootstraps().len(), 1);
 }
@@ -477,14 +496,15 @@ async fn a_crashed_run_is_resumed_by_another_instance_without_repeating_side_eff
             .as_str()
             .unwrap()
             .to_string();
-        eventually(30, "the step to start", || async {
-            let current: Option<String> =
-                sqlx::query_scalar("SELECT current_step FROM orchestrator_provisioning_runs WHERE id = $1::uuid")
-                    .bind(&run_id)
-                    .fetch_one(&app.db.pool)
-                    .await
-                    .unwrap();
-            (current.as_deref() == Some(crash_in)).then_some(())
+        // The step's call has reached its neighbour (and is held there): the crash comes while
+        // it is in flight.
+        eventually(30, "the step's call to be in flight", || async {
+            let calls = match crash_in {
+                "team_token" => app.stack.config_service.calls_to("POST", "/tokens"),
+                "bootstrap" => app.stack.ai_pipeline.calls_to("POST", "/bootstrap"),
+                _ => app.stack.kubernetes.calls_to("*", "/cronjobs"),
+            };
+            (!calls.is_empty()).then_some(())
         })
         .await;
         let successor = app.another(fast_resume).await;
@@ -839,7 +859,8 @@ async fn graceful_shutdown_finishes_an_in_flight_request() {
 
 #[tokio::test]
 async fn a_token_issued_by_an_attempt_that_died_before_sealing_it_is_replaced() {
-    use orchestrator::provisioning::{request::ProvisionRequest, store};
+    use orchestrator::provisioning::request::{ProvisionRequest, TeamSpec};
+    use orchestrator::provisioning::store;
     let app = TestApp::spawn_with(|env| {
         env.insert("ORCHESTRATOR_PROVISION_RESUME_INTERVAL_MS".into(), "200".into());
     })
@@ -865,14 +886,10 @@ async fn a_token_issued_by_an_attempt_that_died_before_sealing_it_is_replaced() 
     let request = ProvisionRequest::parse(&json!({"org_id": ORG, "team_node_id": team})).unwrap();
     let run_id = uuid::Uuid::now_v7();
     let mut conn = app.db.pool.acquire().await.unwrap();
+    let spec = TeamSpec::resolve(None, &request);
     store::insert_run(
         &mut conn,
-        store::NewRun {
-            id: run_id,
-            request: &request,
-            actor_subject: "super-admin",
-            actor_email: None,
-        },
+        store::NewRun::provision(run_id, &request, &spec, "super-admin", 3600.0),
     )
     .await
     .unwrap();
@@ -1039,28 +1056,35 @@ async fn a_run_whose_lock_session_dies_is_resumed_once_and_completes() {
     assert_eq!(app.stack.kubernetes.state().objects("cronjobs").len(), 1);
 }
 
-#[tokio::test]
-async fn an_orphaned_run_is_resumed_before_a_newer_run_can_start() {
-    use orchestrator::provisioning::{request::ProvisionRequest, store};
-    let app = TestApp::spawn_with(|env| {
-        // The resumer scanned at start-up and sleeps: the orphan below waits for it.
+/// An app whose resumer scanned at start-up and then sleeps: an orphan inserted now waits.
+pub(crate) async fn app_with_a_sleeping_resumer() -> TestApp {
+    TestApp::spawn_with(|env| {
         env.insert("ORCHESTRATOR_PROVISION_RESUME_INTERVAL_MS".into(), "600000".into());
     })
-    .await;
-    let request = ProvisionRequest::parse(&json!({"org_id": ORG, "team_node_id": "haunted"})).unwrap();
+    .await
+}
+
+/// A provisioning run left `running` by an owner that died before its first step.
+pub(crate) async fn insert_orphan(app: &TestApp, team: &str) -> uuid::Uuid {
+    use orchestrator::provisioning::request::{ProvisionRequest, TeamSpec};
+    use orchestrator::provisioning::store;
+    let request = ProvisionRequest::parse(&json!({"org_id": ORG, "team_node_id": team})).unwrap();
+    let spec = TeamSpec::resolve(None, &request);
     let orphan = uuid::Uuid::now_v7();
     let mut conn = app.db.pool.acquire().await.unwrap();
     store::insert_run(
         &mut conn,
-        store::NewRun {
-            id: orphan,
-            request: &request,
-            actor_subject: "someone",
-            actor_email: None,
-        },
+        store::NewRun::provision(orphan, &request, &spec, "someone", 3600.0),
     )
     .await
     .unwrap();
+    orphan
+}
+
+#[tokio::test]
+async fn an_orphaned_run_is_resumed_before_a_newer_run_can_start() {
+    let app = app_with_a_sleeping_resumer().await;
+    let orphan = insert_orphan(&app, "haunted").await;
     let response = provision(
         &app,
         SUPER_ADMIN,

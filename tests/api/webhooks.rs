@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::helpers::*;
 
-fn secret_of(source: Source) -> &'static str {
+pub(crate) fn secret_of(source: Source) -> &'static str {
     match source {
         Source::Slack => SLACK_SECRET,
         Source::GitHub => GITHUB_SECRET,
@@ -17,7 +17,7 @@ fn secret_of(source: Source) -> &'static str {
     }
 }
 
-fn path_of(source: Source) -> &'static str {
+pub(crate) fn path_of(source: Source) -> &'static str {
     match source {
         Source::Slack => "/webhooks/slack/events",
         Source::GitHub => "/webhooks/github",
@@ -27,7 +27,7 @@ fn path_of(source: Source) -> &'static str {
 }
 
 /// Posts `body` to the source's route, correctly signed, with `extra` headers.
-async fn deliver(
+pub(crate) async fn deliver(
     app: &TestApp,
     source: Source,
     body: &[u8],
@@ -37,7 +37,7 @@ async fn deliver(
     deliver_to(app, source, path_of(source), body, delivery_id, extra).await
 }
 
-async fn deliver_to(
+pub(crate) async fn deliver_to(
     app: &TestApp,
     source: Source,
     path: &str,
@@ -63,14 +63,14 @@ async fn deliver_to(
     request.send().await.unwrap()
 }
 
-fn github_pr(repo: &str, number: u64, title: &str) -> Vec<u8> {
+pub(crate) fn github_pr(repo: &str, number: u64, title: &str) -> Vec<u8> {
     json!({"action": "opened", "number": number, "pull_request": {"number": number, "title": title},
         "repository": {"full_name": repo}, "sender": {"login": "alice"}})
     .to_string()
     .into_bytes()
 }
 
-fn slack_mention(event_id: &str, channel: &str, ts: &str, text: &str) -> Vec<u8> {
+pub(crate) fn slack_mention(event_id: &str, channel: &str, ts: &str, text: &str) -> Vec<u8> {
     json!({"type": "event_callback", "team_id": "T1", "event_id": event_id,
         "event": {"type": "app_mention", "channel": channel, "user": "U2", "text": text, "ts": ts}})
     .to_string()
@@ -84,12 +84,12 @@ fn own(app: &TestApp, team: &str, routing: Value) {
         .set_team_config("acme", team, json!({ "routing": routing }));
 }
 
-async fn event_rows(app: &TestApp) -> Vec<Value> {
+pub(crate) async fn event_rows(app: &TestApp) -> Vec<Value> {
     let page = app.admin_json("/api/v1/admin/webhooks/events?limit=100").await;
     page["items"].as_array().cloned().unwrap_or_default()
 }
 
-async fn wait_for_event_status(app: &TestApp, status: &str, count: usize) -> Vec<Value> {
+pub(crate) async fn wait_for_event_status(app: &TestApp, status: &str, count: usize) -> Vec<Value> {
     eventually(30, &format!("{count} event(s) {status}"), || async {
         let rows = event_rows(app).await;
         let matching: Vec<Value> = rows.into_iter().filter(|e| e["status"] == status).collect();

@@ -1,0 +1,8 @@
+//! The SQL of runs, their steps and teams, checked at compile time. Functions take an executor so
+//! a caller can put a state change and its audit row in one transaction.
+
+mod runs;
+mod teams;
+
+pub use runs::*;
+pub use teams::*;

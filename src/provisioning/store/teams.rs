@@ -1,0 +1,141 @@
+//! `orchestrator_teams`: one row per team, written in the transactions that start and end its runs.
+
+use chrono::{DateTime, Utc};
+use sqlx::types::Json;
+use sqlx::{PgConnection, PgExecutor, Postgres, QueryBuilder};
+use uuid::Uuid;
+
+use crate::domain::{OrgId, TeamNodeId, TeamStatus};
+use crate::provisioning::request::TeamSpec;
+
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct TeamRow {
+    pub org_id: OrgId,
+    pub team_node_id: TeamNodeId,
+    pub status: TeamStatus,
+    /// `None` until this service provisions the team.
+    pub desired: Option<Json<TeamSpec>>,
+    pub last_run_id: Option<Uuid>,
+    pub bootstrapped_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub deprovisioned_at: Option<DateTime<Utc>>,
+}
+
+impl TeamRow {
+    /// What was asked of the team before, if anything still stands: a deprovisioned team starts
+    /// again from nothing.
+    pub fn standing_spec(&self) -> Option<&TeamSpec> {
+        match self.status {
+            TeamStatus::Deprovisioned => None,
+            _ => self.desired.as_ref().map(|d| &d.0),
+        }
+    }
+}
+
+const TEAM_COLUMNS: &str =
+    "org_id, team_node_id, status, desired, last_run_id, bootstrapped_at, created_at, updated_at, deprovisioned_at";
+
+pub async fn get_team(executor: impl PgExecutor<'_>, org: &str, team: &str) -> Result<Option<TeamRow>, sqlx::Error> {
+    sqlx::query_as!(
+        TeamRow,
+        r#"SELECT org_id AS "org_id: OrgId", team_node_id AS "team_node_id: TeamNodeId", status AS "status: TeamStatus",
+             desired AS "desired: Json<TeamSpec>", last_run_id, bootstrapped_at, created_at, updated_at, deprovisioned_at
+         FROM orchestrator_teams WHERE org_id = $1 AND team_node_id = $2"#,
+        org,
+        team
+    )
+    .fetch_optional(executor)
+    .await
+}
+
+/// Records that a run starts changing the team: its status, what is now asked of it (kept when
+/// `desired` is `None`), and the run.
+pub async fn team_run_started(
+    conn: &mut PgConnection,
+    org: &str,
+    team: &str,
+    status: TeamStatus,
+    desired: Option<&TeamSpec>,
+    run_id: Uuid,
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        "INSERT INTO orchestrator_teams (org_id, team_node_id, status, desired, last_run_id)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (org_id, team_node_id) DO UPDATE
+         SET status = EXCLUDED.status, desired = coalesce(EXCLUDED.desired, orchestrator_teams.desired),
+             last_run_id = EXCLUDED.last_run_id, updated_at = now()",
+        org,
+        team,
+        status.as_str(),
+        desired.map(Json) as _,
+        run_id
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// How a run left the team.
+pub struct TeamRunEnd {
+    pub status: TeamStatus,
+    /// The AI pipeline's first ingestion ran in this run.
+    pub bootstrapped: bool,
+}
+
+/// Records the end of the team's latest run; an older run (one an operator retried after a newer
+/// run was started) does not change the team.
+pub async fn team_run_ended(
+    conn: &mut PgConnection,
+    org: &str,
+    team: &str,
+    run_id: Uuid,
+    end: TeamRunEnd,
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        "UPDATE orchestrator_teams
+         SET status = $4, updated_at = now(),
+             bootstrapped_at = CASE WHEN $4 = 'deprovisioned' THEN NULL
+                                    WHEN $5 THEN coalesce(bootstrapped_at, now())
+                                    ELSE bootstrapped_at END,
+             deprovisioned_at = CASE WHEN $4 = 'deprovisioned' THEN now() ELSE NULL END
+         WHERE org_id = $1 AND team_node_id = $2 AND last_run_id = $3",
+        org,
+        team,
+        run_id,
+        end.status.as_str(),
+        end.bootstrapped
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub struct TeamFilter {
+    pub org_id: Option<String>,
+    pub status: Option<TeamStatus>,
+    /// Keyset: the last (org, team) of the previous page.
+    pub after: Option<(String, String)>,
+    pub limit: i64,
+}
+
+/// Teams in (org, team) order. Built at run time for its optional filters.
+pub async fn list_teams(executor: impl PgExecutor<'_>, filter: &TeamFilter) -> Result<Vec<TeamRow>, sqlx::Error> {
+    let mut sql = QueryBuilder::<Postgres>::new(format!("SELECT {TEAM_COLUMNS} FROM orchestrator_teams WHERE TRUE"));
+    if let Some(org) = &filter.org_id {
+        sql.push(" AND org_id = ").push_bind(org);
+    }
+    if let Some(status) = filter.status {
+        sql.push(" AND status = ").push_bind(status);
+    }
+    if let Some((org, team)) = &filter.after {
+        sql.push(" AND (org_id, team_node_id) > (")
+            .push_bind(org)
+            .push(", ")
+            .push_bind(team)
+            .push(")");
+    }
+    sql.push(" ORDER BY org_id, team_node_id LIMIT ")
+        .push_bind(filter.limit);
+    sql.build_query_as().fetch_all(executor).await
+}
