@@ -26,9 +26,10 @@ RUN mkdir -p src devstack/src \
     && rm -rf src target/release/orchestrator* target/release/deps/orchestrator-* \
        target/release/deps/liborchestrator-* target/release/.fingerprint/orchestrator-*
 
-# 2. The service itself. Migrations are embedded at compile time (sqlx::migrate!) and queries are
-#    checked against .sqlx/, so both are copied before the build. devstack keeps its stubs: the
+# 2. The service itself. Migrations are embedded at compile time (sqlx::migrate!; build.rs
+#    rebuilds when one is added) and queries are checked against .sqlx/, so all are copied first. devstack keeps its stubs: the
 #    production binary does not depend on it.
+COPY build.rs ./
 COPY migrations ./migrations
 COPY .sqlx ./.sqlx
 COPY src ./src

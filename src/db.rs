@@ -71,11 +71,11 @@ const PING_IF_IDLE_FOR: std::time::Duration = std::time::Duration::from_secs(5);
 /// Connections that hold session-level advisory locks for the length of a provisioning run.
 /// Separate from the request pool so long-held locks can never starve request handling.
 pub fn lock_pool(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
-    Ok(PgPoolOptions::new()
+    // A connection whose unlock failed is closed, never pooled (`TeamLock::release`); one that sat
+    // idle is pinged like the request pool's.
+    Ok(pinged_when_idle(PgPoolOptions::new())
         .max_connections(config.lock_pool_size)
         .acquire_timeout(config.acquire_timeout)
-        // A lock connection must be a real server session: never reuse one whose unlock failed.
-        .test_before_acquire(true)
         .connect_lazy_with(connect_options(config)?))
 }
 

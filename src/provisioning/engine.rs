@@ -10,18 +10,17 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use serde_json::{json, Value};
-use sqlx::{Connection, PgPool};
+use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use super::lock::{self, TeamLock};
+use super::lock::TeamLock;
 use super::sealing::Sealer;
 use super::steps::{IntentJournal, StepContext, StepError, TeamScope};
 use super::store::{self, RunRow, Signals, StepRow};
 use super::workflow::{self, RunInput};
-use crate::audit::{self, AuditEntry};
 use crate::clients::ai_pipeline::AiPipelineClient;
 use crate::clients::config_service::ConfigServiceClient;
 use crate::clients::kubernetes::KubeClient;
@@ -628,45 +627,34 @@ impl Executor<'_> {
         let Some(conn) = lock.connection() else {
             return Ok(None);
         };
-        let mut tx = conn.begin().await?;
-        if let Some(last) = &last {
-            let signals = store::step_succeeded(&mut tx, self.run.id, self.journal.epoch, last).await?;
-            if signals.is_none() {
-                tx.rollback().await?;
-                lock.release().await;
-                return Ok(None);
-            }
-        }
-        let end = store::RunEnd {
-            status,
-            error: error.as_ref().map(|(line, _)| line.as_str()),
-            error_detail: error.as_ref().map(|(_, detail)| detail),
-            steps: &summary,
-            current_step,
+        let ending = store::RunEnding {
+            end: store::RunEnd {
+                status,
+                error: error.as_ref().map(|(line, _)| line.as_str()),
+                error_detail: error.as_ref().map(|(_, detail)| detail),
+                steps: &summary,
+                current_step,
+            },
+            last_step: last.as_ref(),
+            team: store::TeamRunEnd {
+                status: workflow::team_status_after(workflow, status),
+                bootstrapped,
+            },
+            actor_subject: self.actor,
+            actor_email: self
+                .run
+                .actor_email
+                .as_deref()
+                .filter(|_| self.run.actor_subject.as_deref() == Some(self.actor)),
+            action: action(workflow, "completed"),
+            audit_detail: &audit_detail,
+            lock_key: key,
         };
-        let Some(ended) = store::finish_run(&mut tx, self.run.id, self.journal.epoch, end).await? else {
-            tx.rollback().await?;
+        let Some(ended) = store::end_run(conn, self.run.id, self.journal.epoch, ending).await? else {
+            // Taken over since: the new owner records the end.
             lock.release().await;
             return Ok(None);
         };
-        let team_end = store::TeamRunEnd {
-            status: workflow::team_status_after(workflow, status),
-            bootstrapped,
-        };
-        store::team_run_ended(&mut tx, &self.run.org_id, &self.run.team_node_id, self.run.id, team_end).await?;
-        audit::record(
-            &mut *tx,
-            run_audit(
-                self.run,
-                self.actor,
-                action(workflow, "completed"),
-                status.as_str(),
-                audit_detail,
-            ),
-        )
-        .await?;
-        lock::unlock(&mut tx, key).await?;
-        tx.commit().await?;
         lock.release_unlocked();
 
         self.engine
@@ -733,23 +721,6 @@ pub fn deleted_of(steps: &[StepRow]) -> Value {
         }
     }
     Value::Object(deleted)
-}
-
-fn run_audit<'a>(run: &'a RunRow, actor: &'a str, action: &'a str, outcome: &'a str, detail: Value) -> AuditEntry<'a> {
-    AuditEntry {
-        actor_subject: actor,
-        actor_email: run
-            .actor_email
-            .as_deref()
-            .filter(|_| run.actor_subject.as_deref() == Some(actor)),
-        action,
-        org_id: Some(&run.org_id),
-        team_node_id: Some(&run.team_node_id),
-        provisioning_run_id: Some(run.id),
-        webhook_event_id: None,
-        outcome,
-        detail,
-    }
 }
 
 /// What to do after a step's attempt failed.

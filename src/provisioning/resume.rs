@@ -2,15 +2,13 @@
 //! them from the step they were in.
 
 use serde_json::json;
-use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::engine::{self, Engine, Execution};
-use super::lock::{self, TeamLock};
+use super::lock::TeamLock;
 use super::store::{self, RunRow, StepRow};
 use super::workflow;
-use crate::audit::{self, AuditEntry};
 use crate::domain::RunStatus;
 
 /// Subject the audit trail names for a run resumed by a replica.
@@ -96,43 +94,34 @@ async fn fail_without_credential(engine: &Engine, run: &RunRow, mut lock: TeamLo
     let error = json!({"code": "resume_credential_missing", "message": message});
     let key = lock.key();
     let conn = lock.connection().ok_or(sqlx::Error::PoolClosed)?;
-    let mut tx = conn.begin().await?;
-    let end = store::RunEnd {
-        status: RunStatus::Failed,
-        error: Some(message),
-        error_detail: Some(&error),
-        steps: &run.steps,
-        current_step: None,
-    };
-    if store::finish_run(&mut tx, run.id, run.executions, end).await?.is_some() {
-        let team_end = store::TeamRunEnd {
+    let ending = store::RunEnding {
+        end: store::RunEnd {
+            status: RunStatus::Failed,
+            error: Some(message),
+            error_detail: Some(&error),
+            steps: &run.steps,
+            current_step: None,
+        },
+        last_step: None,
+        team: store::TeamRunEnd {
             status: workflow::team_status_after(run.workflow, RunStatus::Failed),
             bootstrapped: false,
-        };
-        store::team_run_ended(&mut tx, &run.org_id, &run.team_node_id, run.id, team_end).await?;
-        audit::record(
-            &mut *tx,
-            AuditEntry {
-                org_id: Some(&run.org_id),
-                team_node_id: Some(&run.team_node_id),
-                provisioning_run_id: Some(run.id),
-                detail: json!({ "error": error }),
-                ..AuditEntry::new(
-                    RESUMER,
-                    engine::action(run.workflow, "completed"),
-                    RunStatus::Failed.as_str(),
-                )
-            },
-        )
-        .await?;
+        },
+        actor_subject: RESUMER,
+        actor_email: None,
+        action: engine::action(run.workflow, "completed"),
+        audit_detail: &json!({ "error": error }),
+        lock_key: key,
+    };
+    if store::end_run(conn, run.id, run.executions, ending).await?.is_some() {
+        lock.release_unlocked();
+        engine
+            .metrics
+            .provisioning_runs_total
+            .with_label_values(&[run.workflow.as_str(), RunStatus::Failed.as_str()])
+            .inc();
+    } else {
+        lock.release().await;
     }
-    lock::unlock(&mut tx, key).await?;
-    tx.commit().await?;
-    lock.release_unlocked();
-    engine
-        .metrics
-        .provisioning_runs_total
-        .with_label_values(&[run.workflow.as_str(), RunStatus::Failed.as_str()])
-        .inc();
     Ok(())
 }

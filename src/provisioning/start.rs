@@ -14,7 +14,6 @@ use super::lock::{self, TeamLock};
 use super::request::TeamSpec;
 use super::store::{self, NewRun, RunRow, StepRow};
 use super::workflow::{self, RunInput};
-use crate::audit::{self, AuditEntry};
 use crate::auth::Admin;
 use crate::domain::{OrgId, TeamNodeId, Workflow};
 use crate::error::ApiError;
@@ -161,15 +160,15 @@ async fn try_start(engine: &Engine, admin: &Admin, asked: &RunRequest<'_>) -> Re
         guard.release_unlocked();
         return Ok(Attempt::Busy);
     }
-    // Holding the lock, any other run still `running` for this team lost its owner: it must be
+    // Holding the lock, a run the team's record says is still going lost its owner: it must be
     // resumed (by the resumer, within seconds) before a newer run, or it would later overwrite it.
-    if let Some(running) = store::running_run_for_team(&mut tx, org, team).await? {
+    let existing_team = store::get_team_for_update(&mut tx, org, team).await?;
+    if let Some(running) = existing_team.as_ref().and_then(|t| t.running_run()) {
         lock::unlock(&mut tx, key).await?;
         tx.commit().await?;
         guard.release_unlocked();
         return Ok(Attempt::Locked(Err(NotStarted::Busy(Some(running)))));
     }
-    let existing_team = store::get_team(&mut *tx, org, team).await?;
     let input = match asked.workflow {
         Workflow::Provision => {
             let request = serde_json::from_value(asked.request.clone()).map_err(|e| {
@@ -214,6 +213,9 @@ async fn try_start(engine: &Engine, admin: &Admin, asked: &RunRequest<'_>) -> Re
             actor_email: admin.email(),
             deadline_seconds: engine.settings.run_deadline.as_secs_f64(),
             steps: workflow::plan(&input, existing_team.as_ref()),
+            team_status: workflow::team_status_while(asked.workflow),
+            audit_action: engine::action(asked.workflow, "requested"),
+            audit_detail: asked.detail.clone(),
         },
     )
     .await?;
@@ -223,30 +225,6 @@ async fn try_start(engine: &Engine, admin: &Admin, asked: &RunRequest<'_>) -> Re
         drop(guard);
         return Ok(Attempt::Busy);
     };
-    store::team_run_started(
-        &mut tx,
-        org,
-        team,
-        workflow::team_status_while(asked.workflow),
-        spec,
-        run_id,
-    )
-    .await?;
-    audit::record(
-        &mut *tx,
-        AuditEntry {
-            actor_subject: admin.subject(),
-            actor_email: admin.email(),
-            action: engine::action(asked.workflow, "requested"),
-            org_id: Some(org),
-            team_node_id: Some(team),
-            provisioning_run_id: Some(run_id),
-            webhook_event_id: None,
-            outcome: "accepted",
-            detail: asked.detail.clone(),
-        },
-    )
-    .await?;
     tx.commit().await?;
     let slot = execute(engine, admin, run, steps, guard);
     Ok(Attempt::Locked(Ok(Started::New(run_id, slot))))

@@ -12,7 +12,7 @@ use sqlx::{PgConnection, PgExecutor, Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use crate::db::{storable_json, storable_text};
-use crate::domain::{OrgId, RunStatus, Step, StepStatus, TeamNodeId, Workflow};
+use crate::domain::{OrgId, RunStatus, Step, StepStatus, TeamNodeId, TeamStatus, Workflow};
 use crate::provisioning::request::{ProvisionRequest, TeamSpec};
 use crate::provisioning::workflow::{self, RunInput};
 
@@ -96,6 +96,11 @@ pub struct NewRun<'a> {
     pub deadline_seconds: f64,
     /// Each step of the workflow, `Pending` or `Skipped`.
     pub steps: Vec<(Step, StepStatus)>,
+    /// The team's status while the run goes (its record is created or updated with the run).
+    pub team_status: TeamStatus,
+    /// The audit row of the request.
+    pub audit_action: &'a str,
+    pub audit_detail: Value,
 }
 
 impl<'a> NewRun<'a> {
@@ -125,23 +130,47 @@ impl<'a> NewRun<'a> {
             actor_email: None,
             deadline_seconds,
             steps: workflow::plan(&input, None),
+            team_status: TeamStatus::Provisioning,
+            audit_action: "provision.requested",
+            audit_detail: Value::Object(Default::default()),
         }
     }
 }
 
-/// Inserts the run with all its steps and returns it as stored. `None` when a run with the same
-/// idempotency key already exists (a concurrent twin won).
+/// Inserts the run with all its steps, records it as the team's latest run (creating the team's
+/// record, and setting what is asked of it unless `desired` is `None`) and writes the audit row of
+/// the request: one statement. Returns the run as stored; `None` when a run with the same
+/// idempotency key already exists (a concurrent twin won), and then nothing is written.
 pub async fn insert_run(
     conn: &mut PgConnection,
     new: NewRun<'_>,
 ) -> Result<Option<(RunRow, Vec<StepRow>)>, sqlx::Error> {
+    let positions: Vec<i16> = (0..new.steps.len() as i16).collect();
+    let names: Vec<Step> = new.steps.iter().map(|(step, _)| *step).collect();
+    let statuses: Vec<StepStatus> = new.steps.iter().map(|(_, status)| *status).collect();
     let inserted = sqlx::query!(
-        "INSERT INTO orchestrator_provisioning_runs
-             (id, workflow, org_id, team_node_id, status, request, request_hash, desired, idempotency_key,
-              actor_subject, actor_email, deadline_at)
-         VALUES ($1, $2, $3, $4, 'running', $5, $6, $7, $8, $9, $10, now() + make_interval(secs => $11))
-         ON CONFLICT (org_id, team_node_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-         RETURNING created_at, updated_at, deadline_at",
+        r#"WITH run AS (
+             INSERT INTO orchestrator_provisioning_runs
+                 (id, workflow, org_id, team_node_id, status, request, request_hash, desired, idempotency_key,
+                  actor_subject, actor_email, deadline_at)
+             VALUES ($1, $2, $3, $4, 'running', $5, $6, $7, $8, $9, $10, now() + make_interval(secs => $11))
+             ON CONFLICT (org_id, team_node_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+             RETURNING id, created_at, updated_at, deadline_at),
+         steps AS (
+             INSERT INTO orchestrator_provisioning_steps (run_id, position, name, status)
+             SELECT run.id, s.position, s.name, s.status
+             FROM run, UNNEST($12::smallint[], $13::text[], $14::text[]) AS s (position, name, status)),
+         team AS (
+             INSERT INTO orchestrator_teams (org_id, team_node_id, status, desired, last_run_id)
+             SELECT $3, $4, $15, $7, run.id FROM run
+             ON CONFLICT (org_id, team_node_id) DO UPDATE
+             SET status = EXCLUDED.status, desired = coalesce(EXCLUDED.desired, orchestrator_teams.desired),
+                 last_run_id = EXCLUDED.last_run_id, updated_at = now()),
+         audit AS (
+             INSERT INTO orchestrator_audit_events
+                 (actor_subject, actor_email, action, org_id, team_node_id, provisioning_run_id, outcome, detail)
+             SELECT $9, $10, $16, $3, $4, run.id, 'accepted', $17 FROM run)
+         SELECT created_at AS "created_at!", updated_at AS "updated_at!", deadline_at FROM run"#,
         new.id,
         new.workflow.as_str(),
         new.org_id.as_str(),
@@ -153,24 +182,16 @@ pub async fn insert_run(
         new.actor_subject,
         new.actor_email,
         new.deadline_seconds,
+        &positions,
+        &names as &[Step],
+        &statuses as &[StepStatus],
+        new.team_status.as_str(),
+        new.audit_action,
+        storable_json(&new.audit_detail),
     )
     .fetch_optional(&mut *conn)
     .await?;
     let Some(inserted) = inserted else { return Ok(None) };
-
-    let positions: Vec<i16> = (0..new.steps.len() as i16).collect();
-    let names: Vec<Step> = new.steps.iter().map(|(step, _)| *step).collect();
-    let statuses: Vec<StepStatus> = new.steps.iter().map(|(_, status)| *status).collect();
-    sqlx::query!(
-        "INSERT INTO orchestrator_provisioning_steps (run_id, position, name, status)
-         SELECT $1, * FROM UNNEST($2::smallint[], $3::text[], $4::text[])",
-        new.id,
-        &positions,
-        &names as &[Step],
-        &statuses as &[StepStatus],
-    )
-    .execute(&mut *conn)
-    .await?;
 
     let run = RunRow {
         id: new.id,
@@ -260,23 +281,7 @@ pub async fn find_by_idempotency_key(
 }
 
 /// The newest run still going for a team: what a busy team's 409 points at. A run the existing
-/// service left `running` (it died mid-request and never went back) is not one. Locks the row:
-/// an executor that released the team's lock inside its last transaction may not have committed
-/// yet, and this waits for it rather than see it still running.
-pub async fn running_run_for_team(conn: &mut PgConnection, org: &str, team: &str) -> Result<Option<Uuid>, sqlx::Error> {
-    sqlx::query_scalar!(
-        "SELECT id FROM orchestrator_provisioning_runs
-         WHERE org_id = $1 AND team_node_id = $2 AND status = 'running' AND request IS NOT NULL
-         ORDER BY created_at DESC LIMIT 1
-         FOR UPDATE",
-        org,
-        team
-    )
-    .fetch_optional(conn)
-    .await
-}
-
-/// The same, without waiting: for the answer of a request that did not get the lock.
+/// service left `running` (it died mid-request and never went back) is not one.
 pub async fn current_run_for_team(
     executor: impl PgExecutor<'_>,
     org: &str,
@@ -516,20 +521,62 @@ pub struct Ended {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
-/// Ends the run if it is still this execution's; `None` if it is not (nothing written).
-pub async fn finish_run(
+/// The end of a run as one statement: its last step's success (if the run ended on one), the
+/// run's end, the team's record (if this is still its latest run), the audit row, and the
+/// release of the team's lock. The audit row is written here rather than by `audit::record` so
+/// that all of it is one round trip; the lock is released by the same statement, before the
+/// commit, which is why whoever takes the lock next locks the run's row before trusting it.
+pub struct RunEnding<'a> {
+    pub end: RunEnd<'a>,
+    pub last_step: Option<&'a StepSuccess>,
+    pub team: crate::provisioning::store::TeamRunEnd,
+    pub actor_subject: &'a str,
+    pub actor_email: Option<&'a str>,
+    pub action: &'a str,
+    pub audit_detail: &'a Value,
+    pub lock_key: i64,
+}
+
+/// Ends the run if it is still this execution's; `None` if it is not (nothing written, and the
+/// lock still held).
+pub async fn end_run(
     conn: &mut PgConnection,
     run_id: Uuid,
     epoch: i32,
-    end: RunEnd<'_>,
+    ending: RunEnding<'_>,
 ) -> Result<Option<Ended>, sqlx::Error> {
+    let RunEnding {
+        end, last_step, team, ..
+    } = &ending;
     sqlx::query_as!(
         Ended,
-        "UPDATE orchestrator_provisioning_runs SET status = $3, error = $4, error_detail = $5, steps = $6,
-             current_step = CASE WHEN $3 = 'succeeded' THEN NULL ELSE coalesce($7, current_step) END,
-             updated_at = now(), finished_at = now()
-         WHERE id = $1 AND executions = $2 AND status = 'running'
-         RETURNING current_step, updated_at, finished_at",
+        r#"WITH run AS (
+             UPDATE orchestrator_provisioning_runs
+             SET status = $3, error = $4, error_detail = $5, steps = $6,
+                 current_step = CASE WHEN $3 = 'succeeded' THEN NULL ELSE coalesce($7, current_step) END,
+                 sealed_team_token = coalesce($13, sealed_team_token), updated_at = now(), finished_at = now()
+             WHERE id = $1 AND executions = $2 AND status = 'running'
+             RETURNING org_id, team_node_id, current_step, updated_at, finished_at),
+         last_step AS (
+             UPDATE orchestrator_provisioning_steps
+             SET status = 'succeeded', attempts = $9, started_at = $10, finished_at = now(), duration_ms = $11,
+                 result = $12, error = NULL
+             WHERE run_id = $1 AND position = $8 AND EXISTS (SELECT 1 FROM run)),
+         team AS (
+             UPDATE orchestrator_teams t
+             SET status = $14, updated_at = now(),
+                 bootstrapped_at = CASE WHEN $14 = 'deprovisioned' THEN NULL
+                                        WHEN $15 THEN coalesce(t.bootstrapped_at, now())
+                                        ELSE t.bootstrapped_at END,
+                 deprovisioned_at = CASE WHEN $14 = 'deprovisioned' THEN now() ELSE NULL END
+             FROM run
+             WHERE t.org_id = run.org_id AND t.team_node_id = run.team_node_id AND t.last_run_id = $1),
+         audit AS (
+             INSERT INTO orchestrator_audit_events
+                 (actor_subject, actor_email, action, org_id, team_node_id, provisioning_run_id, outcome, detail)
+             SELECT $16, $17, $18, run.org_id, run.team_node_id, $1, $3, $19 FROM run),
+         unlocked AS (SELECT pg_advisory_unlock($20) AS released FROM run)
+         SELECT current_step, updated_at, finished_at FROM run, unlocked"#,
         run_id,
         epoch,
         end.status.as_str(),
@@ -537,6 +584,19 @@ pub async fn finish_run(
         end.error_detail.map(storable_json),
         storable_json(end.steps),
         end.current_step.map(Step::as_str),
+        last_step.map(|s| s.position),
+        last_step.map(|s| s.attempts),
+        last_step.map(|s| s.started_at),
+        last_step.map(|s| s.duration_ms),
+        last_step.map(|s| storable_json(&s.result)),
+        last_step.and_then(|s| s.sealed_token.as_deref()),
+        team.status.as_str(),
+        team.bootstrapped,
+        ending.actor_subject,
+        ending.actor_email,
+        ending.action,
+        storable_json(ending.audit_detail),
+        ending.lock_key,
     )
     .fetch_optional(conn)
     .await

@@ -49,6 +49,38 @@ pub async fn get_team(executor: impl PgExecutor<'_>, org: &str, team: &str) -> R
     .await
 }
 
+/// The team, its row locked until the transaction ends. Whoever holds the team's lock reads it
+/// so: the run that held the lock before releases it inside the statement that ends the run, and
+/// this waits for that statement's commit rather than read the team as it was.
+pub async fn get_team_for_update(
+    conn: &mut PgConnection,
+    org: &str,
+    team: &str,
+) -> Result<Option<TeamRow>, sqlx::Error> {
+    sqlx::query_as!(
+        TeamRow,
+        r#"SELECT org_id AS "org_id: OrgId", team_node_id AS "team_node_id: TeamNodeId", status AS "status: TeamStatus",
+             desired AS "desired: Json<TeamSpec>", last_run_id, bootstrapped_at, created_at, updated_at, deprovisioned_at
+         FROM orchestrator_teams WHERE org_id = $1 AND team_node_id = $2
+         FOR UPDATE"#,
+        org,
+        team
+    )
+    .fetch_optional(conn)
+    .await
+}
+
+impl TeamRow {
+    /// The run still going for the team, if one is: its status says a run is changing it, and
+    /// that run is its latest.
+    pub fn running_run(&self) -> Option<Uuid> {
+        match self.status {
+            TeamStatus::Provisioning | TeamStatus::Deprovisioning => self.last_run_id,
+            _ => None,
+        }
+    }
+}
+
 /// Records that a run starts changing the team: its status, what is now asked of it (kept when
 /// `desired` is `None`), and the run.
 pub async fn team_run_started(
@@ -81,34 +113,6 @@ pub struct TeamRunEnd {
     pub status: TeamStatus,
     /// The AI pipeline's first ingestion ran in this run.
     pub bootstrapped: bool,
-}
-
-/// Records the end of the team's latest run; an older run (one an operator retried after a newer
-/// run was started) does not change the team.
-pub async fn team_run_ended(
-    conn: &mut PgConnection,
-    org: &str,
-    team: &str,
-    run_id: Uuid,
-    end: TeamRunEnd,
-) -> Result<(), sqlx::Error> {
-    sqlx::query!(
-        "UPDATE orchestrator_teams
-         SET status = $4, updated_at = now(),
-             bootstrapped_at = CASE WHEN $4 = 'deprovisioned' THEN NULL
-                                    WHEN $5 THEN coalesce(bootstrapped_at, now())
-                                    ELSE bootstrapped_at END,
-             deprovisioned_at = CASE WHEN $4 = 'deprovisioned' THEN now() ELSE NULL END
-         WHERE org_id = $1 AND team_node_id = $2 AND last_run_id = $3",
-        org,
-        team,
-        run_id,
-        end.status.as_str(),
-        end.bootstrapped
-    )
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 pub struct TeamFilter {
