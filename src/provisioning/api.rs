@@ -149,6 +149,17 @@ async fn visible_run(state: &AppState, admin: &Admin, run_id: Uuid) -> ApiResult
     }
 }
 
+/// A run the admin may retry or cancel: one it may see, of a workflow it may start.
+async fn changeable_run(state: &AppState, admin: &Admin, run_id: Uuid) -> ApiResult<RunRow> {
+    let run = visible_run(state, admin, run_id).await?;
+    let capability = match run.workflow {
+        Workflow::Provision => Capability::Provision,
+        Workflow::Deprovision => Capability::Deprovision,
+    };
+    admin.require(&state.config.auth, capability)?;
+    Ok(run)
+}
+
 /// One run with its steps in order (and the one-time team token, if still held).
 #[utoipa::path(get, path = "/api/v1/admin/provision/runs/{id}", tag = "provisioning", security(("admin_token" = [])),
     params(("id" = Uuid, Path, description = "provisioning run id")),
@@ -218,8 +229,7 @@ pub async fn retry_run(
     headers: HeaderMap,
     ApiPath(run_id): ApiPath<Uuid>,
 ) -> ApiResult<Response> {
-    admin.require(&state.config.auth, Capability::Provision)?;
-    let run = visible_run(&state, &admin, run_id).await?;
+    let run = changeable_run(&state, &admin, run_id).await?;
     if run.request.is_none() {
         return Err(ApiError::conflict(
             "legacy_run",
@@ -345,8 +355,7 @@ pub async fn cancel_run(
     ApiPath(run_id): ApiPath<Uuid>,
     ApiQuery(query): ApiQuery<CancelQuery>,
 ) -> ApiResult<Response> {
-    admin.require(&state.config.auth, Capability::Provision)?;
-    let run = visible_run(&state, &admin, run_id).await?;
+    let run = changeable_run(&state, &admin, run_id).await?;
     let finished = |run: &RunRow| {
         ApiError::conflict("run_finished", format!("the run has finished: it is {}", run.status))
             .with("status", run.status.as_str())

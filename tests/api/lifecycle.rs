@@ -541,3 +541,46 @@ async fn the_teams_view_is_org_scoped_and_pages() {
     let none = app.admin_json("/api/v1/admin/teams/acme/t1/pipeline").await;
     assert_eq!(none["configured"], false);
 }
+
+#[tokio::test]
+async fn deprovisioning_and_cancelling_need_their_permission_and_the_org() {
+    let app = TestApp::spawn().await;
+    succeeded(&json_of(provision(&app, SUPER_ADMIN, json!({"org_id": "globex", "team_node_id": "g1"})).await).await);
+    let run = json_of(provision(&app, SUPER_ADMIN, json!({"org_id": ORG, "team_node_id": "mine"})).await).await;
+    let post = |token: &'static str, path: String, body: Value| {
+        let app = &app;
+        async move {
+            app.client
+                .post(app.at(&path))
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let deprovision_path = || "/api/v1/admin/deprovision/team".to_string();
+    let other_org = post(
+        "dev-org-admin-acme",
+        deprovision_path(),
+        json!({"org_id": "globex", "team_node_id": "g1"}),
+    )
+    .await;
+    assert_eq!(other_org.status(), 403);
+    assert_eq!(json_of(other_org).await["code"], "org_forbidden");
+    let readonly = post(
+        "dev-readonly-acme",
+        deprovision_path(),
+        json!({"org_id": ORG, "team_node_id": "mine"}),
+    )
+    .await;
+    assert_eq!(readonly.status(), 403);
+    assert_eq!(json_of(readonly).await["code"], "missing_permission");
+    let cancel_path = format!("/api/v1/admin/provision/runs/{}/cancel", run_id_of(&run));
+    let readonly = post("dev-readonly-acme", cancel_path, json!({})).await;
+    assert_eq!(readonly.status(), 403);
+    // Nothing was removed.
+    assert!(app.stack.config_service.calls_to("DELETE", "/tokens").is_empty());
+    let team = app.admin_json("/api/v1/admin/teams/globex/g1").await;
+    assert_eq!(team["status"], "active");
+}
