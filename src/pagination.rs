@@ -33,7 +33,10 @@ pub fn decode(cursor: &str) -> Result<(DateTime<Utc>, String), ApiError> {
     let text = String::from_utf8(raw).map_err(|_| bad())?;
     let (micros, id) = text.split_once('|').ok_or_else(bad)?;
     let micros: i64 = micros.parse().map_err(|_| bad())?;
-    let at = DateTime::<Utc>::from_timestamp_micros(micros).ok_or_else(bad)?;
+    // Postgres' timestamps end in the year 294276; a cursor past what it can compare is not ours.
+    let at = DateTime::<Utc>::from_timestamp_micros(micros)
+        .filter(|at| (1..=9999).contains(&chrono::Datelike::year(at)))
+        .ok_or_else(bad)?;
     Ok((at, id.to_string()))
 }
 
@@ -82,7 +85,9 @@ pub fn decode_team(cursor: Option<&str>) -> Result<Option<(String, String)>, Api
     let raw = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad())?;
     let text = String::from_utf8(raw).map_err(|_| bad())?;
     let (org, team) = text.split_once('|').ok_or_else(bad)?;
-    Ok(Some((org.to_string(), team.to_string())))
+    let org = OrgId::parse(org).map_err(|_| bad())?;
+    let team = TeamNodeId::parse(team).map_err(|_| bad())?;
+    Ok(Some((org.into(), team.into())))
 }
 
 /// A list filter naming one of a closed set of values: anything else is a 422 listing them.

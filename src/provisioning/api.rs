@@ -301,15 +301,7 @@ async fn reopen(
         let status = store::get_run(&mut *tx, run.id).await?.map_or(run.status, |r| r.status);
         return Ok(Err(not_retryable(&RunRow { status, ..run.clone() })));
     }
-    store::team_run_started(
-        &mut tx,
-        org,
-        team,
-        workflow::team_status_while(run.workflow),
-        None,
-        run.id,
-    )
-    .await?;
+    store::team_run_started(&mut tx, org, team, workflow::team_status_while(run.workflow), run.id).await?;
     audit::record(
         &mut *tx,
         AuditEntry {

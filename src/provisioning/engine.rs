@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use futures::FutureExt;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use tokio::sync::Notify;
@@ -18,7 +19,7 @@ use uuid::Uuid;
 
 use super::lock::TeamLock;
 use super::sealing::Sealer;
-use super::steps::{IntentJournal, StepContext, StepError, TeamScope};
+use super::steps::{self, IntentJournal, StepContext, StepError, TeamScope};
 use super::store::{self, RunRow, Signals, StepRow};
 use super::workflow::{self, RunInput};
 use crate::clients::ai_pipeline::AiPipelineClient;
@@ -92,7 +93,9 @@ impl Engine {
     /// elsewhere learns it from its next write.
     pub fn signal_cancel(&self, run_id: Uuid, undo: bool) {
         if let Some(slot) = self.0.registry.slot(run_id) {
-            *lock_unpoisoned(&slot.cancel) = Some(undo);
+            let mut cancel = lock_unpoisoned(&slot.cancel);
+            *cancel = Some(undo || cancel.unwrap_or(false));
+            drop(cancel);
             slot.wake.notify_waiters();
         }
     }
@@ -183,12 +186,17 @@ pub fn spawn(engine: &Engine, execution: Execution) -> Arc<RunSlot> {
     let task_slot = slot.clone();
     engine.0.tracker.clone().spawn(async move {
         engine.metrics.provisioning_runs_in_progress.inc();
-        let finished = match execute(&engine, execution, &task_slot).await {
-            Ok(finished) => finished,
-            Err(e) => {
-                // The run stays `running` and its lock dies with its connection: the resumer
-                // picks it up again.
+        // A panic in a step must not leave the slot and the gauge behind; the run stays
+        // `running`, its lock dies with its connection, and the resumer picks it up again.
+        let executed = std::panic::AssertUnwindSafe(execute(&engine, execution, &task_slot)).catch_unwind();
+        let finished = match executed.await {
+            Ok(Ok(finished)) => finished,
+            Ok(Err(e)) => {
                 tracing::error!(%run_id, error = %e, "run interrupted by a database error; it will be resumed");
+                None
+            }
+            Err(_) => {
+                tracing::error!(%run_id, "run interrupted by a panic; it will be resumed");
                 None
             }
         };
@@ -211,6 +219,9 @@ enum Outcome {
     TimedOut {
         index: usize,
     },
+    /// A previous execution had started undoing the run (a rollback, or a cancel with undo):
+    /// finish undoing it, never go forward.
+    Undoing,
     /// Shutting down, or the run was taken over: leave it to be resumed.
     Interrupted,
 }
@@ -309,7 +320,8 @@ async fn execute(engine: &Engine, execution: Execution, slot: &RunSlot) -> Resul
         Some(Ok(input)) => input,
         Some(Err(e)) => {
             tracing::error!(run_id = %run.id, error = %e, "the run's recorded request cannot be read; it cannot be executed");
-            lock.release().await;
+            let message = format!("the run's recorded request cannot be read ({e}); provision the team again");
+            end_without_executing(engine, &run, lock, &actor_subject, "unreadable_request", &message).await?;
             return Ok(None);
         }
         None => {
@@ -330,6 +342,7 @@ async fn execute(engine: &Engine, execution: Execution, slot: &RunSlot) -> Resul
             signals: Mutex::new(Signals {
                 cancel_requested: run.cancel_requested_at.is_some(),
                 cancel_undo: run.cancel_undo,
+                cancelled_by: run.cancelled_by.clone(),
             }),
             lost: Default::default(),
             intents: Mutex::new(HashMap::new()),
@@ -354,7 +367,7 @@ impl Executor<'_> {
     /// The cancel recorded for the run, here or on any replica: `Some(undo)`.
     fn cancel(&self) -> Option<bool> {
         let local = *lock_unpoisoned(&self.slot.cancel);
-        let signals = *lock_unpoisoned(&self.journal.signals);
+        let signals = lock_unpoisoned(&self.journal.signals).clone();
         match (local, signals.cancel_requested) {
             (Some(undo), _) => Some(undo || signals.cancel_undo),
             (None, true) => Some(signals.cancel_undo),
@@ -386,6 +399,9 @@ impl Executor<'_> {
     /// Runs every step not done yet. The last step's success is returned unwritten: it is
     /// recorded with the run's end.
     async fn run_steps(&self, steps: &mut [StepRow]) -> Result<(Outcome, Option<store::StepSuccess>), sqlx::Error> {
+        if steps.iter().any(|s| s.status == StepStatus::RolledBack) {
+            return Ok((Outcome::Undoing, None));
+        }
         let remaining: Vec<usize> = (0..steps.len()).filter(|&i| !steps[i].status.is_done()).collect();
         for (k, &index) in remaining.iter().enumerate() {
             if let Some(stop) = self.stop_before(index) {
@@ -507,13 +523,17 @@ impl Executor<'_> {
                 }
                 AfterFailure::Retry(delay) => {
                     observe("retried");
+                    // Listening before looking: a cancel signalled in between still wakes us.
+                    let woken = self.slot.wake.notified();
+                    tokio::pin!(woken);
+                    woken.as_mut().enable();
                     if let Some(undo) = self.cancel() {
                         return Ok(Attempted::Stopped(Outcome::Cancelled { undo }));
                     }
                     tracing::info!(%run_id, step = label, attempt = attempts, code = error.code, delay_ms = delay.as_millis() as u64, "step failed; retrying");
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
-                        () = self.slot.wake.notified() => {}
+                        () = woken => {}
                         () = self.engine.0.stop.cancelled() => {}
                     }
                     if let Some(stop) = self.stop_before(position as usize) {
@@ -524,24 +544,64 @@ impl Executor<'_> {
         }
     }
 
-    /// Undoes the completed steps in reverse. Returns what could not be undone.
+    /// Undoes the completed steps in reverse. Returns what could not be undone. Each undo is
+    /// preceded by a fenced check and recorded by a fenced write: an owner presumed dead stops
+    /// undoing as soon as the run is another's, and a resumed execution finishes the undo
+    /// (`Outcome::Undoing`) rather than go forward.
     async fn undo(&self, completed: &[StepRow]) -> Result<Vec<Value>, sqlx::Error> {
+        let (run_id, epoch) = (self.run.id, self.journal.epoch);
         let mut problems = Vec::new();
         for step in completed.iter().rev() {
+            let owned = self
+                .journal
+                .connection(async |conn| store::touch_run(conn, run_id, epoch).await)
+                .await?;
+            if !self.journal.note(owned) {
+                break;
+            }
             let cx = StepContext {
                 scope: self.scope(),
-                run_id: self.run.id,
+                run_id,
                 position: step.position,
                 input: self.input,
                 recorded: step.result.as_ref(),
                 journal: &self.journal,
             };
             match step.name.undo(&cx).await {
-                Ok(note) => store::mark_step_rolled_back(&self.engine.db, self.run.id, step.position, &note).await?,
+                Ok(note) => {
+                    let position = step.position;
+                    let marked = self
+                        .journal
+                        .connection(async |conn| {
+                            store::mark_step_rolled_back(conn, run_id, epoch, position, &note).await
+                        })
+                        .await?;
+                    if !self.journal.note(marked) {
+                        break;
+                    }
+                }
                 Err(e) => problems.push(e.to_json(step.name)),
             }
         }
         Ok(problems)
+    }
+
+    /// Revokes a team token the token step may have issued without finishing (the run ends
+    /// without it): otherwise the team keeps a token nobody holds and is never issued another.
+    async fn revoke_unfinished_token(&self, steps: &[StepRow]) -> Option<Value> {
+        let step = steps.iter().find(|s| {
+            s.name == Step::TeamToken
+                && matches!(s.status, StepStatus::Pending | StepStatus::Running | StepStatus::Failed)
+        })?;
+        let recorded = lock_unpoisoned(&self.journal.intents)
+            .get(&step.position)
+            .cloned()
+            .or_else(|| step.result.clone());
+        match steps::revoke_unfinished_token(&self.scope(), self.run.id, recorded.as_ref()).await {
+            Ok(revoked) if revoked.is_empty() => None,
+            Ok(revoked) => Some(json!({ "revoked_token_ids": revoked })),
+            Err(e) => Some(json!({ "error": e.to_json(step.name) })),
+        }
     }
 
     /// Records how the run ended, with its audit row and the team's record, and releases the lock,
@@ -553,6 +613,16 @@ impl Executor<'_> {
         steps: Vec<StepRow>,
     ) -> Result<Option<FinishedRun>, sqlx::Error> {
         let succeeded = |s: &&StepRow| s.status == StepStatus::Succeeded;
+        let cancelled = |undone: bool| {
+            let by = lock_unpoisoned(&self.journal.signals)
+                .cancelled_by
+                .clone()
+                .or_else(|| self.run.cancelled_by.clone())
+                .unwrap_or_else(|| "an operator".into());
+            let message = format!("cancelled by {by}");
+            let detail = json!({"code": "cancelled", "message": message, "undone": undone});
+            (message, detail)
+        };
         let (status, error, current_step) = match outcome {
             Outcome::Interrupted => {
                 self.journal.lock.into_inner().release().await;
@@ -575,9 +645,7 @@ impl Executor<'_> {
                 (status, Some((format!("{step}: {}", error.message), detail)), Some(step))
             }
             Outcome::Cancelled { undo } => {
-                let by = self.run.cancelled_by.clone().unwrap_or_else(|| "an operator".into());
-                let message = format!("cancelled by {by}");
-                let mut detail = json!({"code": "cancelled", "message": message, "undone": undo});
+                let (message, mut detail) = cancelled(undo);
                 if undo {
                     let completed: Vec<StepRow> = steps.iter().filter(succeeded).cloned().collect();
                     let problems = self.undo(&completed).await?;
@@ -586,6 +654,33 @@ impl Executor<'_> {
                     }
                 }
                 (RunStatus::Cancelled, Some((message, detail)), None)
+            }
+            Outcome::Undoing => {
+                let completed: Vec<StepRow> = steps.iter().filter(succeeded).cloned().collect();
+                let problems = self.undo(&completed).await?;
+                // A failed step is what the undo was for (a rollback); without one, a cancel.
+                let (status, message, mut detail, step) = match steps.iter().find(|s| s.status == StepStatus::Failed) {
+                    Some(failed) => {
+                        let detail = failed.error.clone().unwrap_or_else(|| json!({"step": failed.name}));
+                        let message = detail.get("message").and_then(Value::as_str).unwrap_or("failed");
+                        let line = format!("{}: {message}", failed.name);
+                        (RunStatus::RolledBack, line, detail, Some(failed.name))
+                    }
+                    None => {
+                        let (message, detail) = cancelled(true);
+                        (RunStatus::Cancelled, message, detail, None)
+                    }
+                };
+                let status = if problems.is_empty() {
+                    status
+                } else {
+                    detail["rollback_errors"] = json!(problems);
+                    match status {
+                        RunStatus::RolledBack => RunStatus::Failed,
+                        other => other,
+                    }
+                };
+                (status, Some((message, detail)), step)
             }
             Outcome::TimedOut { index } => {
                 let step = steps[index].name;
@@ -600,6 +695,17 @@ impl Executor<'_> {
                 )
             }
         };
+        if self.journal.lost() {
+            // Taken over while undoing: the new owner finishes it.
+            self.journal.lock.into_inner().release().await;
+            return Ok(None);
+        }
+        let mut error = error;
+        if status != RunStatus::Succeeded {
+            if let (Some(cleanup), Some((_, detail))) = (self.revoke_unfinished_token(&steps).await, error.as_mut()) {
+                detail["token_cleanup"] = cleanup;
+            }
+        }
         // A run that did not succeed is summarised from its record (the failed attempts, an
         // undo); a successful one from the steps as executed, which are the record.
         let undone = matches!(status, RunStatus::RolledBack | RunStatus::Cancelled)
@@ -610,9 +716,10 @@ impl Executor<'_> {
             store::steps(&self.engine.db, self.run.id).await?
         };
         let summary = store::step_summary(&steps, self.input.slack_channels());
+        // A rolled-back bootstrap was left in place: the first ingestion ran all the same.
         let bootstrapped = steps
             .iter()
-            .any(|s| s.name == Step::Bootstrap && s.status == StepStatus::Succeeded);
+            .any(|s| s.name == Step::Bootstrap && matches!(s.status, StepStatus::Succeeded | StepStatus::RolledBack));
         let workflow = self.input.workflow();
         let mut audit_detail = match &error {
             Some((_, detail)) => json!({ "error": detail }),
@@ -695,6 +802,53 @@ impl Executor<'_> {
             sealed_token,
         }))
     }
+}
+
+/// Ends a run that cannot be executed (its request cannot be read, or nobody can act for it) as
+/// failed, with the team's record and the audit row, and releases its lock.
+pub(crate) async fn end_without_executing(
+    engine: &Engine,
+    run: &RunRow,
+    mut lock: TeamLock,
+    actor: &str,
+    code: &str,
+    message: &str,
+) -> Result<(), sqlx::Error> {
+    let error = json!({"code": code, "message": message});
+    let key = lock.key();
+    let Some(conn) = lock.connection() else {
+        return Ok(());
+    };
+    let ending = store::RunEnding {
+        end: store::RunEnd {
+            status: RunStatus::Failed,
+            error: Some(message),
+            error_detail: Some(&error),
+            steps: &run.steps,
+            current_step: None,
+        },
+        last_step: None,
+        team: store::TeamRunEnd {
+            status: workflow::team_status_after(run.workflow, RunStatus::Failed),
+            bootstrapped: false,
+        },
+        actor_subject: actor,
+        actor_email: None,
+        action: action(run.workflow, "completed"),
+        audit_detail: &json!({ "error": error }),
+        lock_key: key,
+    };
+    if store::end_run(conn, run.id, run.executions, ending).await?.is_some() {
+        lock.release_unlocked();
+        engine
+            .metrics
+            .provisioning_runs_total
+            .with_label_values(&[run.workflow.as_str(), RunStatus::Failed.as_str()])
+            .inc();
+    } else {
+        lock.release().await;
+    }
+    Ok(())
 }
 
 /// The audit action of a workflow's event: `provision.completed`, `deprovision.requested`, ...

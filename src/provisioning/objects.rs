@@ -379,6 +379,47 @@ pub fn same_owner(existing: &ObjectMeta, desired: &ObjectMeta) -> bool {
     }
 }
 
+/// The stricter check for an object the existing service created (no ownership annotations):
+/// its labels are sanitised and cut, so two teams can share them, but its pods' `ORG_ID` and
+/// `TEAM_NODE_ID` hold the exact ids. Where they are set, they must be the team's. `existing` is
+/// the object as JSON; an annotated object passes (its annotations decided already).
+pub fn env_names_owner(existing: &Value, desired: &ObjectMeta) -> bool {
+    if existing
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get(ANNOTATION_ORG))
+        .is_some()
+    {
+        return true;
+    }
+    let expected = |key: &str| desired.annotations.as_ref().and_then(|a| a.get(key)).cloned();
+    let containers = existing
+        .pointer("/spec/jobTemplate/spec/template/spec/containers")
+        .or_else(|| existing.pointer("/spec/template/spec/containers"))
+        .and_then(Value::as_array);
+    let env = containers
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.get("env").and_then(Value::as_array))
+        .flatten();
+    for var in env {
+        let (Some(name), Some(value)) = (
+            var.get("name").and_then(Value::as_str),
+            var.get("value").and_then(Value::as_str),
+        ) else {
+            continue;
+        };
+        let key = match name {
+            "ORG_ID" => ANNOTATION_ORG,
+            "TEAM_NODE_ID" => ANNOTATION_TEAM,
+            _ => continue,
+        };
+        if expected(key).as_deref() != Some(value) {
+            return false;
+        }
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,15 +1,12 @@
 //! The resumer, in every replica: finds runs whose owner died (their lock is free) and resumes
 //! them from the step they were in.
 
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::engine::{self, Engine, Execution};
 use super::lock::TeamLock;
 use super::store::{self, RunRow, StepRow};
-use super::workflow;
-use crate::domain::RunStatus;
 
 /// Subject the audit trail names for a run resumed by a replica.
 const RESUMER: &str = "orchestrator-resumer";
@@ -30,7 +27,9 @@ pub async fn run(engine: Engine, stop: CancellationToken) {
 pub async fn resume_once(engine: &Engine) -> Result<usize, sqlx::Error> {
     // A run touched within the last half interval is very likely alive; the lock decides anyway.
     let idle = engine.settings.resume_interval.as_secs_f64() / 2.0;
-    let candidates = store::stale_running_runs(&engine.db, idle, 50).await?;
+    // Runs inside one long step look stale too (their lock decides): look at enough of them that
+    // orphans are never left behind a page of healthy runs.
+    let candidates = store::stale_running_runs(&engine.db, idle, 1000).await?;
     let mut resumed = 0;
     for candidate in candidates {
         let run_id = candidate.id;
@@ -54,7 +53,8 @@ pub async fn resume_once(engine: &Engine) -> Result<usize, sqlx::Error> {
         };
         let Some(credential) = engine.internal_admin_token.clone() else {
             tracing::error!(%run_id, "cannot resume an orphaned run: ORCHESTRATOR_INTERNAL_ADMIN_TOKEN is not set");
-            fail_without_credential(engine, &run, lock).await?;
+            let message = "the run's owner died and ORCHESTRATOR_INTERNAL_ADMIN_TOKEN is not set; retry the run";
+            engine::end_without_executing(engine, &run, lock, RESUMER, "resume_credential_missing", message).await?;
             continue;
         };
         engine.metrics.provisioning_runs_resumed_total.inc();
@@ -86,42 +86,4 @@ async fn take_over(lock: &mut TeamLock, run_id: Uuid) -> Result<Option<(RunRow, 
     };
     let steps = store::steps(&mut *conn, run_id).await?;
     Ok(Some((run, steps)))
-}
-
-/// Ends a run nobody can act for: the team's record and the audit say why.
-async fn fail_without_credential(engine: &Engine, run: &RunRow, mut lock: TeamLock) -> Result<(), sqlx::Error> {
-    let message = "the run's owner died and ORCHESTRATOR_INTERNAL_ADMIN_TOKEN is not set; retry the run";
-    let error = json!({"code": "resume_credential_missing", "message": message});
-    let key = lock.key();
-    let conn = lock.connection().ok_or(sqlx::Error::PoolClosed)?;
-    let ending = store::RunEnding {
-        end: store::RunEnd {
-            status: RunStatus::Failed,
-            error: Some(message),
-            error_detail: Some(&error),
-            steps: &run.steps,
-            current_step: None,
-        },
-        last_step: None,
-        team: store::TeamRunEnd {
-            status: workflow::team_status_after(run.workflow, RunStatus::Failed),
-            bootstrapped: false,
-        },
-        actor_subject: RESUMER,
-        actor_email: None,
-        action: engine::action(run.workflow, "completed"),
-        audit_detail: &json!({ "error": error }),
-        lock_key: key,
-    };
-    if store::end_run(conn, run.id, run.executions, ending).await?.is_some() {
-        lock.release_unlocked();
-        engine
-            .metrics
-            .provisioning_runs_total
-            .with_label_values(&[run.workflow.as_str(), RunStatus::Failed.as_str()])
-            .inc();
-    } else {
-        lock.release().await;
-    }
-    Ok(())
 }

@@ -181,15 +181,27 @@ pub async fn view(engine: &Engine, auth: &AuthConfig, admin: &Admin, state: RunS
         Some(Ok(input)) if !run.is_final() && !steps.is_empty() => store::step_summary(&steps, input.slack_channels()),
         _ => run.steps.clone(),
     };
+    let pipeline_bootstrap = output_of("bootstrap", "run");
+    let pipeline_cronjob = output_of("pipeline_cronjob", "result");
+    let dedicated_deployment = output_of("dedicated_deployment", "result");
+    let mut summary_of_run = RunSummary::from(run);
+    if !summary_of_run.status.is_final() {
+        // Only the token step records its start: a running run is at its first step not done.
+        summary_of_run.current_step = steps
+            .iter()
+            .find(|s| !s.status.is_done())
+            .map(|s| s.name.to_string())
+            .or(summary_of_run.current_step);
+    }
     Ok(RunView {
-        team_id: run.team_node_id.clone(),
-        pipeline_bootstrap: output_of("bootstrap", "run"),
-        pipeline_cronjob: output_of("pipeline_cronjob", "result"),
-        dedicated_deployment: output_of("dedicated_deployment", "result"),
+        team_id: summary_of_run.team_node_id.clone(),
+        pipeline_bootstrap,
+        pipeline_cronjob,
+        dedicated_deployment,
         team_token,
         team_token_held,
         steps: summary,
         step_details: steps,
-        run: run.into(),
+        run: summary_of_run,
     })
 }

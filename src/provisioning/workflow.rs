@@ -68,24 +68,26 @@ impl RunInput {
 ///
 /// Provisioning converges: a CronJob or dedicated agent the team should no longer have is
 /// removed by the same step that would create it. That step is skipped only when the team cannot
-/// have one: never provisioned, deprovisioned since, or last known active without it. The first
-/// ingestion (bootstrap) runs once per team, not on every change.
+/// have one: never provisioned by either service, or last left active, by a run of this service,
+/// without it. The first ingestion (bootstrap) runs once per team (again after deprovisioning),
+/// not on every change.
 pub fn plan(input: &RunInput, team: Option<&TeamRow>) -> Vec<(Step, StepStatus)> {
     let status = |runs: bool| if runs { StepStatus::Pending } else { StepStatus::Skipped };
     match input {
         RunInput::Provision { spec, .. } => {
-            let standing = team.filter(|t| t.status != TeamStatus::Deprovisioned);
             let may_have = |had: fn(&TeamSpec) -> bool| {
-                standing.is_some_and(|t| match (&t.desired, t.status) {
-                    (Some(previous), TeamStatus::Active) => had(&previous.0),
-                    // Mid-change, failed, or only inferred: what exists is not known for sure.
+                team.is_some_and(|t| match (&t.desired, t.status) {
+                    (Some(previous), TeamStatus::Active) if !previous.0.inferred => had(&previous.0),
+                    // Mid-change, failed, inferred from the existing service's runs, or
+                    // deprovisioned (perhaps keeping its objects): what exists is not known.
                     _ => true,
                 })
             };
             let schedule = spec.pipeline_schedule_enabled || may_have(|p| p.pipeline_schedule_enabled);
             let dedicated = spec.deployment_mode == DeploymentMode::Dedicated
                 || may_have(|p| p.deployment_mode == DeploymentMode::Dedicated);
-            let bootstrapped = standing.is_some_and(|t| t.bootstrapped_at.is_some());
+            let bootstrapped =
+                team.is_some_and(|t| t.status != TeamStatus::Deprovisioned && t.bootstrapped_at.is_some());
             Workflow::Provision
                 .steps()
                 .iter()

@@ -268,7 +268,9 @@ async fn deprovisioning_removes_every_object_token_and_route_and_a_second_is_a_n
     let again = json_of(provision(&app, SUPER_ADMIN, json!({"org_id": ORG, "team_node_id": "gone"})).await).await;
     succeeded(&again);
     assert_eq!(step(&again, "bootstrap")["status"], "succeeded");
-    assert_eq!(step(&again, "dedicated_deployment")["status"], "skipped");
+    // A deprovisioned team may have kept its objects (`delete_k8s_resources: false`): the
+    // removal is checked, and finds nothing here.
+    assert_eq!(again["steps"]["dedicated_deployment"]["removed"], "not_found");
 }
 
 #[tokio::test]
@@ -518,6 +520,10 @@ async fn the_teams_view_is_org_scoped_and_pages() {
     let bad = get_as(&app, SUPER_ADMIN, "/api/v1/admin/teams?status=sleeping").await;
     assert_eq!(bad.status(), 422);
     assert_eq!(json_of(bad).await["field"], "status");
+    // A cursor this service did not issue (here one naming "a\0" as the org) is 422, not 500.
+    let forged = get_as(&app, SUPER_ADMIN, "/api/v1/admin/teams?cursor=YQB8Yg").await;
+    assert_eq!(forged.status(), 422);
+    assert_eq!(json_of(forged).await["field"], "cursor");
 
     // The existing service's views of one team.
     let shared = app.admin_json("/api/v1/admin/teams/acme/t1/deployment").await;
@@ -583,4 +589,86 @@ async fn deprovisioning_and_cancelling_need_their_permission_and_the_org() {
     assert!(app.stack.config_service.calls_to("DELETE", "/tokens").is_empty());
     let team = app.admin_json("/api/v1/admin/teams/globex/g1").await;
     assert_eq!(team["status"], "active");
+}
+
+#[tokio::test]
+async fn a_rollback_undoes_only_what_the_run_created() {
+    let app = TestApp::spawn().await;
+    succeeded(
+        &json_of(
+            provision(
+                &app,
+                SUPER_ADMIN,
+                json!({"org_id": ORG, "team_node_id": "keep", "create_pipeline_schedule": true}),
+            )
+            .await,
+        )
+        .await,
+    );
+    // A change that fails at its last step and rolls back: the CronJob it only updated stays.
+    app.stack
+        .kubernetes
+        .faults()
+        .fail_next_matching(Some("PATCH"), "/services", 1, 422);
+    let run = json_of(
+        provision(
+            &app,
+            SUPER_ADMIN,
+            json!({"org_id": ORG, "team_node_id": "keep", "pipeline_schedule": "0 4 * * *",
+                "deployment_mode": "dedicated", "rollback_on_failure": true}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(run["status"], "rolled_back", "{run:#}");
+    assert_eq!(step(&run, "pipeline_cronjob")["status"], "rolled_back");
+    assert_eq!(
+        names(&app, "cronjobs"),
+        ["ai-pipeline-acme-keep"],
+        "the team had it before"
+    );
+    // What the failed step itself created is gone too.
+    assert!(names(&app, "deployments").is_empty() && names(&app, "services").is_empty());
+    // Not applied, so not what is asked of the team: a later change builds on what was.
+    let team = app.admin_json("/api/v1/admin/teams/acme/keep").await;
+    assert_eq!(team["desired"]["deployment_mode"], "shared");
+    assert!(team["desired"]["pipeline_schedule"].is_null());
+}
+
+#[tokio::test]
+async fn a_cancel_that_came_too_late_does_not_cancel_the_retry() {
+    let app = TestApp::spawn().await;
+    app.stack.ai_pipeline.faults().set_latency(Duration::from_millis(600));
+    app.stack.ai_pipeline.faults().fail_next(1, 400);
+    let run = json_of(provision_async(&app, json!({"org_id": ORG, "team_node_id": "late-cancel"})).await).await;
+    let run_id = run_id_of(&run);
+    eventually(30, "the bootstrap to be in flight", || async {
+        (!app.stack.ai_pipeline.calls_to("POST", "/bootstrap").is_empty()).then_some(())
+    })
+    .await;
+    let cancel_async = app
+        .client
+        .post(app.at(&format!("/api/v1/admin/provision/runs/{run_id}/cancel?undo=true")))
+        .bearer_auth(SUPER_ADMIN)
+        .header("Prefer", "respond-async")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancel_async.status(), 202);
+    // The step failed before the boundary where the cancel would have been acted on.
+    let failed = wait_for_status(&app, &run_id, "failed").await;
+    assert_eq!(failed["error_detail"]["step"], "bootstrap", "{failed:#}");
+    app.stack.ai_pipeline.faults().reset();
+    let retried = app
+        .client
+        .post(app.at(&format!("/api/v1/admin/provision/runs/{run_id}/retry")))
+        .bearer_auth(SUPER_ADMIN)
+        .send()
+        .await
+        .unwrap();
+    let retried = json_of(retried).await;
+    succeeded(&retried);
+    assert_eq!(retried["cancel_requested"], false);
+    let tokens = app.stack.config_service.state().team_tokens(ORG, "late-cancel");
+    assert!(tokens.iter().all(|t| t.revoked_at.is_none()), "nothing was undone");
 }

@@ -5,15 +5,16 @@ use serde_json::{json, Map, Value};
 
 use super::{StepContext, StepDone, StepError, TeamScope};
 use crate::clients::NeighbourError;
-use crate::provisioning::request::ProvisionRequest;
+use crate::provisioning::request::TeamSpec;
 
-/// Sets the routing lists the request names (each replaces the team's list of that key) and the
-/// pipeline's team id, creating the team's node when the config service does not know it.
-pub(super) async fn patch(cx: &StepContext<'_>, request: &ProvisionRequest) -> Result<StepDone, StepError> {
+/// Sets the team's routing lists as asked (each replaces the team's list of that key; keys never
+/// asked for stay the config service's) and the pipeline's team id, creating the team's node when
+/// the config service does not know it.
+pub(super) async fn patch(cx: &StepContext<'_>, spec: &TeamSpec) -> Result<StepDone, StepError> {
     let scope = &cx.scope;
     let mut patch = json!({"ai_pipeline": {"team_id": scope.team.as_str()}});
-    if !request.routing.is_empty() {
-        patch["routing"] = json!(request.routing);
+    if !spec.routing.is_empty() {
+        patch["routing"] = json!(spec.routing);
     }
     patch_creating_node(scope, &patch).await?;
     Ok(json!({"patched": patch}).into())

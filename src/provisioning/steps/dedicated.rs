@@ -5,7 +5,11 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use serde_json::{json, Value};
 
-use super::{apply_owned, config, delete_owned, owned, recorded_str, StepContext, StepDone, StepError, TeamScope};
+use super::{
+    apply_owned, config, delete_owned, is_teams, owned, recorded_str, StepContext, StepDone, StepError, TeamObject,
+    TeamScope,
+};
+use crate::clients::kubernetes::{AppliedObject, KubeClient};
 use crate::domain::DeploymentMode;
 use crate::provisioning::objects;
 use crate::provisioning::request::TeamSpec;
@@ -21,26 +25,68 @@ pub(super) async fn converge(cx: &StepContext<'_>, spec: &TeamSpec) -> Result<St
     let (org, team) = (scope.org.as_str(), scope.team.as_str());
     let objects = scope.objects();
     let kube = &scope.engine.kube;
-    let deployment = apply_owned(kube, &objects.dedicated_agent_deployment()).await?;
-    let service = apply_owned(kube, &objects.dedicated_agent_service()).await?;
     let url = objects::dedicated_agent_url(org, team, &scope.engine.kubernetes.namespace);
+    // Half done is not left behind: what an attempt created goes again if a later part of it
+    // fails, so a failed step leaves the team as it found it (a retry applies it all again).
+    let (deployment, deployment_created) = apply_owned(kube, &objects.dedicated_agent_deployment()).await?;
+    let (service, service_created) = match apply_owned(kube, &objects.dedicated_agent_service()).await {
+        Ok(applied) => applied,
+        Err(e) => {
+            if deployment_created {
+                discard::<Deployment>(kube, &deployment).await;
+            }
+            return Err(e);
+        }
+    };
     let patch = json!({"agent": {"dedicated_service_url": url, "deployment_mode": "dedicated"}});
-    config::patch_creating_node(scope, &patch).await?;
+    if let Err(e) = config::patch_creating_node(scope, &patch).await {
+        if service_created {
+            discard::<Service>(kube, &service).await;
+        }
+        if deployment_created {
+            discard::<Deployment>(kube, &deployment).await;
+        }
+        return Err(e);
+    }
     Ok(json!({"result": {
         "name": deployment.name, "namespace": deployment.namespace, "org_id": org, "team_node_id": team,
         "replicas": 1, "service_url": url,
         "deployment_uid": deployment.uid, "service_uid": service.uid,
+        "deployment_created": deployment_created, "service_created": service_created,
     }})
     .into())
 }
 
+/// Deletes an object this attempt created, as a best effort: the error that made the attempt fail
+/// is the one reported.
+async fn discard<K: TeamObject>(kube: &KubeClient, applied: &AppliedObject) {
+    if let Err(e) = kube.delete::<K>(&applied.name, applied.uid.as_deref()).await {
+        tracing::warn!(name = %applied.name, error = %e, "could not remove an object a failed step created; a retry applies it again");
+    }
+}
+
 /// Deletes the team's Deployment and Service (those that are the team's) and, if the team config
-/// still points at a dedicated agent, its URL.
+/// still points at a dedicated agent, its URL. The Service carries no ids of its own: it is
+/// deleted only with a Deployment that is the team's, or when there is none.
 async fn remove(scope: &TeamScope<'_>) -> Result<Value, StepError> {
     let objects = scope.objects();
     let kube = &scope.engine.kube;
-    let deployment = delete_owned(kube, &objects.dedicated_agent_deployment()).await?;
-    let service = delete_owned(kube, &objects.dedicated_agent_service()).await?;
+    let expected = objects.dedicated_agent_deployment();
+    let name = expected.metadata.name.clone().unwrap_or_default();
+    let existing = kube.get::<Deployment>(&name).await?;
+    let another_teams = existing.as_ref().is_some_and(|d| !is_teams(d, &expected));
+    let deployment = match existing.filter(|d| is_teams(d, &expected)) {
+        Some(ours) => {
+            kube.delete::<Deployment>(&name, ours.metadata.uid.as_deref()).await?;
+            Some(())
+        }
+        None => None,
+    };
+    let service = if another_teams {
+        None
+    } else {
+        delete_owned(kube, &objects.dedicated_agent_service()).await?
+    };
     let configured = config::effective(scope)
         .await?
         .and_then(|c| c.pointer("/agent/dedicated_service_url").cloned())
@@ -61,25 +107,34 @@ async fn remove(scope: &TeamScope<'_>) -> Result<Value, StepError> {
     }))
 }
 
-/// Deletes what this run applied (by the uids it recorded) and clears the URL it wrote.
+/// Deletes what this run created (by the uids it recorded), and clears the URL it wrote if the
+/// team was not dedicated before.
 pub(super) async fn undo(cx: &StepContext<'_>) -> Result<Value, StepError> {
     let scope = &cx.scope;
     if recorded_str(cx.recorded, "/result/name").is_none() {
         return Ok(json!({"note": "no dedicated agent was applied by this run"}));
     }
+    let created = |key: &str| cx.recorded.and_then(|r| r.pointer(key)) == Some(&json!(true));
     let service = objects::dedicated_agent_service_name(scope.org, scope.team);
     let deployment = objects::dedicated_agent_deployment_name(scope.org, scope.team);
     let kube = &scope.engine.kube;
-    kube.delete::<Service>(&service, recorded_str(cx.recorded, "/result/service_uid"))
+    let mut deleted = Vec::new();
+    if created("/result/service_created") {
+        kube.delete::<Service>(&service, recorded_str(cx.recorded, "/result/service_uid"))
+            .await?;
+        deleted.push(format!("Service/{service}"));
+    }
+    if created("/result/deployment_created") {
+        kube.delete::<Deployment>(&deployment, recorded_str(cx.recorded, "/result/deployment_uid"))
+            .await?;
+        deleted.push(format!("Deployment/{deployment}"));
+        config::patch_creating_node(
+            scope,
+            &json!({"agent": {"dedicated_service_url": null, "deployment_mode": null}}),
+        )
         .await?;
-    kube.delete::<Deployment>(&deployment, recorded_str(cx.recorded, "/result/deployment_uid"))
-        .await?;
-    config::patch_creating_node(
-        scope,
-        &json!({"agent": {"dedicated_service_url": null, "deployment_mode": null}}),
-    )
-    .await?;
-    Ok(json!({"deleted": [format!("Deployment/{deployment}"), format!("Service/{service}")]}))
+    }
+    Ok(json!({ "deleted": deleted }))
 }
 
 /// A dedicated agent's Deployment as the existing service's `/deployment` endpoint described it.

@@ -23,6 +23,7 @@ use crate::config::Secret;
 use crate::domain::{OrgId, Step, TeamNodeId};
 
 pub(crate) use schedule::observe_all as observe_cronjobs;
+pub(crate) use token::revoke_unfinished as revoke_unfinished_token;
 
 /// How long a neighbour's answer we keep in a step result.
 const RESULT_LIMIT: usize = 4096;
@@ -153,7 +154,7 @@ impl Step {
     /// One attempt. Every step is idempotent: done twice, it leaves what it leaves once.
     pub async fn apply(self, cx: &StepContext<'_>) -> Result<StepDone, StepError> {
         match (self, cx.input) {
-            (Step::ConfigPatch, RunInput::Provision { request, .. }) => config::patch(cx, request).await,
+            (Step::ConfigPatch, RunInput::Provision { spec, .. }) => config::patch(cx, spec).await,
             (Step::TeamToken, _) => token::issue_once(cx).await,
             (Step::Bootstrap, _) => {
                 let key = format!("{}:{self}", cx.run_id);
@@ -229,29 +230,36 @@ impl<K> TeamObject for K where
 {
 }
 
+/// Whether `existing` is the team's object (never another team's that shares its name).
+fn is_teams<K: TeamObject>(existing: &K, expected: &K) -> bool {
+    objects::same_owner(existing.meta(), expected.meta())
+        && serde_json::to_value(existing).is_ok_and(|value| objects::env_names_owner(&value, expected.meta()))
+}
+
 /// Applies a team's object unless an object of that name belongs to someone else: another team
-/// whose name sanitises alike, or something this service did not create.
-async fn apply_owned<K: TeamObject>(kube: &KubeClient, object: &K) -> Result<k8s::AppliedObject, StepError> {
+/// whose name sanitises alike, or something this service did not create. Says whether the object
+/// was created (it did not exist), which is what an undo may delete.
+async fn apply_owned<K: TeamObject>(kube: &KubeClient, object: &K) -> Result<(k8s::AppliedObject, bool), StepError> {
     let name = object.meta().name.clone().unwrap_or_default();
-    if let Some(existing) = kube.get::<K>(&name).await? {
-        if !objects::same_owner(existing.meta(), object.meta()) {
+    let existing = kube.get::<K>(&name).await?;
+    if let Some(existing) = &existing {
+        if !is_teams(existing, object) {
             return Err(StepError::permanent(
                 "kubernetes_name_taken",
                 format!("{} {name} already exists and belongs to another team", K::kind(&())),
             ));
         }
     }
-    Ok(kube.apply(object).await?)
+    Ok((kube.apply(object).await?, existing.is_none()))
 }
 
-/// The team's object of `expected`'s name, if it exists and is the team's (never another team's
-/// object that shares the name).
+/// The team's object of `expected`'s name, if it exists and is the team's.
 async fn owned<K: TeamObject>(kube: &KubeClient, expected: &K) -> Result<Option<K>, StepError> {
     let name = expected.meta().name.clone().unwrap_or_default();
     Ok(kube
         .get::<K>(&name)
         .await?
-        .filter(|existing| objects::same_owner(existing.meta(), expected.meta())))
+        .filter(|existing| is_teams(existing, expected)))
 }
 
 /// Deletes the team's object of `expected`'s name if it exists and is the team's, only as long

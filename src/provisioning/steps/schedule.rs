@@ -22,10 +22,10 @@ pub(super) async fn converge(cx: &StepContext<'_>, spec: &TeamSpec) -> Result<St
         None => configured_schedule(scope).await?,
     };
     let cronjob = scope.objects().cronjob(CronJobKind::Pipeline, &schedule, false);
-    let applied = apply_owned(&scope.engine.kube, &cronjob).await?;
+    let (applied, created) = apply_owned(&scope.engine.kube, &cronjob).await?;
     Ok(json!({"result": {
         "name": applied.name, "namespace": applied.namespace, "schedule": schedule,
-        "org_id": org, "team_node_id": team, "created": true,
+        "org_id": org, "team_node_id": team, "created": created,
         "uid": applied.uid, "resource_version": applied.resource_version,
     }})
     .into())
@@ -62,10 +62,12 @@ async fn remove(scope: &TeamScope<'_>, kind: CronJobKind) -> Result<Value, StepE
     })
 }
 
-/// Deletes the CronJob this run applied (by the uid it recorded: never one created since).
+/// Deletes the CronJob this run created (by the uid it recorded: never one created since, nor
+/// one the team had before, which the run only updated).
 pub(super) async fn undo(cx: &StepContext<'_>) -> Result<Value, StepError> {
-    let Some(name) = recorded_str(cx.recorded, "/result/name") else {
-        return Ok(json!({"note": "no CronJob was applied by this run"}));
+    let created = cx.recorded.and_then(|r| r.pointer("/result/created")) == Some(&json!(true));
+    let Some(name) = recorded_str(cx.recorded, "/result/name").filter(|_| created) else {
+        return Ok(json!({"note": "no CronJob was created by this run"}));
     };
     cx.scope
         .engine

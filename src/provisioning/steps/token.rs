@@ -4,6 +4,7 @@
 use serde_json::{json, Value};
 
 use super::{recorded_str, StepContext, StepDone, StepError, TeamScope};
+use crate::clients::config_service::TeamTokenInfo;
 use crate::provisioning::store;
 
 /// Issues a team token unless the team has an active one, without ever leaving an issued token
@@ -15,26 +16,13 @@ pub(super) async fn issue_once(cx: &StepContext<'_>) -> Result<StepDone, StepErr
     let scope = &cx.scope;
     let config = &scope.engine.config_service;
     let (org, team, credential) = (scope.org.as_str(), scope.team.as_str(), scope.credential);
-    let known_before: Option<Vec<String>> = cx
-        .recorded
-        .filter(|r| r.get("issuing") == Some(&Value::Bool(true)))
-        .and_then(|r| serde_json::from_value(r.get("known_token_ids").cloned().unwrap_or_default()).ok());
-
     let tokens = config.list_team_tokens(credential, org, team).await?;
-    let mut active: Vec<&str> = tokens
+    let revoked_orphans = revoke_orphans(scope, cx.run_id, cx.recorded, &tokens).await?;
+    let active: Vec<&str> = tokens
         .iter()
-        .filter(|t| !t.revoked)
+        .filter(|t| !t.revoked && !revoked_orphans.contains(&t.token_id))
         .map(|t| t.token_id.as_str())
         .collect();
-    let mut revoked_orphans = Vec::new();
-    if let Some(known) = &known_before {
-        for orphan in active.iter().filter(|id| !known.iter().any(|k| k == *id)) {
-            config.revoke_team_token(credential, org, team, orphan).await?;
-            tracing::warn!(run_id = %cx.run_id, token_id = %orphan, "revoked a team token an interrupted attempt issued without handing it out");
-            revoked_orphans.push(orphan.to_string());
-        }
-        active.retain(|id| known.iter().any(|k| k == id));
-    }
     if !active.is_empty() {
         return Ok(json!({"created": false, "existing_tokens": tokens.len(), "active_token_ids": active}).into());
     }
@@ -47,6 +35,55 @@ pub(super) async fn issue_once(cx: &StepContext<'_>) -> Result<StepDone, StepErr
         result: json!({"created": true, "token_id": issued.token_id, "issued_at": issued.issued_at, "revoked_orphans": revoked_orphans}),
         issued_token: Some(issued.token),
     })
+}
+
+/// The token ids an attempt that recorded its intent knew before issuing (`None` without one).
+fn known_before(recorded: Option<&Value>) -> Option<Vec<String>> {
+    recorded
+        .filter(|r| r.get("issuing") == Some(&Value::Bool(true)))
+        .and_then(|r| serde_json::from_value(r.get("known_token_ids").cloned().unwrap_or_default()).ok())
+}
+
+/// Revokes the active tokens an interrupted attempt may have issued without handing them out:
+/// those not known before it, when it recorded that it was issuing. Returns their ids.
+async fn revoke_orphans(
+    scope: &TeamScope<'_>,
+    run_id: uuid::Uuid,
+    recorded: Option<&Value>,
+    tokens: &[TeamTokenInfo],
+) -> Result<Vec<String>, StepError> {
+    let Some(known) = known_before(recorded) else {
+        return Ok(Vec::new());
+    };
+    let mut revoked = Vec::new();
+    for orphan in tokens.iter().filter(|t| !t.revoked && !known.contains(&t.token_id)) {
+        scope
+            .engine
+            .config_service
+            .revoke_team_token(scope.credential, scope.org, scope.team, &orphan.token_id)
+            .await?;
+        tracing::warn!(%run_id, token_id = %orphan.token_id, "revoked a team token an interrupted attempt issued without handing it out");
+        revoked.push(orphan.token_id.clone());
+    }
+    Ok(revoked)
+}
+
+/// For a run that ends without the token step succeeding: a token its last attempt may have
+/// issued is revoked, or the team would keep a token nobody holds and never be issued another.
+pub(crate) async fn revoke_unfinished(
+    scope: &TeamScope<'_>,
+    run_id: uuid::Uuid,
+    recorded: Option<&Value>,
+) -> Result<Vec<String>, StepError> {
+    if known_before(recorded).is_none() {
+        return Ok(Vec::new());
+    }
+    let tokens = scope
+        .engine
+        .config_service
+        .list_team_tokens(scope.credential, scope.org, scope.team)
+        .await?;
+    revoke_orphans(scope, run_id, recorded, &tokens).await
 }
 
 /// Revokes the token this run issued, if it issued one, and forgets its sealed secret.

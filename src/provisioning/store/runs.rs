@@ -138,8 +138,8 @@ impl<'a> NewRun<'a> {
 }
 
 /// Inserts the run with all its steps, records it as the team's latest run (creating the team's
-/// record, and setting what is asked of it unless `desired` is `None`) and writes the audit row of
-/// the request: one statement. Returns the run as stored; `None` when a run with the same
+/// record; what is asked of the team changes only when a run of it succeeds) and writes the audit
+/// row of the request: one statement. Returns the run as stored; `None` when a run with the same
 /// idempotency key already exists (a concurrent twin won), and then nothing is written.
 pub async fn insert_run(
     conn: &mut PgConnection,
@@ -161,11 +161,10 @@ pub async fn insert_run(
              SELECT run.id, s.position, s.name, s.status
              FROM run, UNNEST($12::smallint[], $13::text[], $14::text[]) AS s (position, name, status)),
          team AS (
-             INSERT INTO orchestrator_teams (org_id, team_node_id, status, desired, last_run_id)
-             SELECT $3, $4, $15, $7, run.id FROM run
+             INSERT INTO orchestrator_teams (org_id, team_node_id, status, last_run_id)
+             SELECT $3, $4, $15, run.id FROM run
              ON CONFLICT (org_id, team_node_id) DO UPDATE
-             SET status = EXCLUDED.status, desired = coalesce(EXCLUDED.desired, orchestrator_teams.desired),
-                 last_run_id = EXCLUDED.last_run_id, updated_at = now()),
+             SET status = EXCLUDED.status, last_run_id = EXCLUDED.last_run_id, updated_at = now()),
          audit AS (
              INSERT INTO orchestrator_audit_events
                  (actor_subject, actor_email, action, org_id, team_node_id, provisioning_run_id, outcome, detail)
@@ -312,10 +311,11 @@ pub async fn steps(executor: impl PgExecutor<'_>, run_id: Uuid) -> Result<Vec<St
 
 /// What the executor learns from each of its writes: whether it still owns the run, and whether
 /// a cancel was asked for since.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Signals {
     pub cancel_requested: bool,
     pub cancel_undo: bool,
+    pub cancelled_by: Option<String>,
 }
 
 /// A step that succeeded. `sealed_token` is the team token it issued, sealed (stored with it in
@@ -355,14 +355,14 @@ pub async fn step_succeeded(
              UPDATE orchestrator_provisioning_runs
              SET updated_at = now(), sealed_team_token = coalesce($7, sealed_team_token)
              WHERE id = $1 AND executions = $2 AND status = 'running'
-             RETURNING cancel_requested_at IS NOT NULL AS cancel_requested, cancel_undo),
+             RETURNING cancel_requested_at IS NOT NULL AS cancel_requested, cancel_undo, cancelled_by),
          step AS (
              UPDATE orchestrator_provisioning_steps
              SET status = 'succeeded', attempts = $4, started_at = $5, finished_at = now(), duration_ms = $6,
                  result = $8, error = NULL
              WHERE run_id = $1 AND position = $3 AND EXISTS (SELECT 1 FROM run)
              RETURNING 1 AS done)
-         SELECT cancel_requested AS "cancel_requested!", cancel_undo AS "cancel_undo!" FROM run"#,
+         SELECT cancel_requested AS "cancel_requested!", cancel_undo AS "cancel_undo!", cancelled_by FROM run"#,
         run_id,
         epoch,
         step.position,
@@ -397,7 +397,7 @@ pub async fn attempt_failed(
         r#"WITH run AS (
              UPDATE orchestrator_provisioning_runs SET updated_at = now()
              WHERE id = $1 AND executions = $2 AND status = 'running'
-             RETURNING cancel_requested_at IS NOT NULL AS cancel_requested, cancel_undo),
+             RETURNING cancel_requested_at IS NOT NULL AS cancel_requested, cancel_undo, cancelled_by),
          step AS (
              UPDATE orchestrator_provisioning_steps
              SET attempts = $4, error = $5, attempt_errors = attempt_errors || jsonb_build_array($5::jsonb),
@@ -409,7 +409,7 @@ pub async fn attempt_failed(
                      ELSE duration_ms END
              WHERE run_id = $1 AND position = $3 AND EXISTS (SELECT 1 FROM run)
              RETURNING 1 AS done)
-         SELECT cancel_requested AS "cancel_requested!", cancel_undo AS "cancel_undo!" FROM run"#,
+         SELECT cancel_requested AS "cancel_requested!", cancel_undo AS "cancel_undo!", cancelled_by FROM run"#,
         run_id,
         epoch,
         failure.position,
@@ -438,13 +438,13 @@ pub async fn record_step_intent(
              SET updated_at = now(),
                  current_step = (SELECT name FROM orchestrator_provisioning_steps WHERE run_id = $1 AND position = $3)
              WHERE id = $1 AND executions = $2 AND status = 'running'
-             RETURNING cancel_requested_at IS NOT NULL AS cancel_requested, cancel_undo),
+             RETURNING cancel_requested_at IS NOT NULL AS cancel_requested, cancel_undo, cancelled_by),
          step AS (
              UPDATE orchestrator_provisioning_steps
              SET status = 'running', started_at = coalesce(started_at, now()), result = $4
              WHERE run_id = $1 AND position = $3 AND EXISTS (SELECT 1 FROM run)
              RETURNING 1 AS done)
-         SELECT cancel_requested AS "cancel_requested!", cancel_undo AS "cancel_undo!" FROM run"#,
+         SELECT cancel_requested AS "cancel_requested!", cancel_undo AS "cancel_undo!", cancelled_by FROM run"#,
         run_id,
         epoch,
         position,
@@ -556,26 +556,34 @@ pub async fn end_run(
                  current_step = CASE WHEN $3 = 'succeeded' THEN NULL ELSE coalesce($7, current_step) END,
                  sealed_team_token = coalesce($13, sealed_team_token), updated_at = now(), finished_at = now()
              WHERE id = $1 AND executions = $2 AND status = 'running'
-             RETURNING org_id, team_node_id, current_step, updated_at, finished_at),
+             RETURNING org_id, team_node_id, desired, current_step, updated_at, finished_at),
          last_step AS (
              UPDATE orchestrator_provisioning_steps
              SET status = 'succeeded', attempts = $9, started_at = $10, finished_at = now(), duration_ms = $11,
                  result = $12, error = NULL
-             WHERE run_id = $1 AND position = $8 AND EXISTS (SELECT 1 FROM run)),
+             WHERE run_id = $1 AND position = $8 AND EXISTS (SELECT 1 FROM run)
+             RETURNING 1 AS done),
          team AS (
              UPDATE orchestrator_teams t
              SET status = $14, updated_at = now(),
+                 desired = CASE WHEN $14 = 'active' THEN coalesce(run.desired, t.desired) ELSE t.desired END,
                  bootstrapped_at = CASE WHEN $14 = 'deprovisioned' THEN NULL
                                         WHEN $15 THEN coalesce(t.bootstrapped_at, now())
                                         ELSE t.bootstrapped_at END,
                  deprovisioned_at = CASE WHEN $14 = 'deprovisioned' THEN now() ELSE NULL END
              FROM run
-             WHERE t.org_id = run.org_id AND t.team_node_id = run.team_node_id AND t.last_run_id = $1),
+             WHERE t.org_id = run.org_id AND t.team_node_id = run.team_node_id AND t.last_run_id = $1
+             RETURNING 1 AS done),
          audit AS (
              INSERT INTO orchestrator_audit_events
                  (actor_subject, actor_email, action, org_id, team_node_id, provisioning_run_id, outcome, detail)
-             SELECT $16, $17, $18, run.org_id, run.team_node_id, $1, $3, $19 FROM run),
-         unlocked AS (SELECT pg_advisory_unlock($20) AS released FROM run)
+             SELECT $16, $17, $18, run.org_id, run.team_node_id, $1, $3, $19 FROM run
+             RETURNING 1 AS done),
+         -- Data-modifying CTEs nobody reads run after the main query: reading them (to the end)
+         -- here is what makes the release come after the team's row is written and locked.
+         written AS (
+             SELECT (SELECT count(*) FROM last_step) + (SELECT count(*) FROM team) + (SELECT count(*) FROM audit) AS rows),
+         unlocked AS (SELECT pg_advisory_unlock($20) AS released FROM run, written)
          SELECT current_step, updated_at, finished_at FROM run, unlocked"#,
         run_id,
         epoch,
@@ -644,23 +652,49 @@ pub fn step_summary(steps: &[StepRow], slack_channels: usize) -> Value {
     Value::Object(summary)
 }
 
+/// Records that a step was undone, if the run is still this execution's.
 pub async fn mark_step_rolled_back(
-    executor: impl PgExecutor<'_>,
+    conn: &mut PgConnection,
     run_id: Uuid,
+    epoch: i32,
     position: i16,
     note: &Value,
-) -> Result<(), sqlx::Error> {
-    sqlx::query!(
-        "UPDATE orchestrator_provisioning_steps
-         SET status = 'rolled_back', result = coalesce(result, '{}'::jsonb) || jsonb_build_object('rollback', $3::jsonb)
-         WHERE run_id = $1 AND position = $2",
+) -> Result<Option<Signals>, sqlx::Error> {
+    sqlx::query_as!(
+        Signals,
+        r#"WITH run AS (
+             UPDATE orchestrator_provisioning_runs SET updated_at = now()
+             WHERE id = $1 AND executions = $2 AND status = 'running'
+             RETURNING cancel_requested_at IS NOT NULL AS cancel_requested, cancel_undo, cancelled_by),
+         step AS (
+             UPDATE orchestrator_provisioning_steps
+             SET status = 'rolled_back',
+                 result = coalesce(result, '{}'::jsonb) || jsonb_build_object('rollback', $4::jsonb)
+             WHERE run_id = $1 AND position = $3 AND EXISTS (SELECT 1 FROM run)
+             RETURNING 1 AS done)
+         SELECT cancel_requested AS "cancel_requested!", cancel_undo AS "cancel_undo!", cancelled_by FROM run"#,
         run_id,
+        epoch,
         position,
         note
     )
-    .execute(executor)
-    .await?;
-    Ok(())
+    .fetch_optional(conn)
+    .await
+}
+
+/// Checks that the run is still this execution's (before an action that must not be taken by an
+/// owner presumed dead), and refreshes its heartbeat.
+pub async fn touch_run(conn: &mut PgConnection, run_id: Uuid, epoch: i32) -> Result<Option<Signals>, sqlx::Error> {
+    sqlx::query_as!(
+        Signals,
+        r#"UPDATE orchestrator_provisioning_runs SET updated_at = now()
+         WHERE id = $1 AND executions = $2 AND status = 'running'
+         RETURNING cancel_requested_at IS NOT NULL AS "cancel_requested!", cancel_undo, cancelled_by"#,
+        run_id,
+        epoch
+    )
+    .fetch_optional(conn)
+    .await
 }
 
 /// Puts a failed or timed-out run back to running from the step it stopped at, with a new
@@ -674,7 +708,8 @@ pub async fn reopen_for_retry(
     let reopened = sqlx::query!(
         "UPDATE orchestrator_provisioning_runs
          SET status = 'running', error = NULL, error_detail = NULL, finished_at = NULL,
-             executions = executions + 1, updated_at = now(), deadline_at = now() + make_interval(secs => $2)
+             executions = executions + 1, updated_at = now(), deadline_at = now() + make_interval(secs => $2),
+             cancel_requested_at = NULL, cancel_undo = FALSE, cancelled_by = NULL
          WHERE id = $1 AND status IN ('failed', 'timed_out') AND request IS NOT NULL",
         run_id,
         deadline_seconds

@@ -13,7 +13,8 @@ pub struct TeamRow {
     pub org_id: OrgId,
     pub team_node_id: TeamNodeId,
     pub status: TeamStatus,
-    /// `None` until this service provisions the team.
+    /// What its last successful provisioning run applied; `None` until one did (and for a team
+    /// the existing service provisioned, what its runs show, `inferred`).
     pub desired: Option<Json<TeamSpec>>,
     pub last_run_id: Option<Uuid>,
     pub bootstrapped_at: Option<DateTime<Utc>>,
@@ -81,26 +82,20 @@ impl TeamRow {
     }
 }
 
-/// Records that a run starts changing the team: its status, what is now asked of it (kept when
-/// `desired` is `None`), and the run.
+/// Records that a run (a retried one) changes the team again.
 pub async fn team_run_started(
     conn: &mut PgConnection,
     org: &str,
     team: &str,
     status: TeamStatus,
-    desired: Option<&TeamSpec>,
     run_id: Uuid,
 ) -> Result<(), sqlx::Error> {
     sqlx::query!(
-        "INSERT INTO orchestrator_teams (org_id, team_node_id, status, desired, last_run_id)
-         VALUES ($1, $2, $3, $4, $5)
-         ON CONFLICT (org_id, team_node_id) DO UPDATE
-         SET status = EXCLUDED.status, desired = coalesce(EXCLUDED.desired, orchestrator_teams.desired),
-             last_run_id = EXCLUDED.last_run_id, updated_at = now()",
+        "UPDATE orchestrator_teams SET status = $3, last_run_id = $4, updated_at = now()
+         WHERE org_id = $1 AND team_node_id = $2",
         org,
         team,
         status.as_str(),
-        desired.map(Json) as _,
         run_id
     )
     .execute(conn)
