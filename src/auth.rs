@@ -32,6 +32,8 @@ pub enum Capability {
     AuditRead,
     DeploymentRead,
     PipelineRead,
+    PipelineTrigger,
+    CronJobsSync,
 }
 
 const ADMIN_STAR: &str = "admin:*";
@@ -129,6 +131,8 @@ fn required_permission(config: &AuthConfig, capability: Capability) -> &str {
         Capability::AuditRead => &p.audit_read,
         Capability::DeploymentRead => &p.deployment_read,
         Capability::PipelineRead => &p.pipeline_read,
+        Capability::PipelineTrigger => &p.pipeline_trigger,
+        Capability::CronJobsSync => &p.cronjobs_sync,
     }
 }
 

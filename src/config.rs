@@ -13,6 +13,8 @@ use base64::Engine;
 use serde::Serialize;
 use url::Url;
 
+use crate::domain::DriftPolicy;
+
 /// A value that must never reach a log, an error or a response.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -97,6 +99,7 @@ pub struct Config {
     pub kubernetes: KubernetesConfig,
     pub auth: AuthConfig,
     pub provisioning: ProvisioningConfig,
+    pub reconcile: ReconcileConfig,
     pub webhooks: WebhookConfig,
     pub agent_runs: AgentRunConfig,
 
@@ -187,6 +190,8 @@ pub struct RequiredPermissions {
     pub audit_read: String,
     pub deployment_read: String,
     pub pipeline_read: String,
+    pub pipeline_trigger: String,
+    pub cronjobs_sync: String,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -200,6 +205,17 @@ pub struct ProvisioningConfig {
     pub resume_interval: Duration,
     /// A run stops as `timed_out` at its first step boundary past this.
     pub run_deadline: Duration,
+}
+
+/// The reconciler that keeps every team's Kubernetes objects as they should be.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReconcileConfig {
+    pub enabled: bool,
+    /// A full resync (one list per kind) at least this often: the bound on finding drift when
+    /// watches are refused or failing.
+    pub interval: Duration,
+    /// For teams without a policy of their own, and for objects of unknown teams.
+    pub default_policy: DriftPolicy,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -469,6 +485,11 @@ impl Config {
                     "admin:deployment:read",
                 ),
                 pipeline_read: permission("ORCHESTRATOR_REQUIRED_PERMISSION_PIPELINE_READ", "admin:pipeline:read"),
+                pipeline_trigger: permission(
+                    "ORCHESTRATOR_REQUIRED_PERMISSION_PIPELINE_TRIGGER",
+                    "admin:pipeline:trigger",
+                ),
+                cronjobs_sync: permission("ORCHESTRATOR_REQUIRED_PERMISSION_CRONJOBS_SYNC", "admin:cronjobs:sync"),
             },
         };
 
@@ -482,6 +503,14 @@ impl Config {
             resume_interval: env.millis("ORCHESTRATOR_PROVISION_RESUME_INTERVAL_MS", 5_000, 50, 600_000)?,
             // 30 minutes: ten times what a run takes when every neighbour retries to its limit.
             run_deadline: env.seconds("ORCHESTRATOR_RUN_DEADLINE_SECONDS", 1800, 1, 7 * 86_400)?,
+        };
+
+        let reconcile = ReconcileConfig {
+            enabled: env.bool("ORCHESTRATOR_RECONCILE_ENABLED", true)?,
+            // 30 s: drift is found within 60 s even when a resync starts just before it happens
+            // and watches are down, for 3 list calls per replica every 30 s.
+            interval: env.seconds("ORCHESTRATOR_RECONCILE_INTERVAL_SECONDS", 30, 1, 3600)?,
+            default_policy: env.parse("ORCHESTRATOR_DRIFT_POLICY", DriftPolicy::Repair)?,
         };
 
         // Timeouts and turn limits default to the existing service's: 180 s and 30 turns for
@@ -601,6 +630,7 @@ impl Config {
             kubernetes,
             auth,
             provisioning,
+            reconcile,
             webhooks,
             agent_runs,
             internal_admin_token: env.secret("ORCHESTRATOR_INTERNAL_ADMIN_TOKEN"),

@@ -42,6 +42,12 @@ pub struct Metrics {
 
     pub agent_run_duration_seconds: HistogramVec,
     pub agent_runs_total: IntCounterVec,
+
+    pub reconcile_drift_found_total: IntCounterVec,
+    pub reconcile_drift_repaired_total: IntCounterVec,
+    pub reconcile_duration_seconds: HistogramVec,
+    pub reconcile_objects_watched: IntGaugeVec,
+    pub reconcile_errors_total: IntCounterVec,
 }
 
 impl Metrics {
@@ -168,6 +174,32 @@ impl Metrics {
                 "agent_runs_total",
                 "Agent calls by trigger source and outcome (ok, failed, timeout, upstream_error).",
                 &["source", "outcome"],
+            )?,
+            reconcile_drift_found_total: counter(
+                "reconcile_drift_found_total",
+                "Drift found in the teams' Kubernetes objects, by object kind (pipeline_cronjob, discovery_cronjob, deployment, service) and drift (missing, modified, unexpected, orphan).",
+                &["kind", "drift"],
+            )?,
+            reconcile_drift_repaired_total: counter(
+                "reconcile_drift_repaired_total",
+                "Drift the reconciler repaired, by object kind and drift.",
+                &["kind", "drift"],
+            )?,
+            reconcile_duration_seconds: histogram(
+                "reconcile_duration_seconds",
+                "Duration of a reconcile pass, by trigger (resync: every object listed; watch: the objects of a batch of watch events).",
+                &["trigger"],
+                LONG_BUCKETS,
+            )?,
+            reconcile_objects_watched: gauge_vec(
+                "reconcile_objects_watched",
+                "Objects with the orchestrator's managed-by label, by resource (cronjobs, deployments, services), as of the last resync.",
+                &["resource"],
+            )?,
+            reconcile_errors_total: counter(
+                "reconcile_errors_total",
+                "Reconciler failures, by stage (list, watch, database, repair); each is retried with backoff.",
+                &["stage"],
             )?,
             registry,
         })

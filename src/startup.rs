@@ -24,6 +24,7 @@ use crate::clients::Transport;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::provisioning::engine::{Engine, EngineHandles};
+use crate::provisioning::reconcile::{self, Parts as ReconcileParts, Reconciler};
 use crate::provisioning::resume;
 use crate::provisioning::sealing::Sealer;
 use crate::state::{AppState, Handles};
@@ -55,6 +56,7 @@ pub struct Application {
 /// The background work, each with exactly the handles it uses.
 struct Workers {
     engine: Engine,
+    reconciler: Reconciler,
     dispatcher: Arc<Dispatcher>,
     housekeeping: Housekeeping,
     agent_proxy: AgentProxy,
@@ -126,6 +128,15 @@ impl Application {
             settings: config.provisioning.clone(),
             internal_admin_token: config.internal_admin_token.clone(),
         });
+        let reconciler = Reconciler::new(ReconcileParts {
+            db: db.clone(),
+            lock_db: lock_db.clone(),
+            kube: engine.kube.clone(),
+            metrics: metrics.clone(),
+            kubernetes: config.kubernetes.clone(),
+            config_service_url: neighbours.config_service_url.to_string(),
+            settings: config.reconcile.clone(),
+        });
         let dispatcher = Arc::new(Dispatcher::new(
             queue_db,
             db.clone(),
@@ -165,6 +176,7 @@ impl Application {
             db,
             metrics,
             provisioning: engine.clone(),
+            reconciler: reconciler.clone(),
             agent_proxy: agent_proxy.clone(),
             webhook_rate_limits: rate_limits,
             openapi: Arc::new(openapi),
@@ -177,6 +189,7 @@ impl Application {
             router,
             workers: Workers {
                 engine,
+                reconciler,
                 dispatcher,
                 housekeeping,
                 agent_proxy,
@@ -306,6 +319,11 @@ impl Workers {
         tasks.spawn(async move {
             dispatch::housekeeping(housekeeping, stop_housekeeping).await;
             "webhook housekeeping"
+        });
+        let (reconciler, stop_reconcile) = (self.reconciler.clone(), stop.clone());
+        tasks.spawn(async move {
+            reconcile::run(reconciler, stop_reconcile).await;
+            "the reconciler"
         });
         let (proxy, stop_sweep) = (self.agent_proxy.clone(), stop.clone());
         tasks.spawn(async move {

@@ -10,6 +10,7 @@ use crate::auth::AdminVerifier;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::provisioning::engine::Engine;
+use crate::provisioning::reconcile::Reconciler;
 use crate::webhooks::ingress::RateLimits;
 use crate::webhooks::writer::InboxWriter;
 
@@ -32,6 +33,8 @@ pub struct Handles {
     pub admin_verifier: AdminVerifier,
     /// Starts and reads provisioning runs.
     pub provisioning: Engine,
+    /// Plans and corrections of a team's objects (the drift endpoint, schedule changes).
+    pub reconciler: Reconciler,
     pub agent_proxy: AgentProxy,
     /// Stores accepted webhook deliveries with group commit.
     pub inbox: InboxWriter,

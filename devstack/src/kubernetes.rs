@@ -3,9 +3,11 @@
 //!
 //! It follows the real API server where a client could tell the difference: `Status` error bodies,
 //! resource versions and optimistic concurrency, name and label validation, server-side apply
-//! requiring a field manager, no-op writes not bumping the resource version.
+//! requiring a field manager, no-op writes not bumping the resource version, watches (`?watch=1`)
+//! that resume from a resource version and answer `410 Gone` (as an `ERROR` event) when it is
+//! older than the retained history.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
@@ -108,8 +110,27 @@ pub struct Kubernetes {
     inner: Arc<Mutex<KubeState>>,
 }
 
-#[derive(Default)]
+/// How many changes watches can resume from; an older resource version is `410 Gone`, as etcd's
+/// compaction makes it in a real cluster.
+const WATCH_HISTORY: usize = 10_000;
+
+/// One change, as a watch sends it.
+struct Change {
+    resource_version: u64,
+    resource: String,
+    namespace: String,
+    /// ADDED, MODIFIED or DELETED.
+    kind: &'static str,
+    object: Value,
+}
+
 struct KubeState {
+    /// Every change, oldest first, at most `WATCH_HISTORY`.
+    changes: VecDeque<Change>,
+    /// The resource version of the newest change, for watches waiting for the next one.
+    latest: tokio::sync::watch::Sender<u64>,
+    /// Watches answer 403, as an API server whose RBAC does not grant `watch`.
+    refuse_watches: bool,
     /// Keyed by (resource, namespace, name).
     objects: BTreeMap<(String, String, String), Value>,
     /// The cluster-wide resource version counter, like etcd's revision.
@@ -120,6 +141,21 @@ struct KubeState {
     /// namespace, name) then manager: what server-side apply needs to know which fields a manager
     /// stopped applying (and so gives up).
     applied: HashMap<(String, String, String), BTreeMap<String, Value>>,
+}
+
+impl Default for KubeState {
+    fn default() -> Self {
+        Self {
+            changes: VecDeque::new(),
+            latest: tokio::sync::watch::channel(0).0,
+            refuse_watches: false,
+            objects: BTreeMap::new(),
+            // Like etcd's revision, never 0: a list's "0" would mean "any version" to a watch.
+            resource_version: 1,
+            writes: HashMap::new(),
+            applied: HashMap::new(),
+        }
+    }
 }
 
 impl Kubernetes {
@@ -149,6 +185,32 @@ impl Kubernetes {
             .get(&(resource.to_owned(), name.to_owned()))
             .copied()
             .unwrap_or(0)
+    }
+
+    /// Deletes an object behind the client's back (a test playing an operator or a controller):
+    /// watches see it. Returns whether it existed.
+    pub fn delete_behind(&self, resource: &str, namespace: &str, name: &str) -> bool {
+        let mut state = self.inner.lock().unwrap();
+        state.remove_object(&object_key(resource, namespace, name)).is_some()
+    }
+
+    /// Changes an object behind the client's back (`edit` gets it as stored; identity and
+    /// resource version are kept and bumped as an update through the API would): watches see it.
+    pub fn edit_behind(&self, resource: &str, namespace: &str, name: &str, edit: impl FnOnce(&mut Value)) -> bool {
+        let Some(kind) = ResourceKind::by_resource(resource) else {
+            return false;
+        };
+        let mut state = self.inner.lock().unwrap();
+        let Some(mut object) = state.objects.get(&object_key(resource, namespace, name)).cloned() else {
+            return false;
+        };
+        edit(&mut object);
+        state.update(kind, namespace, name, object, false).is_ok()
+    }
+
+    /// Watches answer 403 Forbidden from now on (`true`), or work again.
+    pub fn refuse_watches(&self, refuse: bool) {
+        self.inner.lock().unwrap().refuse_watches = refuse;
     }
 
     /// Store an object directly (for seeding a test), as if created through the API: validated
@@ -461,6 +523,7 @@ impl KubeState {
         object["metadata"]["resourceVersion"] = json!(self.next_resource_version());
         self.objects.insert(key, object.clone());
         self.count_write(kind, &name);
+        self.record("ADDED", kind.resource, namespace, &object);
         Ok(object)
     }
 
@@ -525,7 +588,31 @@ impl KubeState {
         candidate["metadata"]["resourceVersion"] = json!(self.next_resource_version());
         self.objects.insert(key, candidate.clone());
         self.count_write(kind, name);
+        self.record("MODIFIED", kind.resource, namespace, &candidate);
         Ok(candidate)
+    }
+
+    /// Removes an object; watches see its last state with a new resource version.
+    fn remove_object(&mut self, key: &(String, String, String)) -> Option<Value> {
+        let mut object = self.objects.remove(key)?;
+        self.applied.remove(key);
+        object["metadata"]["resourceVersion"] = json!(self.next_resource_version());
+        self.record("DELETED", &key.0, &key.1, &object);
+        Some(object)
+    }
+
+    fn record(&mut self, kind: &'static str, resource: &str, namespace: &str, object: &Value) {
+        if self.changes.len() == WATCH_HISTORY {
+            self.changes.pop_front();
+        }
+        self.changes.push_back(Change {
+            resource_version: self.resource_version,
+            resource: resource.to_owned(),
+            namespace: namespace.to_owned(),
+            kind,
+            object: object.clone(),
+        });
+        self.latest.send_replace(self.resource_version);
     }
 
     fn count_write(&mut self, kind: &ResourceKind, name: &str) {
@@ -823,6 +910,9 @@ async fn list(
         Some(selector) => parse_label_selector(selector).map_err(KubeStatus::bad_request)?,
         None => Vec::new(),
     };
+    if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) {
+        return watch(kube, target, requirements, &query);
+    }
     let state = kube.inner.lock().unwrap();
     let mut items = Vec::new();
     for ((resource, namespace, _), object) in &state.objects {
@@ -848,6 +938,122 @@ async fn list(
         "items": items,
     }))
     .into_response())
+}
+
+/// The changes of a resource from a resource version on, as newline-separated JSON events, until
+/// `timeoutSeconds` (default 30 minutes) or the client goes away. No resource version (or "0"):
+/// the current objects first, as ADDED. A version older than the retained history: one ERROR
+/// event with a 410 Expired status, as a real API server sends after compaction.
+fn watch(
+    kube: Kubernetes,
+    target: Target,
+    requirements: Vec<Requirement>,
+    query: &HashMap<String, String>,
+) -> Result<Response, KubeStatus> {
+    let resource = target.kind.resource.to_owned();
+    let namespace = target.namespace.clone();
+    let timeout = query
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .unwrap_or(1800)
+        .min(3600);
+    let matches = move |change_resource: &str, change_namespace: &str, object: &Value| {
+        let empty = Map::new();
+        let labels = object["metadata"]["labels"].as_object().unwrap_or(&empty);
+        change_resource == resource
+            && namespace.as_ref().is_none_or(|ns| ns == change_namespace)
+            && requirements.iter().all(|r| r.matches(labels))
+    };
+    let (start, initial, mut latest) = {
+        let state = kube.inner.lock().unwrap();
+        if state.refuse_watches {
+            return Err(KubeStatus::new(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                format!(
+                    "{} is forbidden: User \"system:serviceaccount:incidentfox:orchestrator\" cannot watch resource \"{}\"",
+                    target.kind.qualified_resource(),
+                    target.kind.resource
+                ),
+                Some(target.kind.details("", target.kind.resource)),
+            ));
+        }
+        match query.get("resourceVersion").map(String::as_str) {
+            None | Some("" | "0") => {
+                let initial: Vec<Value> = state
+                    .objects
+                    .iter()
+                    .filter(|((r, ns, _), object)| matches(r, ns, object))
+                    .map(|(_, object)| json!({"type": "ADDED", "object": object}))
+                    .collect();
+                (state.resource_version, initial, state.latest.subscribe())
+            }
+            Some(version) => {
+                let start: u64 = version
+                    .parse()
+                    .map_err(|_| KubeStatus::bad_request(format!("invalid resourceVersion {version:?}")))?;
+                let oldest_kept = state
+                    .changes
+                    .front()
+                    .map_or(state.resource_version, |c| c.resource_version);
+                let compacted = state.changes.len() == WATCH_HISTORY && start + 1 < oldest_kept;
+                let initial = if compacted {
+                    vec![json!({"type": "ERROR", "object": {
+                        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                        "message": format!("too old resource version: {start} ({oldest_kept})"),
+                        "reason": "Expired", "code": 410}})]
+                } else {
+                    Vec::new()
+                };
+                if compacted {
+                    (u64::MAX, initial, state.latest.subscribe())
+                } else {
+                    (start, initial, state.latest.subscribe())
+                }
+            }
+        }
+    };
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Bytes, std::convert::Infallible>>(256);
+    tokio::spawn(async move {
+        let line = |event: &Value| Ok(Bytes::from(format!("{event}\n")));
+        for event in &initial {
+            if sender.send(line(event)).await.is_err() {
+                return;
+            }
+        }
+        if start == u64::MAX {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(timeout);
+        let mut sent_up_to = start;
+        loop {
+            let events: Vec<Value> = {
+                let state = kube.inner.lock().unwrap();
+                let events = state
+                    .changes
+                    .iter()
+                    .filter(|c| c.resource_version > sent_up_to && matches(&c.resource, &c.namespace, &c.object))
+                    .map(|c| json!({"type": c.kind, "object": c.object}))
+                    .collect();
+                sent_up_to = sent_up_to.max(state.resource_version);
+                events
+            };
+            for event in &events {
+                if sender.send(line(event)).await.is_err() {
+                    return;
+                }
+            }
+            tokio::select! {
+                changed = latest.changed() => if changed.is_err() { return },
+                () = tokio::time::sleep_until(deadline) => return,
+                () = sender.closed() => return,
+            }
+        }
+    });
+    let body = axum::body::Body::from_stream(futures::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|item| (item, receiver))
+    }));
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 async fn create(
@@ -1136,8 +1342,7 @@ async fn remove(
         }
     }
     if !is_dry_run(&query) {
-        state.applied.remove(&key);
-        state.objects.remove(&key);
+        state.remove_object(&key);
     }
     Ok(Json(stored).into_response())
 }

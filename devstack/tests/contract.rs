@@ -999,6 +999,84 @@ mod kubernetes_api {
         cronjobs.delete("job", &current).await.unwrap();
         assert!(stack.kubernetes.state().objects("cronjobs").is_empty());
     }
+
+    /// Watches as a client sees them: from a list's resource version on, every change (an edit
+    /// or a deletion behind the client's back included) as ADDED, MODIFIED or DELETED with the
+    /// object, filtered by label; refused with 403 when RBAC would refuse them.
+    #[tokio::test]
+    async fn watches_send_every_change_from_a_resource_version() {
+        use futures::{StreamExt, TryStreamExt};
+        use k8s_openapi::api::batch::v1::CronJob;
+        use kube::api::{Api, ListParams, WatchEvent, WatchParams};
+
+        let stack = Devstack::start().await.unwrap();
+        let client = kube::Client::try_from(kube::Config::new(stack.kubernetes.url().parse().unwrap())).unwrap();
+        let cronjobs: Api<CronJob> = Api::namespaced(client, "incidentfox");
+        let listed = cronjobs.list(&ListParams::default()).await.unwrap();
+        let from = listed.metadata.resource_version.unwrap();
+        let cronjob = |name: &str, managed: bool| {
+            let labels = if managed {
+                json!({"app.kubernetes.io/managed-by": "incidentfox-orchestrator"})
+            } else {
+                json!({})
+            };
+            json!({"apiVersion": "batch/v1", "kind": "CronJob",
+                "metadata": {"name": name, "namespace": "incidentfox", "labels": labels},
+                "spec": {"schedule": "0 2 * * *", "jobTemplate": {"spec": {"template": {"spec": {"restartPolicy": "Never",
+                    "containers": [{"name": "c", "image": "i"}]}}}}}})
+        };
+        let state = stack.kubernetes.state();
+        state.insert("cronjobs", cronjob("ours", true)).unwrap();
+        state.insert("cronjobs", cronjob("theirs", false)).unwrap();
+        assert!(
+            state.edit_behind("cronjobs", "incidentfox", "ours", |o| o["spec"]["schedule"] =
+                json!("*/5 * * * *"))
+        );
+        assert!(state.delete_behind("cronjobs", "incidentfox", "ours"));
+
+        let params = WatchParams::default()
+            .labels("app.kubernetes.io/managed-by=incidentfox-orchestrator")
+            .timeout(5);
+        let events: Vec<WatchEvent<CronJob>> = cronjobs
+            .watch(&params, &from)
+            .await
+            .unwrap()
+            .take(3)
+            .try_collect()
+            .await
+            .unwrap();
+        let seen: Vec<(String, String)> = events
+            .iter()
+            .map(|event| match event {
+                WatchEvent::Added(o) => ("ADDED".into(), o.spec.as_ref().unwrap().schedule.clone()),
+                WatchEvent::Modified(o) => ("MODIFIED".into(), o.spec.as_ref().unwrap().schedule.clone()),
+                WatchEvent::Deleted(o) => ("DELETED".into(), o.spec.as_ref().unwrap().schedule.clone()),
+                other => (format!("{other:?}"), String::new()),
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("ADDED".to_string(), "0 2 * * *".to_string()),
+                ("MODIFIED".to_string(), "*/5 * * * *".to_string()),
+                ("DELETED".to_string(), "*/5 * * * *".to_string()),
+            ]
+        );
+
+        state.refuse_watches(true);
+        let refused = cronjobs.watch(&params, "0").await.err().or(None);
+        let refused = match refused {
+            Some(e) => e,
+            None => cronjobs
+                .watch(&params, "0")
+                .await
+                .unwrap()
+                .try_collect::<Vec<_>>()
+                .await
+                .unwrap_err(),
+        };
+        assert!(matches!(&refused, kube::Error::Api(s) if s.code == 403), "{refused:?}");
+    }
 }
 
 /// A plain HTTP client; installs the TLS provider reqwest needs when its features are unified

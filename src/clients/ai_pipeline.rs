@@ -1,4 +1,4 @@
-//! Client for the AI pipeline: a team's first ingestion.
+//! Client for the AI pipeline: a team's first ingestion, and an on-demand run.
 
 use serde_json::{json, Value};
 use url::Url;
@@ -31,5 +31,16 @@ impl AiPipelineClient {
         let response = self.transport.send(NEIGHBOUR, request).await?;
         let bytes = super::read_limited(NEIGHBOUR, response).await.unwrap_or_default();
         Ok(serde_json::from_slice(&bytes).unwrap_or_else(|_| json!({})))
+    }
+
+    /// Starts an on-demand pipeline run (`{org_id, team_id}`); the answer names its job or run.
+    pub async fn run(&self, token: &Secret, org: &str, team: &str) -> Result<Value, NeighbourError> {
+        let request = self
+            .transport
+            .http
+            .post(endpoint(&self.base, &["api", "v1", "teams", team, "run"]))
+            .bearer_auth(token.expose())
+            .json(&json!({"org_id": org, "team_id": team}));
+        self.transport.json(NEIGHBOUR, request).await
     }
 }

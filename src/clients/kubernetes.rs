@@ -2,7 +2,7 @@
 //! one field manager, get, delete. What the objects are, and whose, is provisioning's business
 //! (`provisioning::objects`).
 
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Resource};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -15,8 +15,10 @@ use crate::metrics::Metrics;
 pub const FIELD_MANAGER: &str = "incidentfox-orchestrator";
 
 /// The verbs `KubeClient` uses: `get` (is the name free, or ours?), server-side apply is `patch`,
-/// rollback is `delete`. Nothing else is called, so nothing else is granted.
-pub const VERBS: &[&str] = &["delete", "get", "patch"];
+/// rollback and orphans are `delete`, the reconciler's resync is `list` and its watches `watch`
+/// (both only with the managed-by label selector). Nothing else is called, so nothing else is
+/// granted.
+pub const VERBS: &[&str] = &["delete", "get", "list", "patch", "watch"];
 
 /// Every (API group, resource, verbs) the service uses. The Helm chart's Role grants exactly
 /// these; a test compares the two.
@@ -83,6 +85,45 @@ impl KubeClient {
         self.metrics
             .observe_neighbour(NEIGHBOUR, outcome(&existing), started.elapsed());
         existing
+    }
+
+    /// Every object of the kind in the namespace that matches the label selector, in one call
+    /// (the reconciler's resync; the namespace holds a few thousand at most).
+    pub async fn list<K>(&self, label_selector: &str) -> Result<Vec<K>, kube::Error>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug,
+        <K as Resource>::DynamicType: Default,
+    {
+        let started = Instant::now();
+        let listed = self
+            .api::<K>()
+            .list(&ListParams::default().labels(label_selector))
+            .await;
+        self.metrics
+            .observe_neighbour(NEIGHBOUR, outcome(&listed), started.elapsed());
+        Ok(listed?.items)
+    }
+
+    /// A watch of the kind's objects that match the label selector (kube's watcher: it lists,
+    /// then watches from there, and lists again when the watch expires). It never retries on its
+    /// own; the caller decides how to back off.
+    pub fn watch<K>(
+        &self,
+        label_selector: &str,
+    ) -> impl futures::Stream<Item = Result<kube::runtime::watcher::Event<K>, kube::runtime::watcher::Error>> + Send + use<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + 'static,
+        <K as Resource>::DynamicType: Default,
+    {
+        kube::runtime::watcher(
+            self.api::<K>(),
+            kube::runtime::watcher::Config::default().labels(label_selector),
+        )
     }
 
     /// Server-side apply: creates or updates, and is idempotent.

@@ -7,6 +7,6 @@ mod status;
 
 pub use ids::{AgentName, InvalidValue, OrgId, TeamNodeId};
 pub use status::{
-    AgentRunStatus, DeploymentMode, EventStatus, RunStatus, Step, StepStatus, TeamStatus, TextEnum, UnknownValue,
-    Workflow,
+    AgentRunStatus, DeploymentMode, DriftPolicy, EventStatus, RunStatus, ScheduleType, Step, StepStatus, TeamStatus,
+    TextEnum, UnknownValue, Workflow,
 };

@@ -172,6 +172,45 @@ text_enum!(
 );
 
 text_enum!(
+    /// A team's scheduled work, one CronJob each.
+    ScheduleType, "schedule type" {
+        /// The AI pipeline's scheduled ingestion (`ai-pipeline-<org>-<team>`).
+        Ingestion = "ingestion",
+        /// Dependency discovery (`dep-discovery-<org>-<team>`).
+        DependencyDiscovery = "dependency_discovery",
+    }
+);
+
+impl ScheduleType {
+    /// Its cron expression when nobody set one (`contracts.md`).
+    pub fn default_cron(self) -> &'static str {
+        match self {
+            ScheduleType::Ingestion => "0 2 * * *",
+            ScheduleType::DependencyDiscovery => "0 */2 * * *",
+        }
+    }
+
+    /// Its section of the team config (`ai_pipeline`, `dependency_discovery`), which
+    /// `sync-cronjobs` reads, and the key it answers under.
+    pub fn config_key(self) -> &'static str {
+        match self {
+            ScheduleType::Ingestion => "ai_pipeline",
+            ScheduleType::DependencyDiscovery => "dependency_discovery",
+        }
+    }
+}
+
+text_enum!(
+    /// What the reconciler does when a team's objects are not as they should be.
+    DriftPolicy, "drift policy" {
+        /// Put them back, and record the before and after.
+        Repair = "repair",
+        /// Only record what differs (visible in the team view and `.../drift`).
+        Report = "report",
+    }
+);
+
+text_enum!(
     /// Where one step of a run is.
     StepStatus, "step status" {
         Pending = "pending",

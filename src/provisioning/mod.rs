@@ -7,8 +7,10 @@ pub(crate) mod deprovision;
 pub(crate) mod engine;
 pub(crate) mod lock;
 pub(crate) mod objects;
+pub(crate) mod reconcile;
 pub mod request;
 pub(crate) mod resume;
+pub(crate) mod schedules;
 pub(crate) mod sealing;
 pub(crate) mod start;
 pub(crate) mod steps;
@@ -34,4 +36,10 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(teams::get_team))
         .routes(routes!(teams::get_deployment))
         .routes(routes!(teams::get_pipeline))
+        .routes(routes!(schedules::get_schedules, schedules::put_schedules))
+        .routes(routes!(schedules::get_drift))
+        .routes(routes!(schedules::put_drift_policy))
+        .routes(routes!(schedules::sync_cronjobs))
+        .routes(routes!(schedules::sync_my_cronjobs))
+        .routes(routes!(schedules::trigger_pipeline))
 }

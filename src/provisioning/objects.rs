@@ -161,9 +161,7 @@ pub struct TeamObjects<'a> {
 pub enum CronJobKind {
     /// The AI pipeline's scheduled ingestion.
     Pipeline,
-    /// Dependency discovery. Its schedule is the team's to set (`contracts.md`), which provisioning
-    /// does not do yet: built and tested here, applied by nothing so far.
-    #[allow(dead_code)]
+    /// Dependency discovery: the team's to turn on (`PUT .../schedules`, `sync-cronjobs`).
     Discovery,
 }
 

@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::cron;
-use crate::domain::{DeploymentMode, OrgId, TeamNodeId};
+use crate::domain::{DeploymentMode, OrgId, ScheduleType, TeamNodeId};
 use crate::error::{ApiError, OrInvalidField};
 
 /// Routing keys the config service understands, as the plural list names a team's config uses.
@@ -113,6 +113,7 @@ impl ProvisionRequest {
 
 /// What was asked of a team: the desired state a provisioning run converges it to.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default)]
 pub struct TeamSpec {
     /// The routing lists this service set, by key (a key never set is the config service's alone).
     pub routing: BTreeMap<String, Vec<String>>,
@@ -120,6 +121,10 @@ pub struct TeamSpec {
     pub pipeline_schedule_enabled: bool,
     /// Its cron expression; `None`: the team config's `ai_pipeline.schedule`, else the default.
     pub pipeline_schedule: Option<String>,
+    /// Paused by an operator (`PUT .../schedules`): the CronJob stays, suspended. Provisioning
+    /// leaves it as it is.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pipeline_schedule_suspended: bool,
     pub deployment_mode: DeploymentMode,
     /// Inferred from the existing service's runs, not asked of this one.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -180,6 +185,103 @@ impl DeprovisionRequest {
             dry_run: optional_bool(object, "dry_run")?.unwrap_or(false),
             idempotency_key: idempotency_key(object)?,
         })
+    }
+}
+
+/// A body that names one team, `{org_id, team_node_id}` (`sync-cronjobs`, `pipeline/trigger`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TeamRef {
+    pub org_id: OrgId,
+    pub team_node_id: TeamNodeId,
+}
+
+impl TeamRef {
+    pub fn parse(body: &Value) -> Result<Self, ApiError> {
+        let object = body
+            .as_object()
+            .ok_or_else(|| ApiError::unprocessable("invalid_body", "the request body must be a JSON object"))?;
+        Ok(Self {
+            org_id: OrgId::parse(required_string(object, "org_id")?).or_invalid("org_id")?,
+            team_node_id: TeamNodeId::parse(required_string(object, "team_node_id")?).or_invalid("team_node_id")?,
+        })
+    }
+}
+
+/// One schedule of `PUT .../schedules`; what is left out keeps its current value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScheduleChange {
+    pub schedule_type: ScheduleType,
+    pub cron_expression: Option<String>,
+    pub enabled: Option<bool>,
+}
+
+/// At most one entry per schedule type, so a handful at most.
+const MAX_SCHEDULES: usize = 8;
+
+impl ScheduleChange {
+    /// `{"schedules": [{"schedule_type", "cron_expression", "enabled"}]}`. `ai_pipeline` is
+    /// accepted for `ingestion` (the team config's name for it).
+    pub fn parse_all(body: &Value) -> Result<Vec<Self>, ApiError> {
+        let object = body
+            .as_object()
+            .ok_or_else(|| ApiError::unprocessable("invalid_body", "the request body must be a JSON object"))?;
+        let items = match object.get("schedules") {
+            Some(Value::Array(items)) => items,
+            None | Some(Value::Null) => return Err(ApiError::invalid_field("schedules", "is required")),
+            Some(_) => return Err(ApiError::invalid_field("schedules", "must be a list")),
+        };
+        if items.len() > MAX_SCHEDULES {
+            return Err(ApiError::invalid_field(
+                "schedules",
+                format!("at most {MAX_SCHEDULES} entries"),
+            ));
+        }
+        let mut changes: Vec<ScheduleChange> = Vec::new();
+        for (index, item) in items.iter().enumerate() {
+            let field = |name: &str| format!("schedules[{index}].{name}");
+            let entry = item
+                .as_object()
+                .ok_or_else(|| ApiError::invalid_field(&format!("schedules[{index}]"), "must be an object"))?;
+            let kind = match entry.get("schedule_type") {
+                Some(Value::String(kind)) => kind.as_str(),
+                None | Some(Value::Null) => {
+                    return Err(ApiError::invalid_field(&field("schedule_type"), "is required"))
+                }
+                Some(_) => return Err(ApiError::invalid_field(&field("schedule_type"), "must be a string")),
+            };
+            let schedule_type = match kind {
+                "ai_pipeline" => ScheduleType::Ingestion,
+                other => other.parse::<ScheduleType>().map_err(|_| {
+                    ApiError::invalid_field(
+                        &field("schedule_type"),
+                        format!("must be one of {}", ScheduleType::names()),
+                    )
+                })?,
+            };
+            if changes.iter().any(|c| c.schedule_type == schedule_type) {
+                return Err(ApiError::invalid_field(&field("schedule_type"), "is listed twice"));
+            }
+            let cron_expression = match entry.get("cron_expression") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(cron)) => {
+                    super::cron::validate(cron)
+                        .map_err(|why| ApiError::invalid_field(&field("cron_expression"), why))?;
+                    Some(cron.trim().to_string())
+                }
+                Some(_) => return Err(ApiError::invalid_field(&field("cron_expression"), "must be a string")),
+            };
+            let enabled = match entry.get("enabled") {
+                None | Some(Value::Null) => None,
+                Some(Value::Bool(enabled)) => Some(*enabled),
+                Some(_) => return Err(ApiError::invalid_field(&field("enabled"), "must be true or false")),
+            };
+            changes.push(ScheduleChange {
+                schedule_type,
+                cron_expression,
+                enabled,
+            });
+        }
+        Ok(changes)
     }
 }
 

@@ -11,10 +11,10 @@ use uuid::Uuid;
 
 use super::request::TeamSpec;
 use super::steps::{self, TeamScope};
-use super::store::{self, RunFilter, TeamFilter, TeamRow};
+use super::store::{self, RunFilter, ScheduleRow, TeamFilter, TeamRow};
 use super::view::RunSummary;
 use crate::auth::{Admin, Capability};
-use crate::domain::{DeploymentMode, OrgId, Step, TeamNodeId, TeamStatus};
+use crate::domain::{DeploymentMode, DriftPolicy, OrgId, Step, TeamNodeId, TeamStatus};
 use crate::error::{ApiError, ApiPath, ApiQuery, ApiResult, ErrorBody};
 use crate::pagination;
 use crate::state::AppState;
@@ -38,6 +38,12 @@ pub struct TeamSummary {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub deprovisioned_at: Option<DateTime<Utc>>,
+    /// What the reconciler does with drift (null: the service's default).
+    pub drift_policy: Option<DriftPolicy>,
+    /// The last drift the reconciler found in the team's objects, and what it did.
+    #[schema(value_type = Option<Object>)]
+    pub last_drift: Option<Value>,
+    pub last_drift_at: Option<DateTime<Utc>>,
 }
 
 impl From<TeamRow> for TeamSummary {
@@ -52,6 +58,9 @@ impl From<TeamRow> for TeamSummary {
             created_at: t.created_at,
             updated_at: t.updated_at,
             deprovisioned_at: t.deprovisioned_at,
+            drift_policy: t.drift_policy,
+            last_drift: t.last_drift.map(|d| d.0),
+            last_drift_at: t.last_drift_at,
         }
     }
 }
@@ -124,11 +133,13 @@ pub struct TeamView {
     pub team: TeamSummary,
     /// The team's latest runs, newest first.
     pub recent_runs: Vec<RunSummary>,
+    /// Its schedules (`GET .../schedules`).
+    pub schedules: Vec<ScheduleRow>,
     pub live: LiveState,
 }
 
 /// The team named by the path, if the admin may read its org; 404 if there is none.
-async fn visible_team(
+pub(crate) async fn visible_team(
     state: &AppState,
     admin: &Admin,
     capability: Capability,
@@ -186,8 +197,10 @@ pub async fn get_team(
         token_active: tokens.get("token_active").and_then(Value::as_bool),
         errors,
     };
+    let schedules = store::team_schedules(&state.db, &org, &team).await?;
     Ok(Json(TeamView {
         team: row.into(),
+        schedules,
         recent_runs: recent_runs.into_iter().map(Into::into).collect(),
         live,
     }))

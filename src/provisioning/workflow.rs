@@ -157,6 +157,9 @@ mod tests {
             created_at: chrono::Utc::now(),
             updated_at: chrono::Utc::now(),
             deprovisioned_at: None,
+            drift_policy: None,
+            last_drift: None,
+            last_drift_at: None,
         }
     }
 

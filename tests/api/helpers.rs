@@ -87,6 +87,9 @@ pub fn base_env(db_url: &str, stack: &Devstack) -> HashMap<String, String> {
         ("ORCHESTRATOR_DISPATCH_RETRY_INITIAL_MS", "10".into()),
         ("ORCHESTRATOR_DISPATCH_RETRY_MAX_MS", "50".into()),
         ("ORCHESTRATOR_DISPATCH_POLL_INTERVAL_MS", "100".into()),
+        // Off unless a test is about it: a reconciler would remove the objects that other tests
+        // seed for teams it does not know.
+        ("ORCHESTRATOR_RECONCILE_ENABLED", "false".into()),
         ("RUST_LOG", std::env::var("TEST_LOG").unwrap_or_else(|_| "off".into())),
     ]
     .into_iter()

@@ -8,5 +8,6 @@ mod foundation;
 mod helpers;
 mod lifecycle;
 mod provisioning;
+mod reconcile;
 mod standins;
 mod webhooks;

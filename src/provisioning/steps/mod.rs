@@ -212,7 +212,7 @@ impl Step {
 }
 
 /// A kind of object a team owns (CronJob, Deployment, Service): namespaced, readable, appliable.
-trait TeamObject:
+pub(crate) trait TeamObject:
     kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
     + Clone
     + serde::de::DeserializeOwned
@@ -239,7 +239,10 @@ fn is_teams<K: TeamObject>(existing: &K, expected: &K) -> bool {
 /// Applies a team's object unless an object of that name belongs to someone else: another team
 /// whose name sanitises alike, or something this service did not create. Says whether the object
 /// was created (it did not exist), which is what an undo may delete.
-async fn apply_owned<K: TeamObject>(kube: &KubeClient, object: &K) -> Result<(k8s::AppliedObject, bool), StepError> {
+pub(crate) async fn apply_owned<K: TeamObject>(
+    kube: &KubeClient,
+    object: &K,
+) -> Result<(k8s::AppliedObject, bool), StepError> {
     let name = object.meta().name.clone().unwrap_or_default();
     let existing = kube.get::<K>(&name).await?;
     if let Some(existing) = &existing {
@@ -254,7 +257,7 @@ async fn apply_owned<K: TeamObject>(kube: &KubeClient, object: &K) -> Result<(k8
 }
 
 /// The team's object of `expected`'s name, if it exists and is the team's.
-async fn owned<K: TeamObject>(kube: &KubeClient, expected: &K) -> Result<Option<K>, StepError> {
+pub(crate) async fn owned<K: TeamObject>(kube: &KubeClient, expected: &K) -> Result<Option<K>, StepError> {
     let name = expected.meta().name.clone().unwrap_or_default();
     Ok(kube
         .get::<K>(&name)
@@ -265,7 +268,7 @@ async fn owned<K: TeamObject>(kube: &KubeClient, expected: &K) -> Result<Option<
 /// Deletes the team's object of `expected`'s name if it exists and is the team's, only as long
 /// as it is still the object read (its uid). `None` when there was nothing of the team's to
 /// delete; else `(name, uid)`.
-async fn delete_owned<K: TeamObject>(
+pub(crate) async fn delete_owned<K: TeamObject>(
     kube: &KubeClient,
     expected: &K,
 ) -> Result<Option<(String, Option<String>)>, StepError> {

@@ -21,7 +21,9 @@ pub(super) async fn converge(cx: &StepContext<'_>, spec: &TeamSpec) -> Result<St
         Some(schedule) => schedule.clone(),
         None => configured_schedule(scope).await?,
     };
-    let cronjob = scope.objects().cronjob(CronJobKind::Pipeline, &schedule, false);
+    let cronjob = scope
+        .objects()
+        .cronjob(CronJobKind::Pipeline, &schedule, spec.pipeline_schedule_suspended);
     let (applied, created) = apply_owned(&scope.engine.kube, &cronjob).await?;
     Ok(json!({"result": {
         "name": applied.name, "namespace": applied.namespace, "schedule": schedule,

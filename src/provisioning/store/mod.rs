@@ -2,7 +2,9 @@
 //! a caller can put a state change and its audit row in one transaction.
 
 mod runs;
+mod schedules;
 mod teams;
 
 pub use runs::*;
+pub use schedules::*;
 pub use teams::*;

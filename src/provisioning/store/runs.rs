@@ -579,10 +579,36 @@ pub async fn end_run(
                  (actor_subject, actor_email, action, org_id, team_node_id, provisioning_run_id, outcome, detail)
              SELECT $16, $17, $18, run.org_id, run.team_node_id, $1, $3, $19 FROM run
              RETURNING 1 AS done),
+         -- The team's ingestion schedule as the run left it: what its CronJob step applied (else
+         -- what the row says), gone when the schedule was turned off; every schedule gone with
+         -- a deprovisioned team.
+         schedule_kept AS (
+             INSERT INTO orchestrator_pipeline_schedules AS s
+                 (org_id, team_node_id, schedule_type, cron_expression, k8s_cronjob_name, enabled)
+             SELECT run.org_id, run.team_node_id, 'ingestion',
+                    coalesce($6::jsonb -> 'pipeline_cronjob' -> 'result' ->> 'schedule', run.desired ->> 'pipeline_schedule', '0 2 * * *'),
+                    $6::jsonb -> 'pipeline_cronjob' -> 'result' ->> 'name',
+                    NOT coalesce((run.desired ->> 'pipeline_schedule_suspended')::boolean, FALSE)
+             FROM run
+             WHERE $14 = 'active' AND coalesce((run.desired ->> 'pipeline_schedule_enabled')::boolean, FALSE)
+             ON CONFLICT (org_id, team_node_id, schedule_type) DO UPDATE
+             SET cron_expression = CASE WHEN $6::jsonb -> 'pipeline_cronjob' -> 'result' ->> 'schedule' IS NULL
+                                        THEN s.cron_expression ELSE EXCLUDED.cron_expression END,
+                 k8s_cronjob_name = coalesce(EXCLUDED.k8s_cronjob_name, s.k8s_cronjob_name),
+                 enabled = EXCLUDED.enabled, updated_at = now()
+             RETURNING 1 AS done),
+         schedule_gone AS (
+             DELETE FROM orchestrator_pipeline_schedules s USING run
+             WHERE s.org_id = run.org_id AND s.team_node_id = run.team_node_id
+               AND ($14 = 'deprovisioned'
+                    OR ($14 = 'active' AND s.schedule_type = 'ingestion' AND run.desired IS NOT NULL
+                        AND NOT coalesce((run.desired ->> 'pipeline_schedule_enabled')::boolean, FALSE)))
+             RETURNING 1 AS done),
          -- Data-modifying CTEs nobody reads run after the main query: reading them (to the end)
          -- here is what makes the release come after the team's row is written and locked.
          written AS (
-             SELECT (SELECT count(*) FROM last_step) + (SELECT count(*) FROM team) + (SELECT count(*) FROM audit) AS rows),
+             SELECT (SELECT count(*) FROM last_step) + (SELECT count(*) FROM team) + (SELECT count(*) FROM audit)
+                  + (SELECT count(*) FROM schedule_kept) + (SELECT count(*) FROM schedule_gone) AS rows),
          unlocked AS (SELECT pg_advisory_unlock($20) AS released FROM run, written)
          SELECT current_step, updated_at, finished_at FROM run, unlocked"#,
         run_id,
