@@ -104,9 +104,9 @@ impl Options {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
         let mut args = std::env::args().skip(1);
         let scenario = args.next().unwrap_or_default();
-        if !["provision", "deprovision", "ingest", "proxy"].contains(&scenario.as_str()) {
+        if !["provision", "deprovision", "ingest", "proxy", "reconcile"].contains(&scenario.as_str()) {
             bail!(
-                "usage: bench <provision|deprovision|ingest|proxy> [--teams N] [--concurrency N] [--duration SECS] \
+                "usage: bench <provision|deprovision|ingest|proxy|reconcile> [--teams N] [--concurrency N] [--deletions N] [--duration SECS] \
                  [--connections N] [--rounds N] [--runs N] [--warmup N] [--no-write] [--results PATH] [--orchestrator PATH]"
             );
         }
@@ -126,6 +126,7 @@ impl Options {
         let known = [
             "teams",
             "concurrency",
+            "deletions",
             "duration",
             "connections",
             "runs",
@@ -180,6 +181,7 @@ async fn run() -> Result<Verdict> {
         "deprovision" => deprovision(&options).await?,
         "ingest" => ingest(&options).await?,
         "proxy" => proxy(&options).await?,
+        "reconcile" => reconcile(&options).await?,
         other => bail!("unknown scenario {other}"),
     };
     let machine = Machine::detect(&options.database_url).await;
@@ -223,6 +225,11 @@ impl Drop for Scratch {
 
 impl Bench {
     async fn start(options: &Options) -> Result<Bench> {
+        Self::start_with(options, &[]).await
+    }
+
+    /// Like `start`, with settings of the scenario's own (they win over the caller's).
+    async fn start_with(options: &Options, settings: &[(&str, &str)]) -> Result<Bench> {
         if !options.orchestrator.is_file() {
             bail!(
                 "{} does not exist: build it with `cargo build --release --bin orchestrator`",
@@ -270,6 +277,7 @@ impl Bench {
             .env("ORCHESTRATOR_GITHUB_RATE_LIMIT_BURST", UNLIMITED_RATE)
             .env("ORCHESTRATOR_DB_POOL_SIZE", &pool)
             .env("ORCHESTRATOR_LOCK_POOL_SIZE", &lock_pool)
+            .envs(settings.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::from(
                 std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?,
@@ -853,6 +861,238 @@ async fn deprovision(options: &Options) -> Result<Report> {
          deleted where they exist."
             .to_string(),
     );
+    Ok(report)
+}
+
+// ------------------------------------------------------------------------------------------------
+// Scenario: reconcile
+
+/// The resync interval the scenario runs with: short, so that a resync is measured within a
+/// few seconds and the watches-refused detection bound is visible.
+const RECONCILE_INTERVAL_SECONDS: u64 = 10;
+
+/// A counter or the sum of a histogram, from the Prometheus text: the series named exactly.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+async fn metrics_text(bench: &Bench) -> Result<String> {
+    Ok(reqwest::get(bench.url("/metrics")).await?.text().await?)
+}
+
+/// Kubernetes calls by kind since the stand-in's log was last cleared.
+struct KubeCalls {
+    lists: usize,
+    gets: usize,
+    writes: usize,
+}
+
+fn kube_calls(stack: &Devstack) -> KubeCalls {
+    let calls = stack.kubernetes.calls();
+    let is_collection = |path: &str| {
+        ["/cronjobs", "/deployments", "/services"]
+            .iter()
+            .any(|r| path.ends_with(r))
+    };
+    let watching = |query: &Option<String>| query.as_deref().is_some_and(|q| q.contains("watch=true"));
+    KubeCalls {
+        lists: calls
+            .iter()
+            .filter(|c| c.method == "GET" && is_collection(&c.path) && !watching(&c.query))
+            .count(),
+        gets: calls
+            .iter()
+            .filter(|c| c.method == "GET" && !is_collection(&c.path))
+            .count(),
+        writes: calls.iter().filter(|c| c.method != "GET").count(),
+    }
+}
+
+/// Deletes the CronJobs of `teams` behind the service's back, all at once, and waits until each
+/// is back (a new object of the same name): the time from each deletion to its repair.
+async fn repair_times(stack: &Devstack, teams: &[u64], timeout: Duration) -> Result<Vec<Duration>> {
+    let kube = stack.kubernetes.state();
+    let name = |team: u64| format!("ai-pipeline-acme-bench-{team}");
+    let mut pending: Vec<(String, String, Instant)> = Vec::new();
+    for &team in teams {
+        let name = name(team);
+        let uid = kube
+            .get("cronjobs", "incidentfox", &name)
+            .and_then(|o| o["metadata"]["uid"].as_str().map(str::to_string))
+            .ok_or_else(|| anyhow!("{name} does not exist before its deletion"))?;
+        kube.delete_behind("cronjobs", "incidentfox", &name);
+        pending.push((name, uid, Instant::now()));
+    }
+    let deadline = Instant::now() + timeout;
+    let mut times = Vec::new();
+    while !pending.is_empty() {
+        if Instant::now() > deadline {
+            bail!(
+                "{} deleted CronJobs were not repaired within {timeout:?}",
+                pending.len()
+            );
+        }
+        pending.retain(|(name, uid, deleted_at)| {
+            let back = kube
+                .get("cronjobs", "incidentfox", name)
+                .is_some_and(|o| o["metadata"]["uid"].as_str() != Some(uid.as_str()));
+            if back {
+                times.push(deleted_at.elapsed());
+            }
+            !back
+        });
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(times)
+}
+
+const RESYNC_COUNT: &str = r#"reconcile_duration_seconds_count{trigger="resync"}"#;
+
+/// The metrics once the count of resyncs has passed `after`.
+async fn next_resync(bench: &Bench, after: f64) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(RECONCILE_INTERVAL_SECONDS * 3);
+    loop {
+        let text = metrics_text(bench).await?;
+        if metric(&text, RESYNC_COUNT) > after {
+            return Ok(text);
+        }
+        if Instant::now() > deadline {
+            bail!("no resync within {} s", RECONCILE_INTERVAL_SECONDS * 3);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn reconcile(options: &Options) -> Result<Report> {
+    let teams = options.number("teams", 1000)?;
+    let deletions = options.number("deletions", 100)?.min(teams);
+    let concurrency = options.number("concurrency", 16)?;
+    let interval = RECONCILE_INTERVAL_SECONDS.to_string();
+    let bench = Bench::start_with(
+        options,
+        &[
+            ("ORCHESTRATOR_RECONCILE_ENABLED", "true"),
+            ("ORCHESTRATOR_RECONCILE_INTERVAL_SECONDS", &interval),
+        ],
+    )
+    .await?;
+    let setup = concurrently(
+        &bench.url("/api/v1/admin/provision/team"),
+        teams,
+        concurrency,
+        provision_body,
+        provisioned,
+    )
+    .await?;
+    if !setup.errors.is_empty() {
+        print_errors(&setup.errors);
+        bail!(
+            "{} teams could not be provisioned for the reconcile bench",
+            setup.errors.len()
+        );
+    }
+
+    // One full resync of the 1,000 teams, nothing drifted: its time and its Kubernetes calls.
+    let resync_count = RESYNC_COUNT;
+    let resync_sum = r#"reconcile_duration_seconds_sum{trigger="resync"}"#;
+    let before = metrics_text(&bench).await?;
+    let seen = metric(&before, resync_count);
+    // Let the resync under way (if any) finish, then count the next one alone.
+    let settled = next_resync(&bench, seen).await?;
+    bench.stack.kubernetes.clear_calls();
+    let after = next_resync(&bench, metric(&settled, resync_count)).await?;
+    let resyncs = metric(&after, resync_count) - metric(&settled, resync_count);
+    let resync_time =
+        Duration::from_secs_f64((metric(&after, resync_sum) - metric(&settled, resync_sum)) / resyncs.max(1.0));
+    let calls = kube_calls(&bench.stack);
+    let objects = bench.stack.kubernetes.state().objects("cronjobs").len();
+
+    // Deletions behind its back, with watches working: time to repair.
+    let spread = (teams / deletions).max(1);
+    let watched_teams: Vec<u64> = (0..deletions).map(|i| i * spread).collect();
+    let mut watched = Vec::new();
+    for chunk in watched_teams.chunks(10) {
+        watched.extend(repair_times(&bench.stack, chunk, Duration::from_secs(120)).await?);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let watched = Latencies::new(watched);
+
+    // The same with watches refused (the open ones end too): the resync alone finds them.
+    bench.stack.kubernetes.state().refuse_watches(true);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let resync_only_teams: Vec<u64> = (0..10).map(|i| i * spread + 1).collect();
+    let resync_only = Latencies::new(
+        repair_times(
+            &bench.stack,
+            &resync_only_teams,
+            Duration::from_secs(RECONCILE_INTERVAL_SECONDS * 4),
+        )
+        .await?,
+    );
+    let repaired = metric(
+        &metrics_text(&bench).await?,
+        r#"reconcile_drift_repaired_total{drift="missing",kind="pipeline_cronjob"}"#,
+    );
+    bench.stop().await;
+
+    let mut report = Report::new(
+        "reconcile",
+        &format!("`reconcile`: {teams} provisioned teams, one full resync, {deletions} deletions behind its back"),
+    );
+    report.row("objects listed per resync", objects.to_string(), "");
+    report.row("full resync time (nothing drifted)", ms(resync_time), "");
+    report.row(
+        "Kubernetes calls in that resync",
+        format!("{} list, {} get, {} writes", calls.lists, calls.gets, calls.writes),
+        "3 list (one per kind), 0 per team",
+    );
+    let one_list_per_kind = calls.lists == 3 && calls.gets == 0 && calls.writes == 0;
+    report.fail_if(
+        !one_list_per_kind,
+        format!(
+            "a resync made {} lists, {} gets and {} writes",
+            calls.lists, calls.gets, calls.writes
+        ),
+    );
+    report.row(
+        "deletion to repair, watches working: p50 / p99 / max",
+        format!(
+            "{} / {} / {}",
+            ms(watched.percentile(50.0)),
+            ms(watched.percentile(99.0)),
+            ms(watched.max())
+        ),
+        "p99 < 60 s",
+    );
+    report.fail_if(
+        watched.percentile(99.0) >= Duration::from_secs(60),
+        "p99 time to repair is over 60 s".into(),
+    );
+    report.row(
+        &format!("deletion to repair, watches refused (resync every {RECONCILE_INTERVAL_SECONDS} s): p50 / p99 / max"),
+        format!(
+            "{} / {} / {}",
+            ms(resync_only.percentile(50.0)),
+            ms(resync_only.percentile(99.0)),
+            ms(resync_only.max())
+        ),
+        &format!("≤ {RECONCILE_INTERVAL_SECONDS} s + a resync"),
+    );
+    report.row(
+        "repairs counted (`reconcile_drift_repaired_total`)",
+        format!("{repaired}"),
+        "",
+    );
+    report.note(format!(
+        "The teams are provisioned first (`create_pipeline_schedule: true`, not measured); the service runs with \
+         `ORCHESTRATOR_RECONCILE_INTERVAL_SECONDS={RECONCILE_INTERVAL_SECONDS}` (default 30). The resync figures come \
+         from `reconcile_duration_seconds{{trigger=\"resync\"}}` and the Kubernetes stand-in's request log over one \
+         resync. Deletions are made in the stand-in (as an operator's `kubectl delete` would), 10 at a time; the \
+         time is from the deletion until a new CronJob of that name exists. With watches refused, the stand-in \
+         ends the open watches and answers 403 to new ones, as a revoked permission would."
+    ));
     Ok(report)
 }
 

@@ -136,6 +136,7 @@ impl Application {
             kubernetes: config.kubernetes.clone(),
             config_service_url: neighbours.config_service_url.to_string(),
             settings: config.reconcile.clone(),
+            reported: Default::default(),
         });
         let dispatcher = Arc::new(Dispatcher::new(
             queue_db,

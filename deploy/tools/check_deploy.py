@@ -45,9 +45,9 @@ SECRET_VARS = [
 
 # Exactly what the service does in K8S_NAMESPACE; kept in this order (a Rust test compares it too).
 EXPECTED_ROLE_RULES = [
-    {"apiGroups": ["batch"], "resources": ["cronjobs"], "verbs": ["delete", "get", "patch"]},
-    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["delete", "get", "patch"]},
-    {"apiGroups": [""], "resources": ["services"], "verbs": ["delete", "get", "patch"]},
+    {"apiGroups": ["batch"], "resources": ["cronjobs"], "verbs": ["delete", "get", "list", "patch", "watch"]},
+    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["delete", "get", "list", "patch", "watch"]},
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["delete", "get", "list", "patch", "watch"]},
 ]
 
 GENERATED_HEADER = (

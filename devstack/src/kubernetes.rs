@@ -208,9 +208,13 @@ impl Kubernetes {
         state.update(kind, namespace, name, object, false).is_ok()
     }
 
-    /// Watches answer 403 Forbidden from now on (`true`), or work again.
+    /// Watches answer 403 Forbidden from now on (`true`), and the open ones end (as a revoked
+    /// permission ends them in a real cluster); `false`: they work again.
     pub fn refuse_watches(&self, refuse: bool) {
-        self.inner.lock().unwrap().refuse_watches = refuse;
+        let mut state = self.inner.lock().unwrap();
+        state.refuse_watches = refuse;
+        let latest = state.resource_version;
+        state.latest.send_replace(latest);
     }
 
     /// Store an object directly (for seeding a test), as if created through the API: validated
@@ -1029,6 +1033,9 @@ fn watch(
         loop {
             let events: Vec<Value> = {
                 let state = kube.inner.lock().unwrap();
+                if state.refuse_watches {
+                    return;
+                }
                 let events = state
                     .changes
                     .iter()

@@ -264,3 +264,67 @@ async fn the_new_service_serves_the_old_runs_and_provisions_the_old_teams() {
         "http://agent-dedicated-a-very-long-organisa-sre.incidentfox.svc.cluster.local:8000"
     );
 }
+
+/// The reconciler on a namespace as the existing service left it: the objects of a team it knew
+/// are adopted and kept; one of a team this service never heard of (and that it did not create)
+/// is reported, never deleted.
+#[tokio::test]
+async fn the_reconciler_keeps_what_the_existing_service_left() {
+    let db = existing_platform().await;
+    orchestrator::db::migrate(&db.pool).await.unwrap();
+    sqlx::query("UPDATE orchestrator_teams SET status = 'active' WHERE org_id = 'acme' AND team_node_id = 'sre'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let app = TestApp::spawn_on(db, |env| {
+        env.insert("ORCHESTRATOR_RECONCILE_ENABLED".into(), "true".into());
+        env.insert("ORCHESTRATOR_RECONCILE_INTERVAL_SECONDS".into(), "1".into());
+    })
+    .await;
+    let k8s = app.stack.kubernetes.state();
+    k8s.insert("cronjobs", old_cronjob("acme", "sre", "ai-pipeline-acme-sre"))
+        .unwrap();
+    let mut discovery = old_cronjob("acme", "sre", "dep-discovery-acme-sre");
+    discovery["spec"]["schedule"] = json!("0 */4 * * *");
+    k8s.insert("cronjobs", discovery).unwrap();
+    k8s.insert(
+        "cronjobs",
+        old_cronjob("globex", "unknown", "ai-pipeline-globex-unknown"),
+    )
+    .unwrap();
+
+    let schedules = eventually(10, "the CronJobs to be adopted", || async {
+        let listed = app.admin_json("/api/v1/admin/teams/acme/sre/schedules").await;
+        (listed["schedules"].as_array().map_or(0, Vec::len) == 2).then_some(listed)
+    })
+    .await;
+    let discovery = schedules["schedules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["schedule_type"] == "dependency_discovery")
+        .cloned()
+        .unwrap();
+    assert_eq!(discovery["cron_expression"], "0 */4 * * *");
+    // Several resyncs later, nothing was deleted.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let mut names: Vec<String> = k8s
+        .objects("cronjobs")
+        .iter()
+        .map(|o| o["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "ai-pipeline-acme-sre",
+            "ai-pipeline-globex-unknown",
+            "dep-discovery-acme-sre"
+        ]
+    );
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains(r#"reconcile_drift_found_total{drift="orphan",kind="pipeline_cronjob"} 1"#),
+        "{metrics}"
+    );
+}

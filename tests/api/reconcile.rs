@@ -283,7 +283,12 @@ async fn an_orphan_of_a_deprovisioned_team_is_removed() {
         .then_some(())
     })
     .await;
-    let rows = audit_rows(&app, "team.drift_repaired").await;
+    // Each audit row is written just after its deletion.
+    let rows = eventually(5, "an audit row per orphan", || async {
+        let rows = audit_rows(&app, "team.drift_repaired").await;
+        (rows.len() >= 3).then_some(rows)
+    })
+    .await;
     assert_eq!(rows.len(), 3, "{rows:#?}");
     assert!(rows
         .iter()

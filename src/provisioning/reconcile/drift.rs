@@ -155,6 +155,13 @@ impl TeamState<'_> {
         if self.status != TeamStatus::Active {
             return Expectation::Absent;
         }
+        // What the existing service was asked is only partly known (inferred from its runs; its
+        // sync-cronjobs created CronJobs without a run): what it left is adopted, never removed.
+        let absent = if self.spec.is_some_and(|s| s.inferred) {
+            Expectation::Adopt
+        } else {
+            Expectation::Absent
+        };
         if let Some(cronjob_kind) = kind.cronjob_kind() {
             let schedule_type = kind.schedule_type();
             return match self.schedules.iter().find(|s| Some(s.schedule_type) == schedule_type) {
@@ -166,7 +173,7 @@ impl TeamState<'_> {
                 None if kind == ObjectKind::PipelineCronjob
                     && self.spec.is_some_and(|s| !s.pipeline_schedule_enabled) =>
                 {
-                    Expectation::Absent
+                    absent
                 }
                 None => Expectation::Adopt,
             };
@@ -176,7 +183,7 @@ impl TeamState<'_> {
                 ObjectKind::Deployment => Desired::Deployment(Box::new(builder.dedicated_agent_deployment())),
                 _ => Desired::Service(Box::new(builder.dedicated_agent_service())),
             }),
-            Some(DeploymentMode::Shared) => Expectation::Absent,
+            Some(DeploymentMode::Shared) => absent,
             None => Expectation::Adopt,
         }
     }
@@ -542,9 +549,27 @@ mod tests {
             Expectation::Absent
         ));
 
+        let inferred_shared = TeamSpec {
+            inferred: true,
+            ..TeamSpec::default()
+        };
+        let inferred = TeamState {
+            spec: Some(&inferred_shared),
+            schedules: Vec::new(),
+            ..adopted
+        };
+        assert!(matches!(
+            inferred.expectation(&b, ObjectKind::PipelineCronjob),
+            Expectation::Adopt
+        ));
+        assert!(matches!(
+            inferred.expectation(&b, ObjectKind::Deployment),
+            Expectation::Adopt
+        ));
+
         let gone = TeamState {
             status: TeamStatus::Deprovisioned,
-            ..adopted
+            ..inferred
         };
         for kind in ObjectKind::ALL {
             assert!(matches!(gone.expectation(&b, kind), Expectation::Absent));

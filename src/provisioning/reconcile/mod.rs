@@ -43,6 +43,11 @@ const EVENT_QUEUE: usize = 4096;
 /// After a failed resync, the next one comes this soon, doubling up to the interval.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 
+/// A watch event only a resync can attribute (an object without ownership annotations) brings
+/// the next resync forward, but never closer than this to the last one: such an object's status
+/// updates would otherwise cost a full resync each.
+const MIN_RESYNC_GAP: Duration = Duration::from_secs(5);
+
 /// The handles the reconciler uses, and nothing else.
 #[derive(Clone)]
 pub struct Reconciler(Arc<Parts>);
@@ -55,6 +60,8 @@ pub struct Parts {
     pub kubernetes: KubernetesConfig,
     pub config_service_url: String,
     pub settings: ReconcileConfig,
+    /// Uids of unknown teams' objects already reported (there is no team row to record them in).
+    pub reported: std::sync::Mutex<HashSet<String>>,
 }
 
 /// Why a pass did not finish.
@@ -414,8 +421,28 @@ impl Reconciler {
                 });
             let item = drift::judge(kind, &name, Expectation::Absent, Some(&live), true)
                 .expect("an object that should not exist is drift");
+            // An object the existing service created (no ownership annotations) for a team this
+            // service never knew may be a team it provisioned some other way (its sync-cronjobs):
+            // reported, never deleted. What this service created for a team it no longer knows is
+            // an orphan like any other.
+            let policy = match (&owner, team) {
+                (Owner::Labelled(..), None) => DriftPolicy::Report,
+                _ => self.policy(team),
+            };
+            if policy == DriftPolicy::Report && team.is_none() {
+                let first_time = uid.is_some_and(|uid| {
+                    self.0
+                        .reported
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(uid.to_string())
+                });
+                if !first_time {
+                    return Ok(());
+                }
+                tracing::warn!(resource = resource.plural(), %name, "an object of an unknown team: reported, not deleted");
+            }
             report.drift_found += 1;
-            let policy = self.policy(team);
             let outcome = match policy {
                 DriftPolicy::Report => None,
                 DriftPolicy::Repair => Some(self.delete(resource, &name, uid).await),
@@ -669,11 +696,13 @@ pub async fn run(reconciler: Reconciler, stop: CancellationToken) {
     drop(events);
 
     let mut next_resync = tokio::time::Instant::now();
+    let mut last_resync = next_resync;
     let mut backoff = FIRST_BACKOFF;
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
             () = tokio::time::sleep_until(next_resync) => {
+                last_resync = tokio::time::Instant::now();
                 match reconciler.resync().await {
                     Ok(report) => {
                         if report.drift_found > 0 {
@@ -704,7 +733,7 @@ pub async fn run(reconciler: Reconciler, stop: CancellationToken) {
                     }
                 }
                 match reconciler.check_events(batch).await {
-                    Ok(true) => next_resync = tokio::time::Instant::now(),
+                    Ok(true) => next_resync = next_resync.min(last_resync + MIN_RESYNC_GAP),
                     Ok(false) => {}
                     Err(e) => {
                         // The resync finds what this batch would have.
