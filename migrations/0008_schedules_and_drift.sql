@@ -27,8 +27,9 @@ ALTER TABLE orchestrator_teams ADD COLUMN IF NOT EXISTS drift_policy TEXT CHECK 
 ALTER TABLE orchestrator_teams ADD COLUMN IF NOT EXISTS last_drift JSONB;
 ALTER TABLE orchestrator_teams ADD COLUMN IF NOT EXISTS last_drift_at TIMESTAMPTZ;
 
--- The ingestion schedules of teams provisioned before this table: what their last succeeded run
--- applied (the reconciler adopts any other CronJob of an active team it finds).
+-- The ingestion schedules of teams this service provisioned before this table: what their last
+-- succeeded run applied. Not for teams inferred from the existing service's runs: what it left
+-- (its sync-cronjobs changed CronJobs without a run) is adopted from the cluster as it is.
 INSERT INTO orchestrator_pipeline_schedules (org_id, team_node_id, schedule_type, cron_expression, k8s_cronjob_name)
 SELECT t.org_id, t.team_node_id, 'ingestion',
        coalesce(last.schedule, t.desired ->> 'pipeline_schedule', '0 2 * * *'), last.name
@@ -43,4 +44,5 @@ LEFT JOIN LATERAL (
     LIMIT 1
 ) last ON TRUE
 WHERE t.status <> 'deprovisioned' AND coalesce((t.desired ->> 'pipeline_schedule_enabled')::boolean, FALSE)
+  AND NOT coalesce((t.desired ->> 'inferred')::boolean, FALSE)
 ON CONFLICT (org_id, team_node_id, schedule_type) DO NOTHING;

@@ -122,6 +122,9 @@ struct Change {
     /// ADDED, MODIFIED or DELETED.
     kind: &'static str,
     object: Value,
+    /// A modified object as it was: a watch whose selector it enters or leaves sees ADDED or
+    /// DELETED, as from a real API server.
+    previous: Option<Value>,
 }
 
 struct KubeState {
@@ -527,7 +530,7 @@ impl KubeState {
         object["metadata"]["resourceVersion"] = json!(self.next_resource_version());
         self.objects.insert(key, object.clone());
         self.count_write(kind, &name);
-        self.record("ADDED", kind.resource, namespace, &object);
+        self.record("ADDED", kind.resource, namespace, &object, None);
         Ok(object)
     }
 
@@ -592,7 +595,7 @@ impl KubeState {
         candidate["metadata"]["resourceVersion"] = json!(self.next_resource_version());
         self.objects.insert(key, candidate.clone());
         self.count_write(kind, name);
-        self.record("MODIFIED", kind.resource, namespace, &candidate);
+        self.record("MODIFIED", kind.resource, namespace, &candidate, Some(&stored));
         Ok(candidate)
     }
 
@@ -601,11 +604,18 @@ impl KubeState {
         let mut object = self.objects.remove(key)?;
         self.applied.remove(key);
         object["metadata"]["resourceVersion"] = json!(self.next_resource_version());
-        self.record("DELETED", &key.0, &key.1, &object);
+        self.record("DELETED", &key.0, &key.1, &object, None);
         Some(object)
     }
 
-    fn record(&mut self, kind: &'static str, resource: &str, namespace: &str, object: &Value) {
+    fn record(
+        &mut self,
+        kind: &'static str,
+        resource: &str,
+        namespace: &str,
+        object: &Value,
+        previous: Option<&Value>,
+    ) {
         if self.changes.len() == WATCH_HISTORY {
             self.changes.pop_front();
         }
@@ -615,6 +625,7 @@ impl KubeState {
             namespace: namespace.to_owned(),
             kind,
             object: object.clone(),
+            previous: previous.cloned(),
         });
         self.latest.send_replace(self.resource_version);
     }
@@ -961,12 +972,19 @@ fn watch(
         .and_then(|t| t.parse::<u64>().ok())
         .unwrap_or(1800)
         .min(3600);
+    let field_selector = query.get("fieldSelector").cloned();
+    if let Some(selector) = &field_selector {
+        field_selector_matches(selector, &json!({})).map_err(KubeStatus::bad_request)?;
+    }
     let matches = move |change_resource: &str, change_namespace: &str, object: &Value| {
         let empty = Map::new();
         let labels = object["metadata"]["labels"].as_object().unwrap_or(&empty);
         change_resource == resource
             && namespace.as_ref().is_none_or(|ns| ns == change_namespace)
             && requirements.iter().all(|r| r.matches(labels))
+            && field_selector
+                .as_ref()
+                .is_none_or(|selector| field_selector_matches(selector, object).unwrap_or(false))
     };
     let (start, initial, mut latest) = {
         let state = kube.inner.lock().unwrap();
@@ -1039,8 +1057,21 @@ fn watch(
                 let events = state
                     .changes
                     .iter()
-                    .filter(|c| c.resource_version > sent_up_to && matches(&c.resource, &c.namespace, &c.object))
-                    .map(|c| json!({"type": c.kind, "object": c.object}))
+                    .filter(|c| c.resource_version > sent_up_to)
+                    .filter_map(|c| {
+                        let now = matches(&c.resource, &c.namespace, &c.object);
+                        let before = c
+                            .previous
+                            .as_ref()
+                            .is_some_and(|p| matches(&c.resource, &c.namespace, p));
+                        let kind = match (c.kind, before, now) {
+                            ("MODIFIED", false, true) => "ADDED",
+                            ("MODIFIED", true, false) => "DELETED",
+                            (kind, _, true) => kind,
+                            _ => return None,
+                        };
+                        Some(json!({"type": kind, "object": c.object}))
+                    })
                     .collect();
                 sent_up_to = sent_up_to.max(state.resource_version);
                 events

@@ -1033,6 +1033,12 @@ mod kubernetes_api {
                 json!("*/5 * * * *"))
         );
         assert!(state.delete_behind("cronjobs", "incidentfox", "ours"));
+        // An object that stops matching the selector is DELETED for the watch.
+        state.insert("cronjobs", cronjob("leaving", true)).unwrap();
+        assert!(state.edit_behind("cronjobs", "incidentfox", "leaving", |o| {
+            o["metadata"]["labels"] = json!({});
+            o["spec"]["schedule"] = json!("0 4 * * *");
+        }));
 
         let params = WatchParams::default()
             .labels("app.kubernetes.io/managed-by=incidentfox-orchestrator")
@@ -1041,7 +1047,7 @@ mod kubernetes_api {
             .watch(&params, &from)
             .await
             .unwrap()
-            .take(3)
+            .take(5)
             .try_collect()
             .await
             .unwrap();
@@ -1060,6 +1066,8 @@ mod kubernetes_api {
                 ("ADDED".to_string(), "0 2 * * *".to_string()),
                 ("MODIFIED".to_string(), "*/5 * * * *".to_string()),
                 ("DELETED".to_string(), "*/5 * * * *".to_string()),
+                ("ADDED".to_string(), "0 2 * * *".to_string()),
+                ("DELETED".to_string(), "0 4 * * *".to_string()),
             ]
         );
 

@@ -80,6 +80,14 @@ async fn lock_living_team(state: &AppState, org: &str, team: &str) -> ApiResult<
             )
             .with("provisioning_run_id", run.to_string()));
         }
+        // A retry of the failed run would put back the schedules it was asked for.
+        if row.status != TeamStatus::Active {
+            return Err(ApiError::conflict(
+                "team_not_active",
+                "the team's last run did not succeed: retry it or provision the team again first",
+            )
+            .with("status", row.status.as_str()));
+        }
         Ok(row)
     };
     check(store::get_team(&state.db, org, team).await?)?;
@@ -199,22 +207,49 @@ pub async fn put_schedules(
             let enabled = change.enabled.or(current.map(|c| c.enabled)).unwrap_or(true);
             put_schedule(&state, &org, &team, change.schedule_type, &cron, enabled).await?;
         }
-        let after = store::team_schedules(&state.db, &org, &team).await?;
-        let mut entry = AuditEntry::new(admin.subject(), "team.schedules_changed", "ok");
-        entry.actor_email = admin.email();
-        entry.org_id = Some(&org);
-        entry.team_node_id = Some(&team);
-        entry.detail = json!({"before": before, "after": after});
-        audit::record(&state.db, entry).await?;
-        Ok::<_, ApiError>(after)
+        Ok::<_, ApiError>(before)
     }
     .await;
+    // Audited whatever happened: a change that failed half-way has applied its first part.
+    let result = match result {
+        Ok(before) => match store::team_schedules(&state.db, &org, &team).await {
+            Ok(after) => {
+                let detail = json!({"before": before, "after": after});
+                audit_schedules(&state, &admin, &org, &team, "ok", detail)
+                    .await
+                    .map(|()| after)
+            }
+            Err(e) => Err(e.into()),
+        },
+        Err(e) => {
+            let detail = json!({"error": e.detail, "asked": body});
+            let _ = audit_schedules(&state, &admin, &org, &team, "failed", detail).await;
+            Err(e)
+        }
+    };
     lock.release().await;
     Ok(Json(Schedules {
         schedules: result?,
         org_id: org.to_string(),
         team_node_id: team.to_string(),
     }))
+}
+
+async fn audit_schedules(
+    state: &AppState,
+    admin: &Admin,
+    org: &str,
+    team: &str,
+    outcome: &str,
+    detail: Value,
+) -> ApiResult<()> {
+    let mut entry = AuditEntry::new(admin.subject(), "team.schedules_changed", outcome);
+    entry.actor_email = admin.email();
+    entry.org_id = Some(org);
+    entry.team_node_id = Some(team);
+    entry.detail = detail;
+    audit::record(&state.db, entry).await?;
+    Ok(())
 }
 
 /// The existing service's answer to `sync-cronjobs`.

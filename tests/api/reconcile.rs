@@ -255,22 +255,60 @@ async fn a_disabled_schedule_suspends_its_cronjob_and_enabling_resumes_it() {
 }
 
 #[tokio::test]
-async fn an_orphan_of_a_deprovisioned_team_is_removed() {
+async fn an_orphan_of_a_deprovisioned_team_is_removed_and_what_its_deprovisioning_kept_stays() {
     let app = TestApp::spawn_with(reconciling).await;
+    // Deprovisioned with its objects kept on purpose: they stay.
+    provisioned(
+        &app,
+        "kept",
+        json!({"deployment_mode": "dedicated", "pipeline_schedule": "0 3 * * *"}),
+    )
+    .await;
+    // Creation times are whole seconds: let the objects be from before the deprovisioning.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let answer = post_json(
+        &app,
+        SUPER_ADMIN,
+        "/api/v1/admin/deprovision/team",
+        json!({"org_id": ORG, "team_node_id": "kept", "delete_k8s_resources": false}),
+    )
+    .await;
+    assert_eq!(answer.status(), 200);
+
+    // Deprovisioned, then its objects come back (a stale apply, a restored backup): orphans.
     provisioned(
         &app,
         "orphan",
         json!({"deployment_mode": "dedicated", "pipeline_schedule": "0 3 * * *"}),
     )
     .await;
+    let kube = app.stack.kubernetes.state();
+    let objects: Vec<(&str, Value)> = ["cronjobs", "deployments", "services"]
+        .into_iter()
+        .map(|resource| {
+            let object = kube
+                .objects(resource)
+                .into_iter()
+                .find(|o| o["metadata"]["name"].as_str().unwrap().ends_with("-acme-orphan"))
+                .unwrap();
+            (resource, object)
+        })
+        .collect();
     let answer = post_json(
         &app,
         SUPER_ADMIN,
         "/api/v1/admin/deprovision/team",
-        json!({"org_id": ORG, "team_node_id": "orphan", "delete_k8s_resources": false}),
+        json!({"org_id": ORG, "team_node_id": "orphan"}),
     )
     .await;
-    assert_eq!(answer.status(), 200);
+    assert_eq!(json_of(answer).await["ok"], true);
+    for (resource, object) in &objects {
+        let mut object = object.clone();
+        for field in ["uid", "resourceVersion", "creationTimestamp"] {
+            object["metadata"].as_object_mut().unwrap().remove(field);
+        }
+        kube.insert(resource, object).unwrap();
+    }
     eventually(10, "the orphans to be removed", || async {
         let state = app.stack.kubernetes.state();
         (cronjob(&app, "ai-pipeline-acme-orphan").is_none()
@@ -292,7 +330,14 @@ async fn an_orphan_of_a_deprovisioned_team_is_removed() {
     assert_eq!(rows.len(), 3, "{rows:#?}");
     assert!(rows
         .iter()
-        .all(|r| r["detail"]["drift"] == "orphan" && r["detail"]["after"].is_null()));
+        .all(|r| r["detail"]["drift"] == "orphan" && r["detail"]["after"].is_null() && r["team_node_id"] == "orphan"));
+    assert!(
+        cronjob(&app, "ai-pipeline-acme-kept").is_some(),
+        "kept by its deprovisioning"
+    );
+    assert!(kube
+        .get("deployments", NAMESPACE, "agent-dedicated-acme-kept")
+        .is_some());
 }
 
 #[tokio::test]

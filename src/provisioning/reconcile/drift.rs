@@ -141,6 +141,8 @@ pub struct TeamState<'a> {
     pub status: TeamStatus,
     pub spec: Option<&'a TeamSpec>,
     pub schedules: Vec<&'a ScheduleRow>,
+    /// When it was deprovisioned: what existed before, its deprovisioning chose to keep.
+    pub deprovisioned_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl TeamState<'_> {
@@ -276,9 +278,37 @@ fn compare(path: String, expected: &Value, live: Option<&Value>, found: &mut BTr
         }
         (expected, Some(live)) if same_scalar(expected, live) => {}
         (expected, live) => {
-            found.insert(path, (live.cloned().unwrap_or(Value::Null), expected.clone()));
+            let live = live.cloned().unwrap_or(Value::Null);
+            found.insert(path.clone(), (redacted(&path, live), redacted(&path, expected.clone())));
         }
     }
+}
+
+/// What a difference may show of an environment variable: its name and where it comes from,
+/// never its value (someone's `kubectl edit` may have put a key there, and differences end up in
+/// audit rows and API answers).
+fn redacted(path: &str, value: Value) -> Value {
+    fn hide(value: Value) -> Value {
+        match value {
+            Value::Array(items) => Value::Array(items.into_iter().map(hide).collect()),
+            Value::Object(map) => Value::Object(
+                map.into_iter()
+                    .map(|(k, v)| {
+                        let v = if k == "value" { json!("<redacted>") } else { hide(v) };
+                        (k, v)
+                    })
+                    .collect(),
+            ),
+            other => other,
+        }
+    }
+    if !path.contains("/env") {
+        return value;
+    }
+    if path.ends_with("/value") && !value.is_null() {
+        return json!("<redacted>");
+    }
+    hide(value)
 }
 
 /// Equal, or the same number written differently (`8000` and `"8000"` never are).
@@ -453,6 +483,7 @@ mod tests {
             status: TeamStatus::Active,
             spec: None,
             schedules: schedules.iter().collect(),
+            deprovisioned_at: None,
         };
         let expected = present(team.expectation(&builder(&k8s), ObjectKind::PipelineCronjob));
         let mut live = expected.clone();
@@ -497,6 +528,18 @@ mod tests {
     }
 
     #[test]
+    fn an_environment_variables_value_never_shows_in_a_difference() {
+        let expected = json!({"spec": {"env": [{"name": "ORG_ID", "value": "acme"}]}});
+        let live = json!({"spec": {"env": [{"name": "ORG_ID", "value": "acme"}, {"name": "OPENAI_API_KEY", "value": "sk-secret"}]}});
+        let found = differences(&expected, &live);
+        assert!(!format!("{found:?}").contains("sk-secret"), "{found:?}");
+        assert_eq!(found["/spec/env"].0[1]["name"], "OPENAI_API_KEY");
+        let live = json!({"spec": {"env": [{"name": "ORG_ID", "value": "sk-other"}]}});
+        let found = differences(&expected, &live);
+        assert_eq!(found["/spec/env/0/value"].0, "<redacted>");
+    }
+
+    #[test]
     fn each_kind_is_expected_as_the_team_was_asked() {
         let k8s = k8s();
         let b = builder(&k8s);
@@ -512,6 +555,7 @@ mod tests {
             status: TeamStatus::Active,
             spec: Some(&dedicated),
             schedules: paused.iter().collect(),
+            deprovisioned_at: None,
         };
         assert_eq!(
             present(team.expectation(&b, ObjectKind::DiscoveryCronjob))["spec"]["suspend"],

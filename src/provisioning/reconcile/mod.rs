@@ -237,8 +237,12 @@ impl Reconciler {
             let Some(observed) = live.get(&kind) else {
                 continue;
             };
-            // An object of another team that shares the name is that team's business.
-            if observed.as_ref().is_some_and(|o| !drift::is_teams_object(o, &owner)) {
+            // An object of another team that shares the name is that team's business; one the
+            // team's deprovisioning chose to keep stays.
+            if observed
+                .as_ref()
+                .is_some_and(|o| !drift::is_teams_object(o, &owner) || created_before(o, state.deprovisioned_at))
+            {
                 continue;
             }
             let name = kind.name(state.org, state.team);
@@ -313,21 +317,33 @@ impl Reconciler {
         }
         let policy = self.policy(Some(&row));
         let mut recorded = Vec::new();
+        if policy == DriftPolicy::Report {
+            // The same drift is found on every pass: recorded (and counted) once.
+            recorded.extend(found.iter().map(reported_entry));
+            let summary = json!({"policy": policy, "drift": recorded});
+            if row.last_drift.as_ref().is_none_or(|last| last.0 != summary) {
+                for item in &found {
+                    self.count_found(item, report);
+                }
+                store::record_drift(db, org, team, &summary).await?;
+            }
+            return Ok(());
+        }
         for item in &found {
-            report.drift_found += 1;
-            let outcome = match policy {
-                DriftPolicy::Report => None,
-                DriftPolicy::Repair => Some(self.repair(item).await),
-            };
+            let outcome = self.repair(item).await;
             recorded.push(self.account(Some((org, team)), item, outcome, report).await?);
         }
-        let summary = json!({"policy": policy, "drift": recorded});
-        // In report mode the same drift is found on every pass: record it once.
-        let unchanged = row.last_drift.as_ref().is_some_and(|last| last.0 == summary);
-        if !unchanged {
-            store::record_drift(db, org, team, &summary).await?;
-        }
+        store::record_drift(db, org, team, &json!({"policy": policy, "drift": recorded})).await?;
         Ok(())
+    }
+
+    fn count_found(&self, item: &Drift, report: &mut PassReport) {
+        report.drift_found += 1;
+        self.0
+            .metrics
+            .reconcile_drift_found_total
+            .with_label_values(&[item.kind.as_str(), item.drift.as_str()])
+            .inc();
     }
 
     async fn repair(&self, item: &Drift) -> Result<(), kube::Error> {
@@ -337,30 +353,28 @@ impl Reconciler {
         }
     }
 
-    /// Metrics and the audit row of one drift; the entry the team view keeps.
+    /// Metrics and the audit row of one repair (or failed repair); the entry the team view keeps.
     async fn account(
         &self,
         owner: Option<(&str, &str)>,
         item: &Drift,
-        outcome: Option<Result<(), kube::Error>>,
+        outcome: Result<(), kube::Error>,
         report: &mut PassReport,
     ) -> Result<Value, ReconcileError> {
+        self.count_found(item, report);
         let metrics = &self.0.metrics;
-        let labels = [item.kind.as_str(), item.drift.as_str()];
-        metrics.reconcile_drift_found_total.with_label_values(&labels).inc();
         let mut entry = serde_json::to_value(item).unwrap_or(Value::Null);
         let (action, result) = match &outcome {
-            None => {
-                entry["repaired"] = json!(false);
-                return Ok(entry);
-            }
-            Some(Ok(())) => {
-                metrics.reconcile_drift_repaired_total.with_label_values(&labels).inc();
+            Ok(()) => {
+                metrics
+                    .reconcile_drift_repaired_total
+                    .with_label_values(&[item.kind.as_str(), item.drift.as_str()])
+                    .inc();
                 report.repaired += 1;
                 entry["repaired"] = json!(true);
                 ("team.drift_repaired", "repaired")
             }
-            Some(Err(e)) => {
+            Err(e) => {
                 metrics.reconcile_errors_total.with_label_values(&["repair"]).inc();
                 tracing::warn!(kind = item.kind.as_str(), name = %item.name, error = %e, "repairing drift failed; the next pass tries again");
                 entry["repaired"] = json!(false);
@@ -377,8 +391,9 @@ impl Reconciler {
         Ok(entry)
     }
 
-    /// Deletes an object whose team is deprovisioned or unknown, under that team's lock, if it is
-    /// still the object that was found.
+    /// An object no living team claims: one of a deprovisioned team (`team`, whose real ids lock
+    /// it) or of a team this service does not know (`None`). Deleted under that team's lock if it
+    /// is still the object that was found, or only reported.
     async fn correct_orphan(
         &self,
         resource: Resource,
@@ -389,76 +404,92 @@ impl Reconciler {
         let Some(owner) = owner_of(found) else {
             return Ok(());
         };
-        let (org, team_id) = match &owner {
-            Owner::Exact(org, team) | Owner::Labelled(org, team) => (org.as_str(), team.as_str()),
+        if team.is_some_and(|t| created_before(found, t.deprovisioned_at)) {
+            // Its deprovisioning was asked to keep it (`delete_k8s_resources: false`).
+            return Ok(());
+        }
+        let (org, team_id) = match (team, &owner) {
+            (Some(t), _) => (t.org_id.as_str(), t.team_node_id.as_str()),
+            (None, Owner::Exact(org, team) | Owner::Labelled(org, team)) => (org.as_str(), team.as_str()),
         };
+        let name = name_of(found);
+        let uid = found.pointer("/metadata/uid").and_then(Value::as_str);
+        let kind = ObjectKind::ALL
+            .into_iter()
+            .find(|k| k.resource() == resource && k.name(org, team_id) == name)
+            .unwrap_or(match resource {
+                Resource::CronJob => ObjectKind::PipelineCronjob,
+                Resource::Deployment => ObjectKind::Deployment,
+                Resource::Service => ObjectKind::Service,
+            });
+        let item = drift::judge(kind, &name, Expectation::Absent, Some(found), true)
+            .expect("an object that should not exist is drift");
+        // An object the existing service created (no ownership annotations) for a team this
+        // service never knew may be a team it provisioned some other way (its sync-cronjobs):
+        // reported, never deleted. What this service created for a team it no longer knows is
+        // an orphan like any other.
+        let policy = match (team, &owner) {
+            (None, Owner::Labelled(..)) => DriftPolicy::Report,
+            _ => self.policy(team),
+        };
+        if policy == DriftPolicy::Report {
+            // Reported once, before any lock or call: a reported object costs nothing later.
+            match team {
+                Some(team) => {
+                    let summary = json!({"policy": policy, "drift": [reported_entry(&item)]});
+                    if team.last_drift.as_ref().is_none_or(|last| last.0 != summary) {
+                        self.count_found(&item, report);
+                        store::record_drift(&self.0.db, org, team_id, &summary).await?;
+                    }
+                }
+                None => {
+                    if self.first_report(uid) {
+                        self.count_found(&item, report);
+                        tracing::warn!(resource = resource.plural(), %name, "an object of an unknown team: reported, not deleted");
+                    }
+                }
+            }
+            return Ok(());
+        }
         let Some(lock) = TeamLock::try_acquire(&self.0.lock_db, org, team_id).await? else {
             return Ok(());
         };
         let result = async {
-            // Provisioned since it was listed: no longer an orphan.
-            if let Owner::Exact(org, team_id) = &owner {
-                let now = store::get_team(&self.0.db, org, team_id).await?;
-                if now.as_ref().is_some_and(|t| t.status != TeamStatus::Deprovisioned) {
-                    return Ok(());
-                }
+            // Provisioned again since it was listed: no longer an orphan.
+            let now = store::get_team(&self.0.db, org, team_id).await?;
+            if now.as_ref().is_some_and(|t| t.status != TeamStatus::Deprovisioned) {
+                return Ok(());
             }
-            let name = name_of(found);
-            let uid = found.pointer("/metadata/uid").and_then(Value::as_str);
             let Some(live) = self.get(resource, &name).await? else {
                 return Ok(());
             };
             if live.pointer("/metadata/uid").and_then(Value::as_str) != uid {
                 return Ok(());
             }
-            let kind = ObjectKind::ALL
-                .into_iter()
-                .find(|k| k.resource() == resource && k.name(org, team_id) == name)
-                .unwrap_or(match resource {
-                    Resource::CronJob => ObjectKind::PipelineCronjob,
-                    Resource::Deployment => ObjectKind::Deployment,
-                    Resource::Service => ObjectKind::Service,
-                });
-            let item = drift::judge(kind, &name, Expectation::Absent, Some(&live), true)
-                .expect("an object that should not exist is drift");
-            // An object the existing service created (no ownership annotations) for a team this
-            // service never knew may be a team it provisioned some other way (its sync-cronjobs):
-            // reported, never deleted. What this service created for a team it no longer knows is
-            // an orphan like any other.
-            let policy = match (&owner, team) {
-                (Owner::Labelled(..), None) => DriftPolicy::Report,
-                _ => self.policy(team),
-            };
-            if policy == DriftPolicy::Report && team.is_none() {
-                let first_time = uid.is_some_and(|uid| {
-                    self.0
-                        .reported
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(uid.to_string())
-                });
-                if !first_time {
-                    return Ok(());
-                }
-                tracing::warn!(resource = resource.plural(), %name, "an object of an unknown team: reported, not deleted");
-            }
-            report.drift_found += 1;
-            let outcome = match policy {
-                DriftPolicy::Report => None,
-                DriftPolicy::Repair => Some(self.delete(resource, &name, uid).await),
-            };
+            let outcome = self.delete(resource, &name, uid).await;
             let entry = self.account(Some((org, team_id)), &item, outcome, report).await?;
-            if let Some(team) = team {
-                let summary = json!({"policy": policy, "drift": [entry]});
-                if team.last_drift.as_ref().is_none_or(|last| last.0 != summary) {
-                    store::record_drift(&self.0.db, team.org_id.as_str(), team.team_node_id.as_str(), &summary).await?;
-                }
+            if team.is_some() {
+                store::record_drift(&self.0.db, org, team_id, &json!({"policy": policy, "drift": [entry]})).await?;
             }
             Ok::<(), ReconcileError>(())
         }
         .await;
         lock.release().await;
         result
+    }
+
+    /// Whether an unknown team's object is reported for the first time. The set is bounded: past
+    /// its size it starts again (an object is then reported once more).
+    fn first_report(&self, uid: Option<&str>) -> bool {
+        const REPORTED_LIMIT: usize = 10_000;
+        let Some(uid) = uid else {
+            return false;
+        };
+        let mut reported = self.0.reported.lock().unwrap_or_else(|p| p.into_inner());
+        if reported.len() >= REPORTED_LIMIT {
+            reported.clear();
+        }
+        reported.insert(uid.to_string())
     }
 
     /// A full resync: one list per resource, the teams and schedules in two reads, and a
@@ -518,20 +549,25 @@ impl Reconciler {
                 continue;
             }
             report.teams_judged += 1;
+            // Drift is corrected, and CronJobs adopted, only under the team's lock from a fresh read.
             let (found, adopt) = self.judge_team(&state, &live);
-            for (schedule_type, object) in adopt {
-                adopt_schedule(&self.0.db, state.org, state.team, schedule_type, &object).await?;
-            }
-            if !found.is_empty() {
+            if !found.is_empty() || !adopt.is_empty() {
                 drifted.push((state.org.to_string(), state.team.to_string()));
             }
         }
         store::record_last_runs(&self.0.db, &last_runs).await?;
 
+        // One team's failure does not hold up the others; a run of them (the database or the API
+        // server gone) ends the pass, which is retried with backoff.
+        let mut failures = Failures::default();
         for (org, team) in drifted {
-            let corrected = self.correct_team(&org, &team).await?;
-            report.drift_found += corrected.drift_found;
-            report.repaired += corrected.repaired;
+            match self.correct_team(&org, &team).await {
+                Ok(corrected) => {
+                    report.drift_found += corrected.drift_found;
+                    report.repaired += corrected.repaired;
+                }
+                Err(e) => failures.record(&self.0.metrics, e)?,
+            }
         }
 
         // What no team claimed: objects of deprovisioned or unknown teams.
@@ -551,14 +587,21 @@ impl Reconciler {
             for object in objects.values() {
                 let team = match owner_of(object) {
                     Some(Owner::Exact(org, team)) => by_id.get(&(org.as_str(), team.as_str())).copied(),
-                    Some(Owner::Labelled(org, team)) => by_label.get(&(org, team)).copied(),
+                    // Labels are sanitised (`sre_eu` and `sre.eu` share them): the team is the
+                    // labels' only if its pods' ids say so too.
+                    Some(Owner::Labelled(org, team)) => by_label.get(&(org, team)).copied().filter(|t| {
+                        let builder = self.builder(t.org_id.as_str(), t.team_node_id.as_str());
+                        drift::is_teams_object(object, &drift::owner_meta(&builder))
+                    }),
                     None => continue,
                 };
                 // An object of a known, living team at a name that is not its own is left alone.
                 if team.is_some_and(|t| t.status != TeamStatus::Deprovisioned) {
                     continue;
                 }
-                self.correct_orphan(*resource, object, team, &mut report).await?;
+                if let Err(e) = self.correct_orphan(*resource, object, team, &mut report).await {
+                    failures.record(&self.0.metrics, e)?;
+                }
             }
         }
         self.0
@@ -650,6 +693,41 @@ fn team_state<'a>(team: &'a TeamRow, schedules: &'a [ScheduleRow]) -> TeamState<
         status: team.status,
         spec: team.desired.as_ref().map(|d| &d.0),
         schedules: schedules.iter().collect(),
+        deprovisioned_at: team.deprovisioned_at,
+    }
+}
+
+/// Whether the object existed before `at` (a team's deprovisioning): what a deprovisioning with
+/// `delete_k8s_resources: false` kept. Kubernetes keeps whole seconds: an object created in the
+/// second of the deprovisioning counts as created after it.
+fn created_before(object: &Value, at: Option<chrono::DateTime<chrono::Utc>>) -> bool {
+    let created = object
+        .pointer("/metadata/creationTimestamp")
+        .and_then(Value::as_str)
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+    matches!((created, at), (Some(created), Some(at)) if created + chrono::Duration::seconds(1) <= at)
+}
+
+/// A drift as report mode records it.
+fn reported_entry(item: &Drift) -> Value {
+    let mut entry = serde_json::to_value(item).unwrap_or(Value::Null);
+    entry["repaired"] = json!(false);
+    entry
+}
+
+/// Failures of single teams within a pass: counted and logged; the third ends the pass.
+#[derive(Default)]
+struct Failures(u32);
+
+impl Failures {
+    fn record(&mut self, metrics: &Metrics, e: ReconcileError) -> Result<(), ReconcileError> {
+        metrics.reconcile_errors_total.with_label_values(&[e.stage()]).inc();
+        self.0 += 1;
+        if self.0 >= 3 {
+            return Err(e);
+        }
+        tracing::warn!(error = %e, "correcting one team failed; going on with the others");
+        Ok(())
     }
 }
 
@@ -677,7 +755,12 @@ async fn adopt_schedule(
         .pointer("/spec/suspend")
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    store::adopt_schedule(db, org, team, schedule_type, cron, !suspended, &name_of(object)).await
+    store::adopt_schedule(db, org, team, schedule_type, cron, !suspended, &name_of(object)).await?;
+    if schedule_type == ScheduleType::Ingestion {
+        // Part of the team's desired state from now on: provisioning it again keeps it.
+        store::set_desired_pipeline_schedule(db, org, team, Some((cron, !suspended))).await?;
+    }
+    Ok(())
 }
 
 /// Runs until `stop`: the watches feed batches of events, and a full resync runs every interval
