@@ -104,9 +104,9 @@ impl Options {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
         let mut args = std::env::args().skip(1);
         let scenario = args.next().unwrap_or_default();
-        if !["provision", "deprovision", "ingest", "proxy", "reconcile"].contains(&scenario.as_str()) {
+        if !["provision", "deprovision", "ingest", "proxy", "reconcile", "idle"].contains(&scenario.as_str()) {
             bail!(
-                "usage: bench <provision|deprovision|ingest|proxy|reconcile> [--teams N] [--concurrency N] [--deletions N] [--duration SECS] \
+                "usage: bench <provision|deprovision|ingest|proxy|reconcile|idle> [--teams N] [--concurrency N] [--deletions N] [--duration SECS] \
                  [--connections N] [--rounds N] [--runs N] [--warmup N] [--no-write] [--results PATH] [--orchestrator PATH]"
             );
         }
@@ -127,6 +127,7 @@ impl Options {
             "teams",
             "concurrency",
             "deletions",
+            "seconds",
             "duration",
             "connections",
             "runs",
@@ -182,6 +183,7 @@ async fn run() -> Result<Verdict> {
         "ingest" => ingest(&options).await?,
         "proxy" => proxy(&options).await?,
         "reconcile" => reconcile(&options).await?,
+        "idle" => idle(&options).await?,
         other => bail!("unknown scenario {other}"),
     };
     let machine = Machine::detect(&options.database_url).await;
@@ -1093,6 +1095,50 @@ async fn reconcile(options: &Options) -> Result<Report> {
          time is from the deletion until a new CronJob of that name exists. With watches refused, the stand-in \
          ends the open watches and answers 403 to new ones, as a revoked permission would."
     ));
+    Ok(report)
+}
+
+// ------------------------------------------------------------------------------------------------
+// Scenario: idle
+
+/// An idle replica's Postgres transactions per second: every background worker at rest (the
+/// dispatch poll, the resumer, housekeeping, the reconciler's resync, the agent-run sweep).
+async fn idle(options: &Options) -> Result<Report> {
+    let seconds = options.number("seconds", 120)?;
+    let bench = Bench::start(options).await?;
+    let db = bench_db(options).await?;
+    // Start-up work (migrations, the first resync, the first housekeeping) settles, and an idle
+    // backend publishes its counters up to 10 s late (PGSTAT_IDLE_INTERVAL).
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let before = pg_activity(&db).await?;
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let after = pg_activity(&db).await?;
+    let memory = bench.service.memory();
+    bench.stop().await;
+    // The bench's own reading of the counters is one transaction.
+    let transactions = (after.transactions - before.transactions - 1).max(0);
+    let per_second = transactions as f64 / seconds as f64;
+    let mut report = Report::new("idle", &format!("`idle`: one replica at rest for {seconds} s"));
+    report.row("Postgres transactions", transactions.to_string(), "");
+    report.row("transactions per second", format!("{per_second:.2}"), "≤ 1");
+    report.row(
+        "rows written",
+        (after.rows_written - before.rows_written).to_string(),
+        "",
+    );
+    if let Some(memory) = memory {
+        report.row("resident memory (VmRSS)", mb(memory.rss_kb), "");
+    }
+    report.fail_if(
+        per_second > 1.0,
+        format!("an idle replica runs {per_second:.2} transactions a second"),
+    );
+    report.note(
+        "A fresh database, no teams and no traffic, default settings. `pg_stat_database.xact_commit` of the bench \
+         database before and after the window (an idle backend publishes its counters up to 10 s late: the window \
+         starts 15 s after ready, and both readings lag alike)."
+            .to_string(),
+    );
     Ok(report)
 }
 

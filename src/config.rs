@@ -566,7 +566,9 @@ impl Config {
             dispatch_nice: env.count("ORCHESTRATOR_DISPATCH_NICE", 10, 0, 19)?,
             dispatch_max_attempts: env.count("ORCHESTRATOR_DISPATCH_MAX_ATTEMPTS", 8, 1, 100)?,
             dispatch_max_age: env.seconds("ORCHESTRATOR_DISPATCH_MAX_AGE_SECONDS", 86_400, 60, 30 * 86_400)?,
-            dispatch_lease: env.seconds("ORCHESTRATOR_DISPATCH_LEASE_SECONDS", 60, 5, 3600)?,
+            // 6 s: a dead replica's events are taken over within about 6 s; renewals (all of a
+            // replica's leases in one statement every 2 s) keep long agent runs alive.
+            dispatch_lease: env.seconds("ORCHESTRATOR_DISPATCH_LEASE_SECONDS", 6, 3, 3600)?,
             dispatch_poll_interval: env.millis("ORCHESTRATOR_DISPATCH_POLL_INTERVAL_MS", 2_000, 10, 600_000)?,
             retry_initial: env.millis("ORCHESTRATOR_DISPATCH_RETRY_INITIAL_MS", 1_000, 1, 3_600_000)?,
             retry_max: env.millis("ORCHESTRATOR_DISPATCH_RETRY_MAX_MS", 300_000, 1, 86_400_000)?,

@@ -146,24 +146,41 @@ pub async fn claim(
         .await
 }
 
-/// Extends a lease while the agent runs; `false` if the lease was lost.
-pub async fn renew_lease(
+/// Renews every lease this replica holds, in one statement; answers the events whose lease it
+/// still held (the others were taken over, or finished elsewhere).
+pub async fn renew_leases(
     executor: impl PgExecutor<'_>,
-    id: Uuid,
-    owner: Uuid,
+    leases: &[(Uuid, Uuid)],
     lease_secs: f64,
-) -> Result<bool, sqlx::Error> {
-    Ok(sqlx::query!(
-        "UPDATE orchestrator_webhook_events SET lease_until = now() + make_interval(secs => $3)
-         WHERE id = $1 AND lease_owner = $2 AND status = 'pending'",
-        id,
-        owner,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    let ids: Vec<Uuid> = leases.iter().map(|l| l.0).collect();
+    let owners: Vec<Uuid> = leases.iter().map(|l| l.1).collect();
+    sqlx::query_scalar!(
+        "UPDATE orchestrator_webhook_events e SET lease_until = now() + make_interval(secs => $3)
+         FROM unnest($1::uuid[], $2::uuid[]) AS l(id, owner)
+         WHERE e.id = l.id AND e.lease_owner = l.owner AND e.status = 'pending'
+         RETURNING e.id",
+        &ids,
+        &owners,
         lease_secs
     )
-    .execute(executor)
-    .await?
-    .rows_affected()
-        == 1)
+    .fetch_all(executor)
+    .await
+}
+
+/// When an event may next be claimed: the earliest due time of the events no one holds, or the
+/// earliest expiry of a lease (a replica that died holding it). `None`: nothing is pending.
+pub async fn next_claimable(executor: impl PgExecutor<'_>) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"SELECT least(
+             (SELECT next_attempt_at FROM orchestrator_webhook_events
+              WHERE status = 'pending' AND (lease_until IS NULL OR lease_until < now())
+              ORDER BY next_attempt_at LIMIT 1),
+             (SELECT min(lease_until) FROM orchestrator_webhook_events
+              WHERE status = 'pending' AND lease_until >= now())) AS "next""#
+    )
+    .fetch_one(executor)
+    .await
 }
 
 /// The final or next state of a dispatched event, written only if `owner` still holds its lease.

@@ -7,8 +7,9 @@ mod housekeeping;
 mod priority;
 mod process;
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
@@ -121,6 +122,89 @@ pub struct Dispatcher {
     agent: AgentClient,
     caches: DispatchCaches,
     metrics: Arc<Metrics>,
+    leases: LeaseKeeper,
+}
+
+/// The leases this replica holds, renewed together: one statement every third of a lease,
+/// however many events are being dispatched. A lease that could not be renewed is signalled to
+/// its dispatch, which stops (another replica may have taken the event over).
+#[derive(Default)]
+struct LeaseKeeper {
+    held: Mutex<HashMap<uuid::Uuid, (uuid::Uuid, Arc<Notify>)>>,
+}
+
+/// A lease held while its event is dispatched; dropping it stops its renewal.
+struct HeldLease<'a> {
+    keeper: &'a LeaseKeeper,
+    id: uuid::Uuid,
+    /// Notified when the lease is lost.
+    lost: Arc<Notify>,
+}
+
+impl LeaseKeeper {
+    fn hold(&self, id: uuid::Uuid, owner: uuid::Uuid) -> HeldLease<'_> {
+        let lost = Arc::new(Notify::new());
+        self.lock().insert(id, (owner, lost.clone()));
+        HeldLease { keeper: self, id, lost }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<uuid::Uuid, (uuid::Uuid, Arc<Notify>)>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn snapshot(&self) -> Vec<(uuid::Uuid, uuid::Uuid)> {
+        self.lock().iter().map(|(id, (owner, _))| (*id, *owner)).collect()
+    }
+
+    /// Signals the dispatches of these leases that they are lost.
+    fn lose(&self, ids: impl IntoIterator<Item = uuid::Uuid>) {
+        let mut held = self.lock();
+        for id in ids {
+            if let Some((_, lost)) = held.remove(&id) {
+                lost.notify_one();
+            }
+        }
+    }
+}
+
+impl Drop for HeldLease<'_> {
+    fn drop(&mut self) {
+        self.keeper.lock().remove(&self.id);
+    }
+}
+
+/// Renews every held lease each third of a lease until `stop`. When renewals keep failing until
+/// a lease would be gone, its dispatch is told to stop: another replica may take the event.
+async fn keep_leases(dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
+    let lease = dispatcher.settings.lease;
+    let mut renewed = Instant::now();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(lease / 3) => {}
+        }
+        let held = dispatcher.leases.snapshot();
+        if held.is_empty() {
+            renewed = Instant::now();
+            continue;
+        }
+        match store::renew_leases(&dispatcher.queue_db, &held, lease.as_secs_f64()).await {
+            Ok(kept) => {
+                renewed = Instant::now();
+                let kept: std::collections::HashSet<uuid::Uuid> = kept.into_iter().collect();
+                let lost: Vec<uuid::Uuid> = held.iter().map(|l| l.0).filter(|id| !kept.contains(id)).collect();
+                if !lost.is_empty() {
+                    tracing::warn!(events = lost.len(), "lost the lease of events being dispatched");
+                    dispatcher.leases.lose(lost);
+                }
+            }
+            Err(e) if renewed.elapsed() + lease / 3 >= lease => {
+                tracing::warn!(error = %e, "cannot renew the leases before they expire; abandoning those dispatches");
+                dispatcher.leases.lose(held.into_iter().map(|l| l.0));
+            }
+            Err(e) => tracing::warn!(error = %e, "renewing leases failed"),
+        }
+    }
 }
 
 impl Dispatcher {
@@ -144,6 +228,7 @@ impl Dispatcher {
             agent,
             caches: DispatchCaches::default(),
             metrics,
+            leases: LeaseKeeper::default(),
         }
     }
 
@@ -177,9 +262,14 @@ pub async fn run(dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
         dispatcher.queued.clone(),
         stop.clone(),
     ));
+    tokio::spawn(keep_leases(dispatcher.clone(), stop.clone()));
     let lease_secs = dispatcher.settings.lease.as_secs_f64();
     // At start-up, events left by a previous process may be due.
     let mut maybe_due = true;
+    // With nothing due, when to look again (`next_claimable`), and whether that look is only a
+    // check (one cheap read) or a claim.
+    let mut recheck_at = tokio::time::Instant::now();
+    let mut recheck = false;
 
     loop {
         if stop.is_cancelled() {
@@ -196,13 +286,32 @@ pub async fn run(dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
             }
             free = workers.available_permits();
         }
+        if recheck {
+            recheck = false;
+            match store::next_claimable(&dispatcher.queue_db).await {
+                Ok(next) => {
+                    let (due_now, wait) = next_wait(next, chrono::Utc::now(), &dispatcher.settings);
+                    maybe_due = due_now;
+                    recheck_at = tokio::time::Instant::now() + wait;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading when webhook events are due failed");
+                    maybe_due = true;
+                }
+            }
+        }
         let mut claimed_all = false;
         if maybe_due && free > 0 {
             match store::claim(&dispatcher.queue_db, free as i64, lease_secs).await {
                 Ok(events) => {
-                    // Fewer than asked for: nothing else is due right now.
+                    // Fewer than asked for: nothing else is due right now; look again when
+                    // something may be (a retry's time, a lease's expiry), at the latest after a
+                    // lease (a replica that claims after this look leases for that long).
                     claimed_all = events.len() == free;
                     maybe_due = claimed_all;
+                    if !claimed_all {
+                        recheck = true;
+                    }
                     for event in events {
                         let Ok(permit) = workers.clone().acquire_owned().await else {
                             break;
@@ -223,16 +332,38 @@ pub async fn run(dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
             tokio::task::yield_now().await;
             continue;
         }
+        if recheck {
+            // The look at when events are due comes first.
+            continue;
+        }
         tokio::select! {
             () = stop.cancelled() => break,
             () = dispatcher.queued.notified() => maybe_due = true,
-            // Only worth a claim if events are waiting for a worker.
-            () = dispatcher.freed.notified() => {}
-            () = tokio::time::sleep(dispatcher.settings.poll_interval) => maybe_due = true,
+            // A finished event may have scheduled its retry: look again.
+            () = dispatcher.freed.notified() => recheck = true,
+            () = tokio::time::sleep_until(recheck_at) => recheck = true,
         }
     }
     // Let running dispatches finish within the lease; what does not is taken over after it.
     let _ = tokio::time::timeout(Duration::from_secs(10), dispatcher.workers.acquire_many(total as u32)).await;
+}
+
+/// Whether to claim at once, and how long until the next look, given when an event may next be
+/// claimed. Something claimable now that the last claim did not get is waiting behind an earlier
+/// event of its conversation: look again after the poll interval, not in a loop. Nothing pending:
+/// after a lease at most, which bounds the take-over of a lease claimed by a replica that died
+/// since this look (the NOTIFY of new events wakes the loop sooner).
+fn next_wait(
+    next: Option<chrono::DateTime<chrono::Utc>>,
+    now: chrono::DateTime<chrono::Utc>,
+    settings: &DispatchSettings,
+) -> (bool, Duration) {
+    let ceiling = settings.lease;
+    match next {
+        None => (false, ceiling),
+        Some(at) if at <= now => (true, settings.poll_interval.min(ceiling)),
+        Some(at) => (false, (at - now).to_std().unwrap_or_default().min(ceiling)),
+    }
 }
 
 /// LISTEN for new events; reconnects with a pause when the connection drops.

@@ -45,31 +45,13 @@ pub(super) async fn process(dispatcher: &Dispatcher, event: ClaimedEvent) {
         return;
     };
     let started = Instant::now();
-    let lease = dispatcher.settings.lease;
-    // Renew the lease while the agent runs, so no other worker takes the event meanwhile.
-    // If renewals keep failing until the lease is gone, stop: another worker may take the event,
-    // and this one must not go on running the agent for it.
-    let heartbeat = async {
-        let mut renewed = Instant::now();
-        loop {
-            tokio::time::sleep(lease / 3).await;
-            match store::renew_lease(&dispatcher.queue_db, event.id, owner, lease.as_secs_f64()).await {
-                Ok(true) => renewed = Instant::now(),
-                Ok(false) => {
-                    tracing::warn!(event_id = %event.id, "lost the lease of an event being dispatched");
-                    return;
-                }
-                Err(e) if renewed.elapsed() + lease / 3 >= lease => {
-                    tracing::warn!(event_id = %event.id, error = %e, "cannot renew the lease before it expires; abandoning");
-                    return;
-                }
-                Err(e) => tracing::warn!(event_id = %event.id, error = %e, "renewing a lease failed"),
-            }
-        }
-    };
+    // The lease is renewed with every other one this replica holds ([`super::keep_leases`]); if
+    // it is lost, stop: another worker may take the event, and this one must not go on running
+    // the agent for it. Held until the outcome is written.
+    let held = dispatcher.leases.hold(event.id, owner);
     let result = tokio::select! {
         result = dispatch(dispatcher, source, &event) => result,
-        () = heartbeat => Err(DispatchError::LeaseLost.into()),
+        () = held.lost.notified() => Err(DispatchError::LeaseLost.into()),
     };
     let label = source.as_str();
     let finished = |status: &str| {
