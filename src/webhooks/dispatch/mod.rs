@@ -123,6 +123,9 @@ pub struct Dispatcher {
     caches: DispatchCaches,
     metrics: Arc<Metrics>,
     leases: LeaseKeeper,
+    /// The earliest retry this replica scheduled since its claim loop last looked: the loop
+    /// wakes for it without asking the database.
+    next_retry: Mutex<Option<tokio::time::Instant>>,
 }
 
 /// The leases this replica holds, renewed together: one statement every third of a lease,
@@ -229,7 +232,19 @@ impl Dispatcher {
             caches: DispatchCaches::default(),
             metrics,
             leases: LeaseKeeper::default(),
+            next_retry: Mutex::new(None),
         }
+    }
+
+    /// A retry was scheduled `after` from now.
+    fn retry_scheduled(&self, after: Duration) {
+        let at = tokio::time::Instant::now() + after;
+        let mut next = self.next_retry.lock().unwrap_or_else(|p| p.into_inner());
+        *next = Some(next.map_or(at, |current| current.min(at)));
+    }
+
+    fn take_next_retry(&self) -> Option<tokio::time::Instant> {
+        self.next_retry.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     /// What wakes the claim loop when this replica stores events.
@@ -336,11 +351,19 @@ pub async fn run(dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
             // The look at when events are due comes first.
             continue;
         }
+        if let Some(retry_at) = dispatcher.take_next_retry() {
+            recheck_at = recheck_at.min(retry_at);
+        }
         tokio::select! {
             () = stop.cancelled() => break,
             () = dispatcher.queued.notified() => maybe_due = true,
-            // A finished event may have scheduled its retry: look again.
-            () = dispatcher.freed.notified() => recheck = true,
+            // Only worth a claim if events are waiting for a worker; a retry it scheduled
+            // brings the next look forward.
+            () = dispatcher.freed.notified() => {
+                if let Some(retry_at) = dispatcher.take_next_retry() {
+                    recheck_at = recheck_at.min(retry_at);
+                }
+            }
             () = tokio::time::sleep_until(recheck_at) => recheck = true,
         }
     }

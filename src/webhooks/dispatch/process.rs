@@ -89,13 +89,21 @@ pub(super) async fn process(dispatcher: &Dispatcher, event: ClaimedEvent) {
         }
         Err(failure) => failed(dispatcher, source, &event, failure),
     };
+    let retry_at = outcome
+        .next_attempt_at
+        .filter(|_| outcome.status == EventStatus::Pending);
     let write = if outcome.status == EventStatus::DeadLetter {
         record_dead_letter(dispatcher, source, &event, outcome).await
     } else {
         dispatcher.outcomes.submit(outcome).await.map_err(|e| e.to_string())
     };
     match write {
-        Ok(true) => {}
+        // Written: the claim loop may wake for the retry (it is claimable from now on).
+        Ok(true) => {
+            if let Some(at) = retry_at {
+                dispatcher.retry_scheduled((at - Utc::now()).to_std().unwrap_or_default());
+            }
+        }
         Ok(false) => tracing::warn!(event_id = %event.id, "the event's lease moved on before its outcome was written"),
         Err(error) => {
             tracing::error!(event_id = %event.id, %error, "writing a dispatch outcome failed; the lease will expire and it is retried")
