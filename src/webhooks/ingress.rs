@@ -164,7 +164,23 @@ pub async fn ingest(
         body: body.to_vec(),
         ordering_key: meta.ordering_key,
     };
-    match state.inbox.submit(new).await {
+    let stored = match tokio::time::timeout(state.config.webhooks.store_timeout, state.inbox.submit(new)).await {
+        Ok(stored) => stored,
+        Err(_) => {
+            // Not acknowledged: if the row is committed after all, the sender's retry is a duplicate.
+            outcome("storage_error");
+            return ApiError::unavailable(
+                "storage_unavailable",
+                "the event could not be stored in time; retry later",
+            )
+            .with_header(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            )
+            .into_response();
+        }
+    };
+    match stored {
         Ok(Inserted::New(_)) => {
             outcome("accepted");
             Json(Ack {

@@ -2,6 +2,7 @@
 //! port against its own database and the in-process stand-ins.
 
 mod agent_runs;
+mod chaos;
 mod destinations;
 mod dropin;
 mod foundation;
