@@ -597,6 +597,16 @@ impl Latencies {
     fn max(&self) -> Duration {
         self.0.last().copied().unwrap_or_default()
     }
+
+    /// "p50 / p99 / max" in milliseconds.
+    fn p50_p99_max(&self) -> String {
+        format!(
+            "{} / {} / {}",
+            ms(self.percentile(50.0)),
+            ms(self.percentile(99.0)),
+            ms(self.max())
+        )
+    }
 }
 
 fn ms(d: Duration) -> String {
@@ -695,6 +705,26 @@ fn provision_body(i: u64) -> Value {
         "slack_channel_ids": [format!("C{i}")],
         "create_pipeline_schedule": true,
     })
+}
+
+/// Provisions `teams` teams before a scenario measures something else (not measured).
+async fn provision_setup(bench: &Bench, teams: u64, concurrency: u64, scenario: &str) -> Result<()> {
+    let setup = concurrently(
+        &bench.url("/api/v1/admin/provision/team"),
+        teams,
+        concurrency,
+        provision_body,
+        provisioned,
+    )
+    .await?;
+    if !setup.errors.is_empty() {
+        print_errors(&setup.errors);
+        bail!(
+            "{} teams could not be provisioned for the {scenario} bench",
+            setup.errors.len()
+        );
+    }
+    Ok(())
 }
 
 fn provisioned(status: reqwest::StatusCode, answer: &Value) -> bool {
@@ -851,21 +881,7 @@ async fn deprovision(options: &Options) -> Result<Report> {
     let concurrency = options.number("concurrency", 16)?;
     let bench = Bench::start(options).await?;
     // The teams to remove, each with a CronJob, a token and routing (not measured).
-    let setup = concurrently(
-        &bench.url("/api/v1/admin/provision/team"),
-        teams,
-        concurrency,
-        provision_body,
-        provisioned,
-    )
-    .await?;
-    if !setup.errors.is_empty() {
-        print_errors(&setup.errors);
-        bail!(
-            "{} teams could not be provisioned for the deprovisioning bench",
-            setup.errors.len()
-        );
-    }
+    provision_setup(&bench, teams, concurrency, "deprovisioning").await?;
     // An idle backend publishes its counters up to 10 s late (PGSTAT_IDLE_INTERVAL): let the
     // setup's arrive before the measured ones start, or they would be counted as deprovisioning's.
     tokio::time::sleep(Duration::from_secs(11)).await;
@@ -1013,21 +1029,7 @@ async fn reconcile(options: &Options) -> Result<Report> {
         ],
     )
     .await?;
-    let setup = concurrently(
-        &bench.url("/api/v1/admin/provision/team"),
-        teams,
-        concurrency,
-        provision_body,
-        provisioned,
-    )
-    .await?;
-    if !setup.errors.is_empty() {
-        print_errors(&setup.errors);
-        bail!(
-            "{} teams could not be provisioned for the reconcile bench",
-            setup.errors.len()
-        );
-    }
+    provision_setup(&bench, teams, concurrency, "reconcile").await?;
 
     // One full resync of the 1,000 teams, nothing drifted: its time and its Kubernetes calls.
     let resync_count = RESYNC_COUNT;
@@ -1093,12 +1095,7 @@ async fn reconcile(options: &Options) -> Result<Report> {
     );
     report.row(
         "deletion to repair, watches working: p50 / p99 / max",
-        format!(
-            "{} / {} / {}",
-            ms(watched.percentile(50.0)),
-            ms(watched.percentile(99.0)),
-            ms(watched.max())
-        ),
+        watched.p50_p99_max(),
         "p99 < 60 s",
     );
     report.fail_if(
@@ -1107,12 +1104,7 @@ async fn reconcile(options: &Options) -> Result<Report> {
     );
     report.row(
         &format!("deletion to repair, watches refused (resync every {RECONCILE_INTERVAL_SECONDS} s): p50 / p99 / max"),
-        format!(
-            "{} / {} / {}",
-            ms(resync_only.percentile(50.0)),
-            ms(resync_only.percentile(99.0)),
-            ms(resync_only.max())
-        ),
+        resync_only.p50_p99_max(),
         &format!("≤ {RECONCILE_INTERVAL_SECONDS} s + a resync"),
     );
     report.row(
@@ -1287,12 +1279,7 @@ async fn recovery(options: &Options) -> Result<Report> {
     report.fail_if(lost != 0, format!("{lost} accepted deliveries were lost"));
     report.row(
         "kill → every accepted event delivered: p50 / p99 / max",
-        format!(
-            "{} / {} / {}",
-            ms(takeovers.percentile(50.0)),
-            ms(takeovers.percentile(99.0)),
-            ms(takeovers.max())
-        ),
+        takeovers.p50_p99_max(),
         "take-over p99 ≤ 10 s",
     );
     report.fail_if(

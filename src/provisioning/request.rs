@@ -178,9 +178,10 @@ impl DeprovisionRequest {
         let object = body
             .as_object()
             .ok_or_else(|| ApiError::unprocessable("invalid_body", "the request body must be a JSON object"))?;
+        let TeamRef { org_id, team_node_id } = TeamRef::parse(body)?;
         Ok(Self {
-            org_id: OrgId::parse(required_string(object, "org_id")?).or_invalid("org_id")?,
-            team_node_id: TeamNodeId::parse(required_string(object, "team_node_id")?).or_invalid("team_node_id")?,
+            org_id,
+            team_node_id,
             delete_k8s_resources: optional_bool(object, "delete_k8s_resources")?.unwrap_or(true),
             dry_run: optional_bool(object, "dry_run")?.unwrap_or(false),
             idempotency_key: idempotency_key(object)?,

@@ -152,7 +152,7 @@ async fn put_schedule(
     let (applied, created) = steps::apply_owned(&state.provisioning.kube, &cronjob)
         .await
         .map_err(kubernetes_error)?;
-    store::put_schedule(&state.db, org, team, schedule_type, cron, enabled, &applied.name).await?;
+    store::put_schedule(&state.db, org, team, schedule_type, cron, enabled, &applied.name, true).await?;
     if schedule_type == ScheduleType::Ingestion {
         store::set_desired_pipeline_schedule(&state.db, org, team, Some((cron, enabled))).await?;
     }

@@ -755,7 +755,7 @@ async fn adopt_schedule(
         .pointer("/spec/suspend")
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    store::adopt_schedule(db, org, team, schedule_type, cron, !suspended, &name_of(object)).await?;
+    store::put_schedule(db, org, team, schedule_type, cron, !suspended, &name_of(object), false).await?;
     if schedule_type == ScheduleType::Ingestion {
         // Part of the team's desired state from now on: provisioning it again keeps it.
         store::set_desired_pipeline_schedule(db, org, team, Some((cron, !suspended))).await?;

@@ -52,7 +52,9 @@ pub async fn all_schedules(executor: impl PgExecutor<'_>) -> Result<Vec<Schedule
     .await
 }
 
-/// Creates or changes the team's schedule of that type.
+/// Creates the team's schedule of that type, or changes it; with `replace` false an existing row
+/// wins (a CronJob adopted from the cluster never overrides what was asked).
+#[allow(clippy::too_many_arguments)]
 pub async fn put_schedule(
     executor: impl PgExecutor<'_>,
     org: &str,
@@ -61,6 +63,7 @@ pub async fn put_schedule(
     cron: &str,
     enabled: bool,
     cronjob_name: &str,
+    replace: bool,
 ) -> Result<(), sqlx::Error> {
     sqlx::query!(
         "INSERT INTO orchestrator_pipeline_schedules
@@ -68,41 +71,15 @@ pub async fn put_schedule(
          VALUES ($1, $2, $3, $4, $5, $6)
          ON CONFLICT (org_id, team_node_id, schedule_type) DO UPDATE
          SET cron_expression = EXCLUDED.cron_expression, enabled = EXCLUDED.enabled,
-             k8s_cronjob_name = EXCLUDED.k8s_cronjob_name, updated_at = now()",
+             k8s_cronjob_name = EXCLUDED.k8s_cronjob_name, updated_at = now()
+         WHERE $7",
         org,
         team,
         schedule_type.as_str(),
         cron,
         enabled,
-        cronjob_name
-    )
-    .execute(executor)
-    .await?;
-    Ok(())
-}
-
-/// Records a schedule found in the cluster without a row (an adopted CronJob); an existing row
-/// wins.
-pub async fn adopt_schedule(
-    executor: impl PgExecutor<'_>,
-    org: &str,
-    team: &str,
-    schedule_type: ScheduleType,
-    cron: &str,
-    enabled: bool,
-    cronjob_name: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query!(
-        "INSERT INTO orchestrator_pipeline_schedules
-             (org_id, team_node_id, schedule_type, cron_expression, enabled, k8s_cronjob_name)
-         VALUES ($1, $2, $3, $4, $5, $6)
-         ON CONFLICT (org_id, team_node_id, schedule_type) DO NOTHING",
-        org,
-        team,
-        schedule_type.as_str(),
-        cron,
-        enabled,
-        cronjob_name
+        cronjob_name,
+        replace
     )
     .execute(executor)
     .await?;
