@@ -176,3 +176,37 @@ async fn while_the_database_restarts_deliveries_answer_503_quickly_and_nothing_a
     let health = app.get("/health").await;
     assert_eq!(health.status(), 200);
 }
+
+/// The agent, then the config service, down for a while under a stream of deliveries: nothing
+/// is dead-lettered for an outage (only the event's age bounds its retries), and everything is
+/// delivered once they are back. The retries here are 10 to 50 ms apart, so an outage of 3 s is
+/// over a hundred attempts: far more than `ORCHESTRATOR_DISPATCH_MAX_ATTEMPTS` (8).
+#[tokio::test]
+async fn a_neighbour_down_for_a_while_loses_nothing_and_everything_is_delivered_after() {
+    let app = TestApp::spawn().await;
+    app.stack
+        .config_service
+        .state()
+        .set_team_config("acme", "sre", json!({"routing": {"github_repos": ["acme/api"]}}));
+    let mut n = 0u64;
+    for down in [&app.stack.agent.faults(), &app.stack.config_service.faults()] {
+        down.fail_next(u32::MAX, 503);
+        for _ in 0..5 {
+            let response = deliver(
+                &app,
+                Source::GitHub,
+                &github_pr("acme/api", n, "outage"),
+                &format!("o-{n}"),
+                &[],
+            )
+            .await;
+            assert_eq!(response.status(), 200);
+            n += 1;
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        down.reset();
+    }
+    wait_for_event_status(&app, "delivered", n as usize).await;
+    let dead = app.admin_json("/api/v1/admin/webhooks/events?status=dead_letter").await;
+    assert!(dead["items"].as_array().unwrap().is_empty(), "{dead:#}");
+}

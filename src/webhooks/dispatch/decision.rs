@@ -42,6 +42,23 @@ impl DispatchError {
     }
 }
 
+impl DispatchError {
+    /// The platform is down, not the event: a neighbour unreachable, timing out, rate limiting or
+    /// answering 502, 503 or 504, or this replica losing its lease. Such attempts do not count
+    /// toward `ORCHESTRATOR_DISPATCH_MAX_ATTEMPTS` (an outage would otherwise dead-letter every
+    /// event it touches); only the event's age bounds them. A 500 counts: it may be this event
+    /// that breaks the neighbour.
+    pub fn is_outage(&self) -> bool {
+        let neighbour = match self {
+            Self::Routing(e) | Self::Feedback(e) | Self::Agent(AgentError::Upstream(e)) => e,
+            Self::Team(e) => e.neighbour(),
+            Self::LeaseLost => return true,
+            Self::Agent(AgentError::Timeout(_) | AgentError::Failed(_)) | Self::NoCredential => return false,
+        };
+        neighbour.is_transient() && neighbour.status() != Some(500)
+    }
+}
+
 #[derive(Debug, PartialEq)]
 pub enum AfterFailure {
     /// Back in the queue, due after this pause.
@@ -53,7 +70,12 @@ pub enum AfterFailure {
 /// `attempts` made so far (this one included) over `age` since the event arrived.
 pub fn after_failure(policy: &RetryPolicy, attempts: u32, age: Duration, error: &DispatchError) -> AfterFailure {
     let delay = policy.delay(attempts.max(1), None);
-    if error.is_retryable() && policy.allows_another(attempts.max(1), age, delay) {
+    let allowed = if error.is_outage() {
+        age + delay < policy.max_elapsed
+    } else {
+        policy.allows_another(attempts.max(1), age, delay)
+    };
+    if error.is_retryable() && allowed {
         AfterFailure::Retry(delay)
     } else {
         AfterFailure::DeadLetter
@@ -84,25 +106,49 @@ mod tests {
     }
 
     #[test]
-    fn a_transient_failure_goes_back_in_the_queue_until_attempts_or_age_run_out() {
-        let unavailable = DispatchError::Agent(AgentError::Upstream(status(503)));
-        assert!(matches!(
-            after_failure(&policy(), 1, Duration::ZERO, &unavailable),
-            AfterFailure::Retry(d) if d <= Duration::from_secs(1)
-        ));
-        assert_eq!(
-            after_failure(&policy(), 8, Duration::ZERO, &unavailable),
-            AfterFailure::DeadLetter
-        );
-        assert_eq!(
-            after_failure(&policy(), 2, Duration::from_secs(86_400), &unavailable),
-            AfterFailure::DeadLetter
-        );
-        let timeout = DispatchError::Agent(AgentError::Timeout(Duration::from_secs(300)));
-        assert!(matches!(
-            after_failure(&policy(), 3, Duration::ZERO, &timeout),
-            AfterFailure::Retry(_)
-        ));
+    fn an_outage_is_retried_until_the_event_is_too_old_however_many_attempts() {
+        for unavailable in [
+            DispatchError::Agent(AgentError::Upstream(status(503))),
+            DispatchError::Routing(NeighbourError::Transport {
+                neighbour: "config_service",
+                message: "connection refused".into(),
+            }),
+            DispatchError::Team(TeamAgentError::Config(status(502))),
+            DispatchError::LeaseLost,
+        ] {
+            assert!(matches!(
+                after_failure(&policy(), 1, Duration::ZERO, &unavailable),
+                AfterFailure::Retry(d) if d <= Duration::from_secs(1)
+            ));
+            assert!(
+                matches!(
+                    after_failure(&policy(), 50, Duration::from_secs(3600), &unavailable),
+                    AfterFailure::Retry(_)
+                ),
+                "{unavailable}"
+            );
+            assert_eq!(
+                after_failure(&policy(), 2, Duration::from_secs(86_400), &unavailable),
+                AfterFailure::DeadLetter
+            );
+        }
+    }
+
+    #[test]
+    fn a_failure_of_the_event_itself_counts_toward_the_attempts() {
+        for failure in [
+            DispatchError::Agent(AgentError::Timeout(Duration::from_secs(300))),
+            DispatchError::Agent(AgentError::Upstream(status(500))),
+        ] {
+            assert!(matches!(
+                after_failure(&policy(), 3, Duration::ZERO, &failure),
+                AfterFailure::Retry(_)
+            ));
+            assert_eq!(
+                after_failure(&policy(), 8, Duration::ZERO, &failure),
+                AfterFailure::DeadLetter
+            );
+        }
     }
 
     #[test]
