@@ -210,3 +210,28 @@ async fn a_neighbour_down_for_a_while_loses_nothing_and_everything_is_delivered_
     let dead = app.admin_json("/api/v1/admin/webhooks/events?status=dead_letter").await;
     assert!(dead["items"].as_array().unwrap().is_empty(), "{dead:#}");
 }
+
+/// An agent run longer than several leases is not taken over by another replica: the lease is
+/// renewed while it runs, and the agent is called once.
+#[tokio::test]
+async fn renewals_keep_a_long_agent_run_alive_across_replicas() {
+    let short_lease = |env: &mut std::collections::HashMap<String, String>| {
+        env.insert("ORCHESTRATOR_DISPATCH_LEASE_SECONDS".into(), "3".into());
+    };
+    let app = TestApp::spawn_with(short_lease).await;
+    let other = app.another(short_lease).await;
+    app.stack
+        .config_service
+        .state()
+        .set_team_config("acme", "sre", json!({"routing": {"github_repos": ["acme/api"]}}));
+    app.stack.agent.state().set_delay(Duration::from_secs(8));
+    let response = deliver(&app, Source::GitHub, &github_pr("acme/api", 1, "long"), "long-1", &[]).await;
+    assert_eq!(response.status(), 200);
+    wait_for_event_status(&app, "delivered", 1).await;
+    assert_eq!(
+        app.stack.agent.calls_to("POST", "/agents/").len(),
+        1,
+        "the run was taken over"
+    );
+    other.stop().await;
+}
