@@ -42,6 +42,8 @@ pub struct RecordedCall {
     pub body: Value,
     /// Set when an injected fault answered this request: `"status 503"` or `"dropped"`.
     pub fault: Option<String>,
+    /// When its body had arrived (what a benchmark measures waits to).
+    pub at: std::time::SystemTime,
 }
 
 impl RecordedCall {
@@ -355,6 +357,7 @@ async fn handle(app: Router, shared: Arc<Shared>, req: Request<Incoming>) -> Res
         headers: header_map(&parts.headers),
         body: body_value(&bytes),
         fault: fault.map(FaultAction::describe),
+        at: std::time::SystemTime::now(),
     });
 
     if fault == Some(FaultAction::Drop) {

@@ -8,7 +8,7 @@
 //!
 //! ```text
 //! bench <provision|deprovision|ingest|proxy> [--teams N] [--concurrency N] [--duration SECS] [--connections N]
-//!       [--rounds N] [--runs N] [--warmup N] [--no-write] [--results PATH] [--orchestrator PATH]
+//!       [--rounds N] [--runs N] [--warmup N] [--fractions F,F..] [--no-write] [--results PATH] [--orchestrator PATH]
 //! ```
 //!
 //! Environment: `DATABASE_URL` (the bench database, required), `BENCH_COMMAND` (the command shown
@@ -32,6 +32,8 @@ use serde_json::{json, Value};
 use sha2::Sha256;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
+
+mod pipeline;
 
 const ADMIN_TOKEN: &str = "dev-super-admin";
 const GITHUB_SECRET: &str = "bench-secret";
@@ -112,11 +114,13 @@ impl Options {
             "reconcile",
             "idle",
             "recovery",
+            "pipeline",
+            "fairness",
         ]
         .contains(&scenario.as_str())
         {
             bail!(
-                "usage: bench <provision|deprovision|ingest|proxy|reconcile|idle|recovery> [--teams N] [--concurrency N] [--deletions N] [--duration SECS] \
+                "usage: bench <provision|deprovision|ingest|proxy|reconcile|idle|recovery|pipeline|fairness> [--teams N] [--concurrency N] [--deletions N] [--duration SECS] \
                  [--connections N] [--rounds N] [--runs N] [--warmup N] [--no-write] [--results PATH] [--orchestrator PATH]"
             );
         }
@@ -144,6 +148,7 @@ impl Options {
             "runs",
             "rounds",
             "warmup",
+            "fractions",
             "results",
             "orchestrator",
         ];
@@ -175,6 +180,19 @@ impl Options {
         })
     }
 
+    /// A comma-separated list of fractions between 0 and 1 (exclusive of 0).
+    fn fractions(&self, name: &str, default: &[f64]) -> Result<Vec<f64>> {
+        let Some(v) = self.flags.get(name) else {
+            return Ok(default.to_vec());
+        };
+        v.split(',')
+            .map(|f| match f.trim().parse::<f64>() {
+                Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
+                _ => bail!("--{name} takes fractions in (0, 1] separated by commas, got {v:?}"),
+            })
+            .collect()
+    }
+
     fn number(&self, name: &str, default: u64) -> Result<u64> {
         match self.flags.get(name) {
             None => Ok(default),
@@ -196,6 +214,7 @@ async fn run() -> Result<Verdict> {
         "reconcile" => reconcile(&options).await?,
         "idle" => idle(&options).await?,
         "recovery" => recovery(&options).await?,
+        "pipeline" => pipeline::pipeline(&options).await?,
         other => bail!("unknown scenario {other}"),
     };
     let machine = Machine::detect(&options.database_url).await;
@@ -1342,14 +1361,19 @@ const PR_PARAGRAPH: &str = "This change tightens the retry budget of the payment
     Dashboards and alerts were reviewed with the on-call team, and the load test of last week was repeated \
     with the new client: p99 latency stayed flat while the gateway shed load, and no request exceeded its budget.";
 
-/// The body of pull request `n`. Written out once as text with the number spliced in, so the load
+/// The body of pull request `n` of `acme/bench`. Written out once as text with the number spliced in, so the load
 /// generator spends its time sending, not building JSON (its CPU comes out of the same two cores).
 fn pull_request_body(n: u64) -> Vec<u8> {
+    pull_request_body_in("acme", "bench", n)
+}
+
+/// The body of pull request `n` of repository `owner/name`.
+fn pull_request_body_in(owner: &str, name: &str, n: u64) -> Vec<u8> {
     static PARAGRAPH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     let paragraph = PARAGRAPH.get_or_init(|| serde_json::to_string(PR_PARAGRAPH).unwrap_or_default());
     let id = 1_000_000 + n;
     format!(
-        r#"{{"action":"opened","number":{n},"pull_request":{{"additions":184,"base":{{"ref":"main","sha":"9049f1265b7d61be4a8904a9a27120d2064dab3b"}},"body":{paragraph},"changed_files":7,"commits":3,"created_at":"2025-01-01T00:00:00Z","deletions":61,"draft":false,"head":{{"ref":"retry-budget-{n}","sha":"6dcb09b5b57875f334f61aebed695e2e4193db5e"}},"html_url":"https://github.com/acme/bench/pull/{n}","id":{id},"labels":[{{"name":"reliability"}},{{"name":"payments"}}],"number":{n},"requested_reviewers":[{{"login":"sre-oncall"}},{{"login":"payments-lead"}}],"state":"open","title":"Tighten the retry budget of the payment gateway client (#{n})","user":{{"id":583231,"login":"octo-dev"}}}},"repository":{{"default_branch":"main","full_name":"acme/bench","html_url":"https://github.com/acme/bench","id":1296269,"name":"bench","private":true}},"sender":{{"id":583231,"login":"octo-dev","type":"User"}}}}"#
+        r#"{{"action":"opened","number":{n},"pull_request":{{"additions":184,"base":{{"ref":"main","sha":"9049f1265b7d61be4a8904a9a27120d2064dab3b"}},"body":{paragraph},"changed_files":7,"commits":3,"created_at":"2025-01-01T00:00:00Z","deletions":61,"draft":false,"head":{{"ref":"retry-budget-{n}","sha":"6dcb09b5b57875f334f61aebed695e2e4193db5e"}},"html_url":"https://github.com/{owner}/{name}/pull/{n}","id":{id},"labels":[{{"name":"reliability"}},{{"name":"payments"}}],"number":{n},"requested_reviewers":[{{"login":"sre-oncall"}},{{"login":"payments-lead"}}],"state":"open","title":"Tighten the retry budget of the payment gateway client (#{n})","user":{{"id":583231,"login":"octo-dev"}}}},"repository":{{"default_branch":"main","full_name":"{owner}/{name}","html_url":"https://github.com/{owner}/{name}","id":1296269,"name":"{name}","private":true}},"sender":{{"id":583231,"login":"octo-dev","type":"User"}}}}"#
     )
     .into_bytes()
 }

@@ -1,0 +1,490 @@
+//! Scenarios `pipeline` and `fairness`: signed deliveries offered at a set rate through the whole
+//! path (acknowledged, stored, claimed, routed, the agent called, the outcome written), measured
+//! from outside: the backlog each second, and how long each event waited between being stored and
+//! its agent call (`received_at` in the inbox, the call's arrival at the agent stand-in).
+
+use std::collections::HashMap;
+use std::time::SystemTime;
+
+use super::*;
+
+/// Who sends delivery `n`: every tenth delivery goes to one of the `quiet` teams in turn, the
+/// rest to team 0 (with `quiet` = 0, every delivery is team 0's).
+#[derive(Clone, Copy)]
+struct Senders {
+    quiet: u64,
+}
+
+impl Senders {
+    fn team_of(self, n: u64) -> u64 {
+        if self.quiet > 0 && n % 10 == 9 {
+            1 + (n / 10) % self.quiet
+        } else {
+            0
+        }
+    }
+
+    fn teams(self) -> u64 {
+        1 + self.quiet
+    }
+}
+
+/// The repository, and so the team (`bench-{i}` of org `acme`, routed by `github_repos`), of team `i`.
+fn repository(team: u64) -> String {
+    format!("bench-{team}")
+}
+
+async fn route_teams(bench: &Bench, teams: u64) {
+    for team in 0..teams {
+        let name = repository(team);
+        bench.stack.config_service.state().set_team_config(
+            "acme",
+            &name,
+            json!({"routing": {"github_repos": [format!("acme/{name}")]}}),
+        );
+    }
+}
+
+/// One second of an offered load: deliveries accepted and agent calls started so far.
+struct Sample {
+    at: f64,
+    accepted: u64,
+    dispatched: u64,
+}
+
+/// What offering a load measured.
+struct Offered {
+    /// Deliveries answered 200, per team.
+    accepted: Vec<u64>,
+    errors: Vec<String>,
+    acks: Latencies,
+    elapsed: Duration,
+    samples: Vec<Sample>,
+}
+
+impl Offered {
+    fn total(&self) -> u64 {
+        self.accepted.iter().sum()
+    }
+
+    /// The backlog (accepted, no agent call yet) at each sample.
+    fn backlog(&self) -> impl Iterator<Item = (f64, f64)> + '_ {
+        self.samples
+            .iter()
+            .map(|s| (s.at, s.accepted as f64 - s.dispatched as f64))
+    }
+
+    /// The backlog's growth in events a second from `from` seconds on (least squares).
+    fn backlog_slope(&self, from: f64) -> f64 {
+        let points: Vec<(f64, f64)> = self.backlog().filter(|(t, _)| *t >= from).collect();
+        let n = points.len() as f64;
+        if n < 2.0 {
+            return 0.0;
+        }
+        let mean_t = points.iter().map(|p| p.0).sum::<f64>() / n;
+        let mean_b = points.iter().map(|p| p.1).sum::<f64>() / n;
+        let covariance: f64 = points.iter().map(|(t, b)| (t - mean_t) * (b - mean_b)).sum();
+        let variance: f64 = points.iter().map(|(t, _)| (t - mean_t).powi(2)).sum();
+        if variance == 0.0 {
+            0.0
+        } else {
+            covariance / variance
+        }
+    }
+
+    fn backlog_max(&self, from: f64) -> f64 {
+        self.backlog()
+            .filter(|(t, _)| *t >= from)
+            .map(|(_, b)| b)
+            .fold(0.0, f64::max)
+    }
+
+    fn backlog_at_end(&self) -> f64 {
+        self.backlog().last().map_or(0.0, |(_, b)| b)
+    }
+
+    /// Agent calls started a second between `from` seconds and the end of the load.
+    fn dispatch_rate(&self, from: f64) -> f64 {
+        let first = self.samples.iter().find(|s| s.at >= from);
+        match (first, self.samples.last()) {
+            (Some(a), Some(b)) if b.at > a.at => (b.dispatched - a.dispatched) as f64 / (b.at - a.at),
+            _ => 0.0,
+        }
+    }
+}
+
+/// Offers `rate` deliveries a second for `duration` from `connections` keep-alive connections:
+/// delivery `i` is sent at `i / rate` seconds after the start (or as soon as a connection is free,
+/// when the service falls behind), with a delivery id `{tag}-{i}`.
+async fn offer(
+    bench: &Bench,
+    tag: &str,
+    rate: f64,
+    duration: Duration,
+    connections: u64,
+    senders: Senders,
+) -> Result<Offered> {
+    let url: reqwest::Url = bench.url("/webhooks/github").parse().context("the webhook URL")?;
+    let address = url
+        .socket_addrs(|| None)
+        .context("the webhook address")?
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow!("the webhook URL names no address"))?;
+    let teams = senders.teams() as usize;
+    let next = Arc::new(AtomicU64::new(0));
+    let accepted = Arc::new(AtomicU64::new(0));
+    let started = tokio::time::Instant::now();
+    let slots = (rate * duration.as_secs_f64()) as u64;
+    let agent = bench.stack.agent.state();
+    let dispatched_before = agent.runs_started() as u64;
+
+    let sampler = {
+        let (accepted, agent) = (accepted.clone(), agent.clone());
+        tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let at = started.elapsed().as_secs_f64();
+                samples.push(Sample {
+                    at,
+                    accepted: accepted.load(Ordering::Relaxed),
+                    dispatched: agent.runs_started() as u64 - dispatched_before,
+                });
+                if at >= duration.as_secs_f64() {
+                    return samples;
+                }
+            }
+        })
+    };
+
+    let mut workers = Vec::new();
+    for _ in 0..connections {
+        let mut client = RawClient::connect(address, url.path()).await?;
+        let (next, accepted, path, tag) = (next.clone(), accepted.clone(), url.path().to_owned(), tag.to_owned());
+        workers.push(tokio::spawn(async move {
+            let mut by_team = vec![0u64; teams];
+            let mut latencies = Vec::new();
+            let mut errors = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= slots {
+                    break;
+                }
+                tokio::time::sleep_until(started + Duration::from_secs_f64(i as f64 / rate)).await;
+                let team = senders.team_of(i);
+                // A distinct pull request per delivery: no two deliveries share an ordering key.
+                let body = pull_request_body_in("acme", &repository(team), i);
+                let signature = github_signature(&body);
+                let delivery = format!("{tag}-{i}");
+                let headers = [
+                    ("X-GitHub-Event", "pull_request"),
+                    ("X-GitHub-Delivery", delivery.as_str()),
+                    ("X-Hub-Signature-256", signature.as_str()),
+                    ("Content-Type", "application/json"),
+                ];
+                let t = Instant::now();
+                match tokio::time::timeout(Duration::from_secs(30), client.post(&headers, &body)).await {
+                    Ok(Ok((200, _))) => {
+                        latencies.push(t.elapsed());
+                        by_team[team as usize] += 1;
+                        accepted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Ok((status, response))) => errors.push(format!(
+                        "delivery {delivery}: {status} {}",
+                        snippet(&String::from_utf8_lossy(&response))
+                    )),
+                    Ok(Err(e)) => {
+                        errors.push(format!("delivery {delivery}: {e:#}"));
+                        match RawClient::connect(address, &path).await {
+                            Ok(fresh) => client = fresh,
+                            Err(e) => {
+                                errors.push(format!("reconnecting: {e:#}"));
+                                break;
+                            }
+                        }
+                    }
+                    Err(_) => {
+                        errors.push(format!("delivery {delivery}: no answer within 30 s"));
+                        break;
+                    }
+                }
+            }
+            (by_team, latencies, errors)
+        }));
+    }
+    let mut offered = Offered {
+        accepted: vec![0; teams],
+        errors: Vec::new(),
+        acks: Latencies::new(Vec::new()),
+        elapsed: Duration::ZERO,
+        samples: Vec::new(),
+    };
+    let mut acks = Vec::new();
+    for worker in workers {
+        let (by_team, latencies, errors) = worker.await.context("a load client panicked")?;
+        for (total, n) in offered.accepted.iter_mut().zip(by_team) {
+            *total += n;
+        }
+        acks.extend(latencies);
+        offered.errors.extend(errors);
+    }
+    offered.elapsed = started.elapsed();
+    offered.acks = Latencies::new(acks);
+    offered.samples = sampler.await.context("the sampler panicked")?;
+    Ok(offered)
+}
+
+/// Waits until the agent stand-in has answered `expected` more runs than `before`; false on timeout.
+async fn drained(bench: &Bench, before: usize, expected: u64, timeout: Duration) -> bool {
+    let agent = bench.stack.agent.state();
+    let deadline = Instant::now() + timeout;
+    while ((agent.runs_completed() - before) as u64) < expected {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    true
+}
+
+/// How long each event with delivery id `{tag}-…` waited between being stored and its first agent
+/// call, by team: from the inbox's `received_at` and the agent stand-in's record of each call
+/// (the event id is its correlation id).
+async fn waits_by_team(bench: &Bench, db: &PgPool, tag: &str, teams: u64) -> Result<Vec<Latencies>> {
+    let mut first_call: HashMap<String, SystemTime> = HashMap::new();
+    for call in bench.stack.agent.calls() {
+        if let Some(id) = call.headers.get("x-correlation-id") {
+            first_call
+                .entry(id.clone())
+                .and_modify(|at| *at = (*at).min(call.at))
+                .or_insert(call.at);
+        }
+    }
+    let events: Vec<(String, chrono::DateTime<chrono::Utc>, String)> = sqlx::query_as(
+        "SELECT id::text, received_at, convert_from(body, 'UTF8')::jsonb #>> '{repository,name}' \
+         FROM orchestrator_webhook_events WHERE delivery_id LIKE $1",
+    )
+    .bind(format!("{tag}-%"))
+    .fetch_all(db)
+    .await
+    .context("reading the events' arrival times")?;
+    let mut waits: Vec<Vec<Duration>> = vec![Vec::new(); teams as usize];
+    for (id, received, repo) in events {
+        let Some(called) = first_call.get(&id) else { continue };
+        let Some(team) = (0..teams).find(|t| repository(*t) == repo) else {
+            continue;
+        };
+        let wait = chrono::DateTime::<chrono::Utc>::from(*called) - received;
+        waits[team as usize].push(wait.to_std().unwrap_or_default());
+    }
+    Ok(waits.into_iter().map(Latencies::new).collect())
+}
+
+/// Whether a load's backlog stayed bounded after the first 10 s: it never held more than a
+/// quarter of a second of load, or it grew by less than 1% of the offered rate a second and what
+/// was left at the end is less than a second of load.
+fn bounded(offered: &Offered, rate: f64) -> bool {
+    offered.backlog_max(WARM_UP) < rate * 0.25
+        || (offered.backlog_slope(WARM_UP) < rate * 0.01 && offered.backlog_at_end() < rate)
+}
+
+/// The first seconds of a load, while dispatch and the pools warm up, are left out of the rates.
+const WARM_UP: f64 = 10.0;
+
+/// One step of `pipeline`: a rate offered as a fraction of the pgbench ceiling measured just before.
+struct Step {
+    fraction: f64,
+    ceiling_before: Option<Ceiling>,
+    ceiling_after: Option<Ceiling>,
+    rate: f64,
+    offered: Offered,
+    waits: Latencies,
+    drained: bool,
+    cpu: String,
+}
+
+impl Step {
+    fn ceiling(&self) -> Option<f64> {
+        let measured: Vec<f64> = [&self.ceiling_before, &self.ceiling_after]
+            .into_iter()
+            .flatten()
+            .map(|c| c.tps)
+            .collect();
+        (!measured.is_empty()).then(|| measured.iter().sum::<f64>() / measured.len() as f64)
+    }
+
+    fn bounded(&self) -> bool {
+        self.drained && self.offered.errors.is_empty() && bounded(&self.offered, self.rate)
+    }
+
+    /// The rate the whole path sustained after the warm-up, as a ratio to the ceiling.
+    fn sustained_ratio(&self) -> Option<f64> {
+        self.ceiling().map(|c| self.offered.dispatch_rate(WARM_UP) / c)
+    }
+}
+
+pub(super) async fn pipeline(options: &Options) -> Result<Report> {
+    let duration = Duration::from_secs(options.number("duration", 60)?);
+    let connections = options.number("connections", 32)?;
+    let fractions = options.fractions("fractions", &[0.5, 0.6, 0.7])?;
+    let pgbench = std::env::var("PGBENCH").unwrap_or_else(|_| "pgbench".into());
+    let db = bench_db(options).await?;
+    let bench = Bench::start(options).await?;
+    route_teams(&bench, 1).await;
+    let senders = Senders { quiet: 0 };
+    let ceiling = |when: &'static str| {
+        let (db, pgbench) = (&db, &pgbench);
+        async move {
+            pgbench_ceiling(db, pgbench, connections, Duration::from_secs(10), options)
+                .await
+                .map_err(|e| eprintln!("[bench] error: the pgbench ceiling {when}: {e:#}"))
+                .ok()
+        }
+    };
+
+    let mut steps: Vec<Step> = Vec::new();
+    for (i, fraction) in fractions.iter().copied().enumerate() {
+        let ceiling_before = ceiling("before the load").await;
+        let Some(tps) = ceiling_before.as_ref().map(|c| c.tps) else {
+            bail!("the pgbench ceiling could not be measured");
+        };
+        let rate = tps * fraction;
+        println!(
+            "[bench] step {}: {rate:.0} deliveries/s ({fraction} of {tps:.0} tps) for {duration:?}",
+            i + 1
+        );
+        let tag = format!("pipeline-{i}");
+        let runs_before = bench.stack.agent.state().runs_completed();
+        let cpu_before = bench.cpu();
+        let offered = offer(&bench, &tag, rate, duration, connections, senders).await?;
+        let cpu = bench.cpu().usage_since(&cpu_before);
+        let drained = drained(&bench, runs_before, offered.total(), DRAIN_TIMEOUT).await;
+        let waits = waits_by_team(&bench, &db, &tag, 1).await?.remove(0);
+        let ceiling_after = ceiling("after the load").await;
+        let step = Step {
+            fraction,
+            ceiling_before,
+            ceiling_after,
+            rate,
+            offered,
+            waits,
+            drained,
+            cpu,
+        };
+        println!(
+            "[bench] step {}: accepted {:.0}/s, dispatched {:.0}/s after {WARM_UP} s, backlog slope {:.1}/s, \
+             at the end {:.0}: {}",
+            i + 1,
+            step.offered.total() as f64 / step.offered.elapsed.as_secs_f64(),
+            step.offered.dispatch_rate(WARM_UP),
+            step.offered.backlog_slope(WARM_UP),
+            step.offered.backlog_at_end(),
+            if step.bounded() { "bounded" } else { "NOT bounded" }
+        );
+        let stop = !step.bounded();
+        steps.push(step);
+        if stop {
+            break;
+        }
+    }
+    bench.stop().await;
+    db.close().await;
+
+    let best = steps
+        .iter()
+        .filter(|s| s.bounded())
+        .max_by(|a, b| a.fraction.total_cmp(&b.fraction));
+    let mut report = Report::new(
+        "pipeline",
+        &format!(
+            "`pipeline`: signed deliveries through the whole path at a fixed rate, {} s a step",
+            duration.as_secs()
+        ),
+    );
+    let ratio = best.and_then(Step::sustained_ratio);
+    report.row(
+        "highest rate sustained with a bounded backlog, ÷ pgbench ceiling",
+        match best {
+            Some(step) => format!(
+                "{:.0}/s ÷ {:.0} = {} (offered {:.0}% of the ceiling)",
+                step.offered.dispatch_rate(WARM_UP),
+                step.ceiling().unwrap_or(0.0),
+                percent(ratio),
+                step.fraction * 100.0
+            ),
+            None => "none of the steps".into(),
+        },
+        &aim(ratio.is_some_and(|r| r >= 0.5), "≥ 50%"),
+    );
+    report.fail_if(best.is_none(), "no step kept its backlog bounded".into());
+    for (i, step) in steps.iter().enumerate() {
+        let o = &step.offered;
+        report.row(
+            &format!("step {}: offered {:.0}% of the ceiling", i + 1, step.fraction * 100.0),
+            format!(
+                "{:.0}/s offered, {:.0}/s accepted, {:.0}/s dispatched after the first {WARM_UP:.0} s; ceiling {}; \
+                 backlog max {:.0} after {WARM_UP:.0} s, slope {:+.1}/s, at the end {:.0}: {}",
+                step.rate,
+                o.total() as f64 / o.elapsed.as_secs_f64(),
+                o.dispatch_rate(WARM_UP),
+                [&step.ceiling_before, &step.ceiling_after]
+                    .iter()
+                    .map(|c| c.as_ref().map_or("failed".into(), |c| format!("{:.0}", c.tps)))
+                    .collect::<Vec<_>>()
+                    .join(" before, ")
+                    + " after",
+                o.backlog_max(WARM_UP),
+                o.backlog_slope(WARM_UP),
+                o.backlog_at_end(),
+                if step.bounded() { "bounded" } else { "growing" }
+            ),
+            "",
+        );
+        report.row(
+            &format!("step {}: ack p50 / p99 / max", i + 1),
+            o.acks.p50_p99_max(),
+            "",
+        );
+        report.row(
+            &format!("step {}: queued → dispatched p50 / p99 / max", i + 1),
+            step.waits.p50_p99_max(),
+            "",
+        );
+        report.row(&format!("step {}: CPU during the load", i + 1), step.cpu.clone(), "");
+        report.fail_if(
+            !o.errors.is_empty(),
+            format!("step {}: {} deliveries were not accepted", i + 1, o.errors.len()),
+        );
+        report.fail_if(
+            !step.drained,
+            format!("step {}: not every accepted delivery reached the agent", i + 1),
+        );
+        print_errors(&o.errors);
+    }
+    if let Some(step) = best {
+        let b = step
+            .offered
+            .backlog()
+            .map(|(_, b)| format!("{b:.0}"))
+            .collect::<Vec<_>>();
+        report.note(format!(
+            "Backlog (accepted, not yet handed to the agent) each second of step {}: {}.",
+            steps.iter().position(|s| std::ptr::eq(s, step)).unwrap_or(0) + 1,
+            b.join(", ")
+        ));
+    }
+    report.note(format!(
+        "Each step measures the pgbench ceiling (`ingest`'s: the service's insert, {connections} connections, 10 s) \
+         with the service idle, offers a fraction of it as signed GitHub `pull_request` deliveries (2 KB, one \
+         repository routed to one team, a distinct pull request each) from {connections} keep-alive connections, \
+         delivery i sent i/rate seconds after the start, then waits for every accepted delivery to reach the agent \
+         stand-in (no delay) and measures the ceiling again. The sustained rate is the agent calls a second after \
+         the first {WARM_UP:.0} s, compared with the mean of the two ceilings; bounded means that after the first \
+         {WARM_UP:.0} s the backlog never held more than a quarter of a second's load, or grew by less than 1% of \
+         the offered rate a second and less than a second's load was left at the end. Steps go up until one is not bounded. Queued → dispatched: from the event's \
+         `received_at` to the agent stand-in receiving its call."
+    ));
+    Ok(report)
+}
