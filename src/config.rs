@@ -248,6 +248,8 @@ pub struct WebhookConfig {
     pub dispatch_max_age: Duration,
     pub dispatch_lease: Duration,
     pub dispatch_poll_interval: Duration,
+    /// Claim each sender's events in turn ([`crate::webhooks::fairness`]); off, oldest first.
+    pub dispatch_fair_shares: bool,
     pub retry_initial: Duration,
     pub retry_max: Duration,
     pub retention_days: u32,
@@ -576,6 +578,7 @@ impl Config {
             // replica's leases in one statement every 2 s) keep long agent runs alive.
             dispatch_lease: env.seconds("ORCHESTRATOR_DISPATCH_LEASE_SECONDS", 6, 3, 3600)?,
             dispatch_poll_interval: env.millis("ORCHESTRATOR_DISPATCH_POLL_INTERVAL_MS", 2_000, 10, 600_000)?,
+            dispatch_fair_shares: env.bool("ORCHESTRATOR_DISPATCH_FAIR_SHARES", true)?,
             retry_initial: env.millis("ORCHESTRATOR_DISPATCH_RETRY_INITIAL_MS", 1_000, 1, 3_600_000)?,
             retry_max: env.millis("ORCHESTRATOR_DISPATCH_RETRY_MAX_MS", 300_000, 1, 86_400_000)?,
             retention_days: env.count("ORCHESTRATOR_WEBHOOK_RETENTION_DAYS", 14, 1, 3650)?,

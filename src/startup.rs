@@ -29,6 +29,7 @@ use crate::provisioning::resume;
 use crate::provisioning::sealing::Sealer;
 use crate::state::{AppState, Handles};
 use crate::webhooks::dispatch::{self, DispatchSettings, Dispatcher, Housekeeping};
+use crate::webhooks::fairness::FairShares;
 use crate::webhooks::ingress::RateLimits;
 use crate::webhooks::writer::InboxWriter;
 use crate::{db, http};
@@ -138,6 +139,7 @@ impl Application {
             settings: config.reconcile.clone(),
             reported: Default::default(),
         });
+        let fair_shares = Arc::new(FairShares::starting_at(0, config.webhooks.dispatch_fair_shares));
         let dispatcher = Arc::new(Dispatcher::new(
             queue_db,
             db.clone(),
@@ -150,6 +152,7 @@ impl Application {
             config_service.clone(),
             agent.clone(),
             metrics.clone(),
+            fair_shares.clone(),
         ));
         let rate_limits = RateLimits::new(&config.webhooks);
         let agent_proxy = AgentProxy::new(ProxyParts {
@@ -173,6 +176,7 @@ impl Application {
         let state = AppState::new(Handles {
             admin_verifier: AdminVerifier::new(config_service, &config.auth),
             inbox: InboxWriter::inbox(db.clone(), dispatcher.wake_on_store()),
+            fair_shares,
             config,
             db,
             metrics,

@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::provisioning::engine::Engine;
 use crate::provisioning::reconcile::Reconciler;
+use crate::webhooks::fairness::FairShares;
 use crate::webhooks::ingress::RateLimits;
 use crate::webhooks::writer::InboxWriter;
 
@@ -38,6 +39,8 @@ pub struct Handles {
     pub agent_proxy: AgentProxy,
     /// Stores accepted webhook deliveries with group commit.
     pub inbox: InboxWriter,
+    /// Tags each accepted event with its place in the claim order.
+    pub fair_shares: Arc<FairShares>,
     pub webhook_rate_limits: RateLimits,
     /// The OpenAPI document, built with the router from the same route list.
     pub openapi: Arc<utoipa::openapi::OpenApi>,

@@ -163,6 +163,7 @@ pub async fn ingest(
         headers: meta.headers,
         body: body.to_vec(),
         ordering_key: meta.ordering_key,
+        fair_tag: state.fair_shares.tag(source.as_str(), &meta.sender_key),
     };
     let stored = match tokio::time::timeout(state.config.webhooks.store_timeout, state.inbox.submit(new)).await {
         Ok(stored) => stored,

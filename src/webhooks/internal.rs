@@ -120,6 +120,11 @@ pub async fn slack_trigger(
         headers: json!({}),
         body: bytes,
         ordering_key: Some(strip_nul(&ordering_key)),
+        // The same sender as the channel's Slack events (`sources::envelope`).
+        fair_tag: state.fair_shares.tag(
+            "slack",
+            &format!("{}:{}", body.team_id.as_deref().unwrap_or("-"), body.channel_id),
+        ),
     };
     let outcome = |o: &str| {
         state

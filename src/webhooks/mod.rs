@@ -3,6 +3,7 @@
 pub(crate) mod admin;
 pub(crate) mod destinations;
 pub(crate) mod dispatch;
+pub mod fairness;
 pub(crate) mod ingress;
 pub(crate) mod internal;
 pub mod signature;

@@ -32,6 +32,8 @@ pub struct NewEvent {
     pub headers: Value,
     pub body: Vec<u8>,
     pub ordering_key: Option<String>,
+    /// Its place in the claim order ([`super::fairness`]).
+    pub fair_tag: i64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,18 +58,20 @@ pub async fn insert_events(
     let headers: Vec<String> = events.iter().map(|e| e.headers.to_string()).collect();
     let bodies: Vec<&[u8]> = events.iter().map(|e| e.body.as_slice()).collect();
     let ordering: Vec<Option<&str>> = events.iter().map(|e| e.ordering_key.as_deref()).collect();
+    let tags: Vec<i64> = events.iter().map(|e| e.fair_tag).collect();
     // WITH ORDINALITY keeps the request order, so the first of two deliveries with the same id wins.
     let inserted: Vec<Uuid> = sqlx::query_scalar!(
         r#"WITH input AS (
-             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[], $7::text[])
-                 WITH ORDINALITY AS t(id, source, kind, delivery_id, headers, body, ordering_key, n)),
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[], $7::text[],
+                                  $8::bigint[])
+                 WITH ORDINALITY AS t(id, source, kind, delivery_id, headers, body, ordering_key, fair_tag, n)),
          delivery AS (
              INSERT INTO orchestrator_webhook_deliveries (source, delivery_id, event_id)
              SELECT source, delivery_id, id FROM input ORDER BY n
              ON CONFLICT DO NOTHING RETURNING event_id),
          event AS (
-             INSERT INTO orchestrator_webhook_events (id, source, kind, delivery_id, headers, body, ordering_key)
-             SELECT i.id, i.source, i.kind, i.delivery_id, i.headers::jsonb, i.body, i.ordering_key
+             INSERT INTO orchestrator_webhook_events (id, source, kind, delivery_id, headers, body, ordering_key, fair_tag)
+             SELECT i.id, i.source, i.kind, i.delivery_id, i.headers::jsonb, i.body, i.ordering_key, i.fair_tag
              FROM input i JOIN delivery d ON d.event_id = i.id ORDER BY i.n
              RETURNING id)
          SELECT id AS "id!" FROM event"#,
@@ -78,6 +82,7 @@ pub async fn insert_events(
         &headers,
         &bodies as &[&[u8]],
         &ordering as &[Option<&str>],
+        &tags,
     )
     .fetch_all(executor)
     .await?;
@@ -123,6 +128,7 @@ pub struct ClaimedEvent {
     pub received_at: DateTime<Utc>,
     pub attempts: i32,
     pub ordering_key: Option<String>,
+    pub fair_tag: i64,
 }
 
 /// What operators see as an event's status. A claim only takes a lease and leaves `status` alone,
@@ -166,6 +172,24 @@ pub async fn renew_leases(
     )
     .fetch_all(executor)
     .await
+}
+
+/// Gives back leases of claimed events no worker started: they are claimable again at once, and
+/// the claim does not count as an attempt.
+pub async fn release_leases(executor: impl PgExecutor<'_>, leases: &[(Uuid, Uuid)]) -> Result<(), sqlx::Error> {
+    let ids: Vec<Uuid> = leases.iter().map(|l| l.0).collect();
+    let owners: Vec<Uuid> = leases.iter().map(|l| l.1).collect();
+    sqlx::query!(
+        "UPDATE orchestrator_webhook_events e
+         SET lease_owner = NULL, lease_until = NULL, attempts = greatest(e.attempts - 1, 0), updated_at = now()
+         FROM unnest($1::uuid[], $2::uuid[]) AS l(id, owner)
+         WHERE e.id = l.id AND e.lease_owner = l.owner AND e.status = 'pending'",
+        &ids,
+        &owners
+    )
+    .execute(executor)
+    .await?;
+    Ok(())
 }
 
 /// When an event may next be claimed: the earliest due time of the events no one holds, or the
@@ -215,6 +239,16 @@ impl OutcomeRow {
             agent_result: None,
         }
     }
+}
+
+/// Makes this transaction wait for its commit to be flushed, on the queue pool whose connections
+/// do not ([`crate::db::queue_pool`]): an outcome is what an operator and the audit see, and one
+/// lost to a database crash would send its event to the agent again.
+pub async fn commit_durably(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>) -> Result<(), sqlx::Error> {
+    sqlx::query!("SET LOCAL synchronous_commit = on")
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 /// The outcome batch ([`record_outcomes`]); public for the test that pins its plan.

@@ -466,6 +466,50 @@ async fn events_of_one_thread_are_dispatched_in_order() {
     );
 }
 
+/// Where the quiet sender's event was dispatched among a flood of another sender's, sent first.
+async fn quiet_position_behind_a_flood(fair_shares: &str) -> usize {
+    let app = TestApp::spawn_with(|env| {
+        env.insert("ORCHESTRATOR_DISPATCH_WORKERS".into(), "1".into());
+        env.insert("ORCHESTRATOR_DISPATCH_FAIR_SHARES".into(), fair_shares.into());
+    })
+    .await;
+    own(&app, "flood", json!({"github_repos": ["acme/flood"]}));
+    own(&app, "quiet", json!({"github_repos": ["acme/quiet"]}));
+    app.stack.agent.state().set_delay(Duration::from_millis(50));
+    for i in 0..20 {
+        let body = github_pr("acme/flood", i, "flood");
+        let response = deliver(&app, Source::GitHub, &body, &format!("flood-{i}"), &[]).await;
+        assert_eq!(response.status(), 200);
+    }
+    let response = deliver(
+        &app,
+        Source::GitHub,
+        &github_pr("acme/quiet", 1, "quiet"),
+        "quiet-1",
+        &[],
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    wait_for_event_status(&app, "delivered", 21).await;
+    let messages = agent_messages(&app);
+    assert_eq!(messages.len(), 21, "{messages:?}");
+    messages
+        .iter()
+        .position(|m| m.contains("acme/quiet"))
+        .expect("the quiet sender's event was dispatched")
+}
+
+#[tokio::test]
+async fn a_flooding_sender_waits_for_itself() {
+    // One worker, a 50 ms agent: the flood's twenty events take a second to dispatch. The quiet
+    // sender's event, sent after all of them, goes with the next claim or the one after (a tie
+    // with the flood's next tag goes to the event that arrived first).
+    let fair = quiet_position_behind_a_flood("true").await;
+    assert!(fair <= 3, "dispatched {fair}th");
+    // Without fair shares it waits for the whole flood.
+    assert_eq!(quiet_position_behind_a_flood("false").await, 20);
+}
+
 #[tokio::test]
 async fn a_crash_after_acknowledging_still_dispatches() {
     let short_lease = |env: &mut std::collections::HashMap<String, String>| {
@@ -766,7 +810,7 @@ async fn claims_and_outcomes_keep_their_plans_when_the_statistics_say_the_inbox_
 
     let claim = plan_of(&queue, CLAIM_SQL, |q| q.bind(32_i64).bind(60.0_f64)).await;
     assert!(
-        claim.contains("Index Scan using orchestrator_webhook_events_due_idx"),
+        claim.contains("Index Scan using orchestrator_webhook_events_fair_idx"),
         "{claim}"
     );
     for unbounded in ["Sort", "Bitmap", "Seq Scan"] {

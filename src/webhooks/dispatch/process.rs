@@ -48,7 +48,10 @@ pub(super) async fn process(dispatcher: &Dispatcher, event: ClaimedEvent) {
     // The lease is renewed with every other one this replica holds ([`super::keep_leases`]); if
     // it is lost, stop: another worker may take the event, and this one must not go on running
     // the agent for it. Held until the outcome is written.
-    let held = dispatcher.leases.hold(event.id, owner);
+    let Some(held) = dispatcher.leases.hold(event.id) else {
+        tracing::warn!(event_id = %event.id, "the lease of an event was lost before a worker started it");
+        return;
+    };
     let result = tokio::select! {
         result = dispatch(dispatcher, source, &event) => result,
         () = held.lost.notified() => Err(DispatchError::LeaseLost.into()),
@@ -170,6 +173,7 @@ async fn record_dead_letter(
 ) -> Result<bool, String> {
     let write = async {
         let mut tx = dispatcher.queue_db.begin().await?;
+        store::commit_durably(&mut tx).await?;
         let written = store::record_outcomes(&mut *tx, std::slice::from_ref(&outcome)).await?[0];
         if written {
             let mut entry = AuditEntry::new("orchestrator", "webhook.dead_lettered", "dead_letter");

@@ -1,7 +1,8 @@
--- Claims up to $1 due events with a lease of $2 seconds, oldest first. Only the lease columns
--- change, so with free room on the page the update is HOT. An event waits while an earlier event
--- with the same ordering key is unfinished (a thread's events in order). Run on the queue pool,
--- where walking the due index in order is the only plan it can get.
+-- Claims up to $1 due events with a lease of $2 seconds, in fair-share tag order
+-- (src/webhooks/fairness.rs). Only the lease columns change, so with free room on the page the
+-- update is HOT. An event waits while an earlier event with the
+-- same ordering key is unfinished (a thread's events in order). Run on the queue pool, where
+-- walking the fair index in order is the only plan it can get.
 UPDATE orchestrator_webhook_events e
 SET lease_owner = gen_random_uuid(), lease_until = now() + make_interval(secs => $2),
     attempts = e.attempts + 1, updated_at = now()
@@ -17,8 +18,8 @@ WHERE e.id IN (
           WHERE p.ordering_key = c.ordering_key
             AND p.status = 'pending'
             AND (p.received_at, p.id) < (c.received_at, c.id)))
-    ORDER BY c.next_attempt_at, c.received_at
+    ORDER BY c.fair_tag
     LIMIT $1
     FOR UPDATE SKIP LOCKED)
 RETURNING e.id, e.lease_owner AS "lease!", e.source, e.kind, e.delivery_id, e.headers, e.body, e.received_at,
-    e.attempts, e.ordering_key
+    e.attempts, e.ordering_key, e.fair_tag
