@@ -149,6 +149,8 @@ impl Options {
             "rounds",
             "warmup",
             "fractions",
+            "rate",
+            "delay-ms",
             "results",
             "orchestrator",
         ];
@@ -215,6 +217,7 @@ async fn run() -> Result<Verdict> {
         "idle" => idle(&options).await?,
         "recovery" => recovery(&options).await?,
         "pipeline" => pipeline::pipeline(&options).await?,
+        "fairness" => pipeline::fairness(&options).await?,
         other => bail!("unknown scenario {other}"),
     };
     let machine = Machine::detect(&options.database_url).await;

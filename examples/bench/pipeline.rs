@@ -9,19 +9,28 @@ use std::time::SystemTime;
 use super::*;
 
 /// Who sends delivery `n`: every tenth delivery goes to one of the `quiet` teams in turn, the
-/// rest to team 0 (with `quiet` = 0, every delivery is team 0's).
+/// rest to team 0 (with `quiet` = 0, every delivery is team 0's); without the flood, every
+/// delivery goes to the quiet teams in turn.
 #[derive(Clone, Copy)]
 struct Senders {
     quiet: u64,
+    flood: bool,
 }
 
 impl Senders {
     fn team_of(self, n: u64) -> u64 {
-        if self.quiet > 0 && n % 10 == 9 {
+        if !self.flood {
+            1 + n % self.quiet.max(1)
+        } else if self.quiet > 0 && n % 10 == 9 {
             1 + (n / 10) % self.quiet
         } else {
             0
         }
+    }
+
+    /// The same quiet teams without the flood.
+    fn alone(self) -> Senders {
+        Senders { flood: false, ..self }
     }
 
     fn teams(self) -> u64 {
@@ -333,7 +342,7 @@ pub(super) async fn pipeline(options: &Options) -> Result<Report> {
     let db = bench_db(options).await?;
     let bench = Bench::start(options).await?;
     route_teams(&bench, 1).await;
-    let senders = Senders { quiet: 0 };
+    let senders = Senders { quiet: 0, flood: true };
     let ceiling = |when: &'static str| {
         let (db, pgbench) = (&db, &pgbench);
         async move {
@@ -485,6 +494,166 @@ pub(super) async fn pipeline(options: &Options) -> Result<Report> {
          {WARM_UP:.0} s the backlog never held more than a quarter of a second's load, or grew by less than 1% of \
          the offered rate a second and less than a second's load was left at the end. Steps go up until one is not bounded. Queued → dispatched: from the event's \
          `received_at` to the agent stand-in receiving its call."
+    ));
+    Ok(report)
+}
+
+/// One load of `fairness`: what the quiet teams and the flooding team waited, and the rate of the
+/// whole path.
+struct FairnessRun {
+    label: &'static str,
+    offered: Offered,
+    /// Waits of team 0 (the flood; empty without it) and of the quiet teams together.
+    flood: Latencies,
+    quiet: Latencies,
+    drained: bool,
+}
+
+async fn fairness_run(
+    bench: &Bench,
+    db: &PgPool,
+    label: &'static str,
+    rate: f64,
+    duration: Duration,
+    senders: Senders,
+) -> Result<FairnessRun> {
+    println!("[bench] {label}: {rate:.0} deliveries/s for {duration:?}");
+    let runs_before = bench.stack.agent.state().runs_completed();
+    let offered = offer(bench, label, rate, duration, 32, senders).await?;
+    let drained = drained(bench, runs_before, offered.total(), DRAIN_TIMEOUT).await;
+    let mut waits = waits_by_team(bench, db, label, senders.teams()).await?.into_iter();
+    let flood = waits.next().unwrap_or_else(|| Latencies::new(Vec::new()));
+    let quiet = Latencies::new(waits.flat_map(|l| l.0).collect());
+    println!(
+        "[bench] {label}: dispatched {:.0}/s after {WARM_UP} s; quiet teams p50 {} p95 {}, flooding team p95 {}",
+        offered.dispatch_rate(WARM_UP),
+        ms(quiet.percentile(50.0)),
+        ms(quiet.percentile(95.0)),
+        ms(flood.percentile(95.0)),
+    );
+    Ok(FairnessRun {
+        label,
+        offered,
+        flood,
+        quiet,
+        drained,
+    })
+}
+
+pub(super) async fn fairness(options: &Options) -> Result<Report> {
+    let duration = Duration::from_secs(options.number("duration", 30)?);
+    let delay = Duration::from_millis(options.number("delay-ms", 20)?);
+    let rate = options.number("rate", 2000)? as f64;
+    let workers = 32;
+    let db = bench_db(options).await?;
+    let flood = Senders { quiet: 9, flood: true };
+
+    let mut runs = Vec::new();
+    for fair in [true, false] {
+        let setting = if fair { "true" } else { "false" };
+        let bench = Bench::start_with(options, &[("ORCHESTRATOR_DISPATCH_FAIR_SHARES", setting)]).await?;
+        route_teams(&bench, flood.teams()).await;
+        bench.stack.agent.state().set_delay(delay);
+        if fair {
+            // The quiet teams' share of the load, alone.
+            runs.push(fairness_run(&bench, &db, "quiet-alone", rate / 10.0, duration, flood.alone()).await?);
+            runs.push(fairness_run(&bench, &db, "flood-fair", rate, duration, flood).await?);
+        } else {
+            runs.push(fairness_run(&bench, &db, "flood-oldest-first", rate, duration, flood).await?);
+        }
+        bench.stop().await;
+    }
+    db.close().await;
+    let [alone, fair, unfair] = &runs[..] else {
+        bail!("expected three loads");
+    };
+
+    let mut report = Report::new(
+        "fairness",
+        &format!(
+            "`fairness`: one team sends 90% of {rate:.0} deliveries/s, nine others the rest, {} s; agent runs of {} ms, {workers} workers",
+            duration.as_secs(),
+            delay.as_millis()
+        ),
+    );
+    let p95 = |l: &Latencies| l.percentile(95.0);
+    let ratio = p95(&fair.quiet).as_secs_f64() / p95(&alone.quiet).as_secs_f64().max(1e-6);
+    report.row(
+        "quiet teams' p95 queued → dispatched: with the flood (fair) ÷ without it",
+        format!("{} ÷ {} = {ratio:.2}", ms(p95(&fair.quiet)), ms(p95(&alone.quiet))),
+        &aim(ratio <= 2.0, "≤ 2"),
+    );
+    let total = |r: &FairnessRun| r.offered.dispatch_rate(WARM_UP);
+    let rate_ratio = total(fair) / total(unfair).max(1e-6);
+    report.row(
+        "total dispatch rate, fair ÷ oldest first",
+        format!("{:.0}/s ÷ {:.0}/s = {:.2}", total(fair), total(unfair), rate_ratio),
+        &aim((rate_ratio - 1.0).abs() <= 0.10 || rate_ratio > 1.0, "within 10%"),
+    );
+    for run in &runs {
+        report.row(
+            &format!("{}: quiet teams p50 / p95 / max", run.label),
+            format!(
+                "{} / {} / {}",
+                ms(run.quiet.percentile(50.0)),
+                ms(p95(&run.quiet)),
+                ms(run.quiet.max())
+            ),
+            "",
+        );
+        if !run.flood.0.is_empty() {
+            report.row(
+                &format!("{}: flooding team p50 / p95 / max", run.label),
+                format!(
+                    "{} / {} / {}",
+                    ms(run.flood.percentile(50.0)),
+                    ms(p95(&run.flood)),
+                    ms(run.flood.max())
+                ),
+                "",
+            );
+        }
+        report.row(
+            &format!(
+                "{}: accepted, dispatched after {WARM_UP:.0} s, backlog at the end",
+                run.label
+            ),
+            format!(
+                "{:.0}/s, {:.0}/s, {:.0}; ack p99 {}",
+                run.offered.total() as f64 / run.offered.elapsed.as_secs_f64(),
+                total(run),
+                run.offered.backlog_at_end(),
+                ms(run.offered.acks.percentile(99.0))
+            ),
+            "",
+        );
+        report.fail_if(
+            !run.offered.errors.is_empty(),
+            format!(
+                "{}: {} deliveries were not accepted",
+                run.label,
+                run.offered.errors.len()
+            ),
+        );
+        report.fail_if(
+            !run.drained,
+            format!("{}: not every accepted delivery reached the agent", run.label),
+        );
+        print_errors(&run.offered.errors);
+    }
+    report.note(format!(
+        "Ten teams, each routed by its own repository (`acme/bench-0` … `acme/bench-9`); every tenth delivery \
+         goes to one of the nine quiet teams in turn, the rest to `bench-0`. The agent stand-in takes {} ms a run \
+         and dispatch has {workers} workers, so the path moves about {:.0} events a second and a load of {rate:.0} \
+         a second builds a backlog. Three loads of {} s, each followed by a drain: the quiet teams' share alone \
+         ({:.0}/s) and then the whole load, on a service with fair shares (the default); the whole load again on a \
+         service started with `ORCHESTRATOR_DISPATCH_FAIR_SHARES=false` (oldest first). Queued → dispatched: from \
+         the event's `received_at` to the agent stand-in receiving its call; the total rate is the agent calls a \
+         second after the first {WARM_UP:.0} s.",
+        delay.as_millis(),
+        workers as f64 / delay.as_secs_f64(),
+        duration.as_secs(),
+        rate / 10.0
     ));
     Ok(report)
 }

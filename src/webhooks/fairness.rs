@@ -14,7 +14,7 @@
 //! senders (River Pro's fair queueing halved its throughput; this is measured by `scripts/bench
 //! fairness`). The price: each replica keeps its own run of tags per sender, so a sender whose
 //! deliveries are spread over N replicas gets up to N shares; and a replica that claims little
-//! learns where dispatch is only from its own claims.
+//! learns where dispatch is only from the events it starts.
 //!
 //! Events of one conversation keep their order regardless (the claim's ordering-key check).
 
@@ -35,7 +35,7 @@ pub struct FairShares {
 
 #[derive(Default)]
 struct State {
-    /// The highest tag dispatch on this replica has claimed.
+    /// The highest tag dispatch on this replica has started.
     reached: i64,
     /// Each sender's next tag.
     next: HashMap<String, i64>,
@@ -54,7 +54,7 @@ impl FairShares {
         )
         .fetch_one(executor)
         .await?;
-        self.claimed(reached);
+        self.dispatched(reached);
         Ok(())
     }
 
@@ -86,8 +86,9 @@ impl FairShares {
         tag
     }
 
-    /// Dispatch claimed an event with this tag.
-    pub fn claimed(&self, tag: i64) {
+    /// Dispatch started an event with this tag (started, not claimed: an event claimed ahead is
+    /// still waiting, and one that arrives meanwhile from a quiet sender may go before it).
+    pub fn dispatched(&self, tag: i64) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.reached = state.reached.max(tag);
     }
@@ -104,7 +105,7 @@ mod tests {
         assert_eq!(flood.first(), Some(&100));
         assert_eq!(flood.last(), Some(&1099));
         // Dispatch has taken ten of the flood's events: a quiet sender goes next.
-        shares.claimed(109);
+        shares.dispatched(109);
         assert_eq!(shares.tag("github", "acme/quiet"), 109);
         assert_eq!(shares.tag("github", "acme/quiet"), 110);
         // The flood's next event queues behind its own.
@@ -115,7 +116,7 @@ mod tests {
     fn a_sender_gets_no_credit_for_silence() {
         let shares = FairShares::starting_at(0, true);
         assert_eq!(shares.tag("slack", "T1:C1"), 0);
-        shares.claimed(5_000);
+        shares.dispatched(5_000);
         assert_eq!(shares.tag("slack", "T1:C1"), 5_000);
     }
 
@@ -132,7 +133,7 @@ mod tests {
         for i in 0..MAX_SENDERS {
             shares.tag("pagerduty", &format!("P{i}"));
         }
-        shares.claimed(10);
+        shares.dispatched(10);
         // Past the bound, senders dispatch has passed are forgotten; the next tag is unchanged.
         assert_eq!(shares.tag("pagerduty", "P3"), 10);
         assert!(shares.state.lock().unwrap().next.len() < MAX_SENDERS);

@@ -7,7 +7,8 @@ mod housekeeping;
 mod priority;
 mod process;
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,6 +44,10 @@ const CLAIM_GATHER: Duration = Duration::from_millis(2);
 /// pgbench ceiling. With agent runs of seconds the rate is low and nothing is claimed ahead: an
 /// event waiting here would be waiting for a worker while another replica has one free.
 const PREFETCH_HORIZON: Duration = Duration::from_millis(10);
+
+/// Outcomes a replica may have waiting to be written, per worker: a worker moves on once its
+/// agent has answered, and waits only when the database falls this far behind.
+const OUTCOMES_WAITING_PER_WORKER: usize = 4;
 
 /// What dispatch is configured with.
 pub struct DispatchSettings {
@@ -138,25 +143,61 @@ pub struct Dispatcher {
     /// The earliest retry this replica scheduled since its claim loop last looked: the loop
     /// wakes for it without asking the database.
     next_retry: Mutex<Option<tokio::time::Instant>>,
-    /// Claimed events no worker has started yet (their leases are renewed like the others).
-    ready: Mutex<VecDeque<ClaimedEvent>>,
+    /// Claimed events no worker has started yet, lowest fair-share tag first (their leases are
+    /// renewed like the others). A quiet sender's event claimed after a flood's goes first.
+    ready: Mutex<BinaryHeap<Reverse<Waiting>>>,
     /// Dispatches finished, for the rate that sizes how far ahead to claim.
     finished: AtomicU64,
+    /// Outcomes waiting to be written, at most [`OUTCOMES_WAITING_PER_WORKER`] per worker.
+    outcome_writes: Arc<Semaphore>,
     /// Learns from each claim how far dispatch has got.
     fair_shares: Arc<FairShares>,
+}
+
+/// A claimed event waiting for a worker, ordered by its fair-share tag, then by arrival.
+struct Waiting(ClaimedEvent);
+
+impl Waiting {
+    fn order(&self) -> (i64, chrono::DateTime<chrono::Utc>, uuid::Uuid) {
+        (self.0.fair_tag, self.0.received_at, self.0.id)
+    }
+}
+
+impl PartialEq for Waiting {
+    fn eq(&self, other: &Self) -> bool {
+        self.order() == other.order()
+    }
+}
+
+impl Eq for Waiting {}
+
+impl PartialOrd for Waiting {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Waiting {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.order().cmp(&other.order())
+    }
 }
 
 /// The leases this replica holds, renewed together: one statement every third of a lease,
 /// however many events are being dispatched. A lease that could not be renewed is signalled to
 /// its dispatch, which stops (another replica may have taken the event over).
+/// Each held lease's event id, its lease token and what tells its dispatch the lease was lost.
+type HeldLeases = Arc<Mutex<HashMap<uuid::Uuid, (uuid::Uuid, Arc<Notify>)>>>;
+
 #[derive(Default)]
 struct LeaseKeeper {
-    held: Mutex<HashMap<uuid::Uuid, (uuid::Uuid, Arc<Notify>)>>,
+    held: HeldLeases,
 }
 
-/// A lease held while its event is dispatched; dropping it stops its renewal.
-struct HeldLease<'a> {
-    keeper: &'a LeaseKeeper,
+/// A lease held while its event is dispatched and its outcome written; dropping it stops its
+/// renewal.
+struct HeldLease {
+    held: HeldLeases,
     id: uuid::Uuid,
     /// Notified when the lease is lost.
     lost: Arc<Notify>,
@@ -170,9 +211,13 @@ impl LeaseKeeper {
 
     /// The lease of a registered event, for its dispatch; `None` if it was lost while the event
     /// waited for a worker.
-    fn hold(&self, id: uuid::Uuid) -> Option<HeldLease<'_>> {
+    fn hold(&self, id: uuid::Uuid) -> Option<HeldLease> {
         let lost = self.lock().get(&id)?.1.clone();
-        Some(HeldLease { keeper: self, id, lost })
+        Some(HeldLease {
+            held: self.held.clone(),
+            id,
+            lost,
+        })
     }
 
     fn forget(&self, id: uuid::Uuid) {
@@ -198,9 +243,9 @@ impl LeaseKeeper {
     }
 }
 
-impl Drop for HeldLease<'_> {
+impl Drop for HeldLease {
     fn drop(&mut self) {
-        self.keeper.lock().remove(&self.id);
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
     }
 }
 
@@ -248,6 +293,7 @@ impl Dispatcher {
         metrics: Arc<Metrics>,
         fair_shares: Arc<FairShares>,
     ) -> Self {
+        let outcome_writes = settings.workers * OUTCOMES_WAITING_PER_WORKER;
         Self {
             workers: Arc::new(Semaphore::new(settings.workers)),
             queued: Arc::new(Notify::new()),
@@ -262,24 +308,30 @@ impl Dispatcher {
             metrics,
             leases: LeaseKeeper::default(),
             next_retry: Mutex::new(None),
-            ready: Mutex::new(VecDeque::new()),
+            ready: Mutex::new(BinaryHeap::new()),
             finished: AtomicU64::new(0),
+            outcome_writes: Arc::new(Semaphore::new(outcome_writes)),
             fair_shares,
         }
     }
 
-    fn ready(&self) -> std::sync::MutexGuard<'_, VecDeque<ClaimedEvent>> {
+    fn ready(&self) -> std::sync::MutexGuard<'_, BinaryHeap<Reverse<Waiting>>> {
         self.ready.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes claimed events: their leases are renewed from now on, and fair shares learn how far
-    /// dispatch has got.
+    /// Takes claimed events: their leases are renewed from now on.
     fn claimed(&self, events: Vec<ClaimedEvent>) {
         for event in &events {
             self.leases.register(event.id, event.lease);
-            self.fair_shares.claimed(event.fair_tag);
         }
-        self.ready().extend(events);
+        self.ready().extend(events.into_iter().map(|e| Reverse(Waiting(e))));
+    }
+
+    /// The next event for a worker; fair shares learn how far dispatch has got.
+    fn next_ready(&self) -> Option<ClaimedEvent> {
+        let Reverse(Waiting(event)) = self.ready().pop()?;
+        self.fair_shares.dispatched(event.fair_tag);
+        Some(event)
     }
 
     /// Starts a worker for each waiting event while workers are free. A worker goes on with the
@@ -289,7 +341,7 @@ impl Dispatcher {
             let Ok(permit) = self.workers.clone().try_acquire_owned() else {
                 return;
             };
-            let Some(first) = self.ready().pop_front() else {
+            let Some(first) = self.next_ready() else {
                 return;
             };
             let dispatcher = self.clone();
@@ -298,7 +350,7 @@ impl Dispatcher {
                 loop {
                     process::process(&dispatcher, event).await;
                     dispatcher.finished.fetch_add(1, Ordering::Relaxed);
-                    let Some(next) = dispatcher.ready().pop_front() else {
+                    let Some(next) = dispatcher.next_ready() else {
                         break;
                     };
                     // There is room to claim ahead again.
@@ -314,7 +366,7 @@ impl Dispatcher {
     /// Gives back the leases of events no worker started (at shutdown): another replica may take
     /// them at once instead of after their lease.
     async fn release_waiting(&self) {
-        let waiting: Vec<ClaimedEvent> = self.ready().drain(..).collect();
+        let waiting: Vec<ClaimedEvent> = self.ready().drain().map(|Reverse(Waiting(e))| e).collect();
         if waiting.is_empty() {
             return;
         }
@@ -381,6 +433,9 @@ pub async fn run(dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
     // check (one cheap read) or a claim.
     let mut recheck_at = tokio::time::Instant::now();
     let mut recheck = false;
+    // Events were just stored: claim without gathering, so that a quiet sender's event goes out
+    // with the next worker to finish even while a flood keeps every worker busy.
+    let mut arrived = false;
 
     loop {
         if stop.is_cancelled() {
@@ -392,7 +447,8 @@ pub async fn run(dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
             dispatcher.workers.available_permits() + target.saturating_sub(dispatcher.ready().len())
         };
         let mut wanted = room(&dispatcher, &mut ahead);
-        if maybe_due && wanted > 0 && wanted < claim_batch && dispatcher.workers.available_permits() < total {
+        if maybe_due && !arrived && wanted > 0 && wanted < claim_batch && dispatcher.workers.available_permits() < total
+        {
             // Others are still running: let a few more finish so one claim serves several.
             tokio::select! {
                 () = stop.cancelled() => break,
@@ -417,6 +473,7 @@ pub async fn run(dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
         }
         let mut claimed_all = false;
         if maybe_due && wanted > 0 {
+            arrived = false;
             match store::claim(&dispatcher.queue_db, wanted as i64, lease_secs).await {
                 Ok(events) => {
                     // Fewer than asked for: nothing else is due right now; look again when
@@ -447,7 +504,10 @@ pub async fn run(dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
         }
         tokio::select! {
             () = stop.cancelled() => break,
-            () = dispatcher.queued.notified() => maybe_due = true,
+            () = dispatcher.queued.notified() => {
+                maybe_due = true;
+                arrived = true;
+            }
             // Only worth a claim if events are waiting for a worker; a retry it scheduled
             // brings the next look forward.
             () = dispatcher.freed.notified() => {
@@ -459,8 +519,16 @@ pub async fn run(dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
         }
     }
     dispatcher.release_waiting().await;
-    // Let running dispatches finish within the lease; what does not is taken over after it.
-    let _ = tokio::time::timeout(Duration::from_secs(10), dispatcher.workers.acquire_many(total as u32)).await;
+    // Let running dispatches finish and their outcomes be written within the lease; what does not
+    // is taken over after it.
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        let _workers = dispatcher.workers.acquire_many(total as u32).await;
+        let _writes = dispatcher
+            .outcome_writes
+            .acquire_many((total * OUTCOMES_WAITING_PER_WORKER) as u32)
+            .await;
+    })
+    .await;
 }
 
 /// How many events to claim ahead of free workers: about [`PREFETCH_HORIZON`] of dispatch at the
