@@ -542,8 +542,8 @@ async fn fairness_run(
 
 pub(super) async fn fairness(options: &Options) -> Result<Report> {
     let duration = Duration::from_secs(options.number("duration", 30)?);
-    let delay = Duration::from_millis(options.number("delay-ms", 20)?);
-    let rate = options.number("rate", 2000)? as f64;
+    let delay = Duration::from_millis(options.number("delay-ms", 100)?);
+    let rate = options.number("rate", 400)? as f64;
     let workers = 32;
     let db = bench_db(options).await?;
     let flood = Senders { quiet: 9, flood: true };

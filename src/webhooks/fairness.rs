@@ -86,6 +86,12 @@ impl FairShares {
         tag
     }
 
+    /// The highest tag dispatch has started: a pending event tagged at most this is from a sender
+    /// within its share (a flooding sender's events are all tagged beyond it).
+    pub fn reached(&self) -> i64 {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).reached
+    }
+
     /// Dispatch started an event with this tag (started, not claimed: an event claimed ahead is
     /// still waiting, and one that arrives meanwhile from a quiet sender may go before it).
     pub fn dispatched(&self, tag: i64) {

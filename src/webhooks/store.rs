@@ -136,18 +136,20 @@ pub struct ClaimedEvent {
 /// dispatched is one whose lease is live.
 const STATUS_EXPR: &str = "CASE WHEN status = 'pending' AND lease_until > now() THEN 'processing' ELSE status END";
 
-/// The claim, `$1` the limit and `$2` the lease in seconds ([`claim`]); public for the test that
+/// The claim, `$1` the limit, `$2` the lease in seconds and `$3` the highest tag ([`claim`]); public for the test that
 /// pins its plan.
 pub const CLAIM_SQL: &str = include_str!("sql/claim.sql");
 
-/// Claims up to `limit` due events, each with a fresh lease token. Run on
-/// [`crate::db::queue_pool`], where walking the due index in order is the only plan it can get.
+/// Claims up to `limit` due events tagged at most `up_to_tag` (`i64::MAX`: any), each with a fresh
+/// lease token. Run on [`crate::db::queue_pool`], where walking the fair index in order is the only
+/// plan it can get.
 pub async fn claim(
     executor: impl PgExecutor<'_>,
     limit: i64,
     lease_secs: f64,
+    up_to_tag: i64,
 ) -> Result<Vec<ClaimedEvent>, sqlx::Error> {
-    sqlx::query_file_as!(ClaimedEvent, "src/webhooks/sql/claim.sql", limit, lease_secs)
+    sqlx::query_file_as!(ClaimedEvent, "src/webhooks/sql/claim.sql", limit, lease_secs, up_to_tag)
         .fetch_all(executor)
         .await
 }

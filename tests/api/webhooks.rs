@@ -808,7 +808,7 @@ async fn claims_and_outcomes_keep_their_plans_when_the_statistics_say_the_inbox_
     };
     let queue = orchestrator::db::queue_pool(&config).unwrap();
 
-    let claim = plan_of(&queue, CLAIM_SQL, |q| q.bind(32_i64).bind(60.0_f64)).await;
+    let claim = plan_of(&queue, CLAIM_SQL, |q| q.bind(32_i64).bind(60.0_f64).bind(i64::MAX)).await;
     assert!(
         claim.contains("Index Scan using orchestrator_webhook_events_fair_idx"),
         "{claim}"

@@ -1,4 +1,4 @@
--- Claims up to $1 due events with a lease of $2 seconds, in fair-share tag order
+-- Claims up to $1 due events tagged at most $3 with a lease of $2 seconds, in fair-share tag order
 -- (src/webhooks/fairness.rs). Only the lease columns change, so with free room on the page the
 -- update is HOT. An event waits while an earlier event with the
 -- same ordering key is unfinished (a thread's events in order). Run on the queue pool, where
@@ -8,7 +8,8 @@ SET lease_owner = gen_random_uuid(), lease_until = now() + make_interval(secs =>
     attempts = e.attempts + 1, updated_at = now()
 WHERE e.id IN (
     SELECT c.id FROM orchestrator_webhook_events c
-    WHERE c.next_attempt_at <= now()
+    WHERE c.fair_tag <= $3
+      AND c.next_attempt_at <= now()
       AND c.status = 'pending'
       AND (c.lease_until IS NULL OR c.lease_until < now())
       -- Written as OR, not an anti join, so it probes the ordering index per candidate instead
