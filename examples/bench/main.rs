@@ -1,4 +1,4 @@
-//! Benchmark harness: `scripts/bench <provision|deprovision|ingest|proxy|all>` builds this example in release
+//! Benchmark harness: `scripts/bench <scenario|all>` builds this example in release
 //! and runs it once per scenario against a fresh database.
 //!
 //! Each run starts the devstack stand-ins in-process (no added latency), spawns the release
@@ -7,8 +7,9 @@
 //! section of `BENCHMARKS.md`. The child is always stopped (SIGTERM, then SIGKILL), also on panic.
 //!
 //! ```text
-//! bench <provision|deprovision|ingest|proxy> [--teams N] [--concurrency N] [--duration SECS] [--connections N]
-//!       [--rounds N] [--runs N] [--warmup N] [--fractions F,F..] [--no-write] [--results PATH] [--orchestrator PATH]
+//! bench <provision|deprovision|ingest|pipeline|fairness|proxy|reconcile|idle|recovery> [--teams N] [--concurrency N]
+//!       [--duration SECS] [--connections N] [--rounds N] [--runs N] [--warmup N] [--fractions F,F..] [--rate N]
+//!       [--delay-ms N] [--no-write] [--results PATH] [--orchestrator PATH]
 //! ```
 //!
 //! Environment: `DATABASE_URL` (the bench database, required), `BENCH_COMMAND` (the command shown
