@@ -500,10 +500,12 @@ pub async fn run(dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
         let mut wanted = room(&dispatcher, &mut ahead);
         if maybe_due && !arrived && wanted > 0 && wanted < claim_batch && dispatcher.workers.available_permits() < total
         {
-            // Others are still running: let a few more finish so one claim serves several.
+            // Others are still running: let a few more finish so one claim serves several. New
+            // events end the wait: one from a sender within its share must not wait for it.
             tokio::select! {
                 () = stop.cancelled() => break,
                 () = tokio::time::sleep(CLAIM_GATHER) => {}
+                () = dispatcher.queued.notified() => {}
             }
             dispatcher.start_ready();
             wanted = room(&dispatcher, &mut ahead);
