@@ -337,7 +337,7 @@ impl Step {
 pub(super) async fn pipeline(options: &Options) -> Result<Report> {
     let duration = Duration::from_secs(options.number("duration", 60)?);
     let connections = options.number("connections", 32)?;
-    let fractions = options.fractions("fractions", &[0.5, 0.6, 0.7])?;
+    let fractions = options.fractions("fractions", &[0.4, 0.5, 0.6, 0.7])?;
     let pgbench = std::env::var("PGBENCH").unwrap_or_else(|_| "pgbench".into());
     let db = bench_db(options).await?;
     let bench = Bench::start(options).await?;
