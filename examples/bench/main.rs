@@ -302,6 +302,18 @@ impl Bench {
         format!("{}{path}", self.base)
     }
 
+    /// The GitHub webhook's URL and socket address (for [`RawClient`]).
+    fn github_webhook(&self) -> Result<(reqwest::Url, std::net::SocketAddr)> {
+        let url: reqwest::Url = self.url("/webhooks/github").parse().context("the webhook URL")?;
+        let address = url
+            .socket_addrs(|| None)
+            .context("the webhook address")?
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow!("the webhook URL names no address"))?;
+        Ok((url, address))
+    }
+
     fn peak_rss_kb(&self) -> u64 {
         self.service.memory().map(|m| m.hwm_kb).unwrap_or(0)
     }
@@ -619,6 +631,16 @@ impl Latencies {
 
     fn max(&self) -> Duration {
         self.0.last().copied().unwrap_or_default()
+    }
+
+    /// "p50 / p95 / max" in milliseconds.
+    fn p50_p95_max(&self) -> String {
+        format!(
+            "{} / {} / {}",
+            ms(self.percentile(50.0)),
+            ms(self.percentile(95.0)),
+            ms(self.max())
+        )
     }
 
     /// "p50 / p99 / max" in milliseconds.
@@ -1499,14 +1521,8 @@ struct IngestRound {
 }
 
 impl IngestRound {
-    /// The mean of the ceilings measured; None if neither could be.
     fn ceiling_tps(&self) -> Option<f64> {
-        let measured: Vec<f64> = [&self.before, &self.after]
-            .into_iter()
-            .flatten()
-            .map(|c| c.tps)
-            .collect();
-        (!measured.is_empty()).then(|| measured.iter().sum::<f64>() / measured.len() as f64)
+        mean_ceiling(&self.before, &self.after)
     }
 
     fn ratio(&self) -> Option<f64> {
@@ -1740,13 +1756,7 @@ async fn ingest_round(options: &Options, round: u64, duration: Duration, connect
     };
     let before = ceiling("before the load").await;
 
-    let url: reqwest::Url = bench.url("/webhooks/github").parse().context("the webhook URL")?;
-    let address = url
-        .socket_addrs(|| None)
-        .context("the webhook address")?
-        .into_iter()
-        .next()
-        .ok_or_else(|| anyhow!("the webhook URL names no address"))?;
+    let (url, address) = bench.github_webhook()?;
     let next = Arc::new(AtomicU64::new(1));
     let stats_before = pg_activity(&db).await?;
     let cpu_before = bench.cpu();
@@ -1912,6 +1922,12 @@ async fn pg_activity(db: &PgPool) -> Result<PgActivity> {
         transactions,
         rows_written,
     })
+}
+
+/// The mean of the ceilings measured before and after a load; None if neither could be.
+fn mean_ceiling(before: &Option<Ceiling>, after: &Option<Ceiling>) -> Option<f64> {
+    let measured: Vec<f64> = [before, after].into_iter().flatten().map(|c| c.tps).collect();
+    (!measured.is_empty()).then(|| measured.iter().sum::<f64>() / measured.len() as f64)
 }
 
 struct Ceiling {

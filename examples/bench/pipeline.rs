@@ -133,13 +133,7 @@ async fn offer(
     connections: u64,
     senders: Senders,
 ) -> Result<Offered> {
-    let url: reqwest::Url = bench.url("/webhooks/github").parse().context("the webhook URL")?;
-    let address = url
-        .socket_addrs(|| None)
-        .context("the webhook address")?
-        .into_iter()
-        .next()
-        .ok_or_else(|| anyhow!("the webhook URL names no address"))?;
+    let (url, address) = bench.github_webhook()?;
     let teams = senders.teams() as usize;
     let next = Arc::new(AtomicU64::new(0));
     let accepted = Arc::new(AtomicU64::new(0));
@@ -316,12 +310,7 @@ struct Step {
 
 impl Step {
     fn ceiling(&self) -> Option<f64> {
-        let measured: Vec<f64> = [&self.ceiling_before, &self.ceiling_after]
-            .into_iter()
-            .flatten()
-            .map(|c| c.tps)
-            .collect();
-        (!measured.is_empty()).then(|| measured.iter().sum::<f64>() / measured.len() as f64)
+        mean_ceiling(&self.ceiling_before, &self.ceiling_after)
     }
 
     fn bounded(&self) -> bool {
@@ -593,23 +582,13 @@ pub(super) async fn fairness(options: &Options) -> Result<Report> {
     for run in &runs {
         report.row(
             &format!("{}: quiet teams p50 / p95 / max", run.label),
-            format!(
-                "{} / {} / {}",
-                ms(run.quiet.percentile(50.0)),
-                ms(p95(&run.quiet)),
-                ms(run.quiet.max())
-            ),
+            run.quiet.p50_p95_max(),
             "",
         );
         if !run.flood.0.is_empty() {
             report.row(
                 &format!("{}: flooding team p50 / p95 / max", run.label),
-                format!(
-                    "{} / {} / {}",
-                    ms(run.flood.percentile(50.0)),
-                    ms(p95(&run.flood)),
-                    ms(run.flood.max())
-                ),
+                run.flood.p50_p95_max(),
                 "",
             );
         }
