@@ -31,7 +31,7 @@ pub fn request_pool(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
 /// by reading the whole table: each statement costs time in proportion to the table (30 to 50 ms
 /// with 6,000 waiting and 17,000 stored, measured) and dispatch falls further behind exactly when it
 /// is busiest. Without bitmap scans, sorts, sequential scans, hash and merge joins, the claim walks
-/// the due index in order and stops after its limit, and an outcome batch looks each row up by its
+/// the fair index in order and stops after its limit, and an outcome batch looks each row up by its
 /// primary key: time in proportion to the rows touched, whatever the statistics say.
 ///
 /// Their commits do not wait for the WAL flush (`synchronous_commit = off`): a claim, a renewal or

@@ -1484,6 +1484,62 @@ impl RawClient {
     }
 }
 
+/// Why a signed delivery was not acknowledged, and whether its worker must stop.
+struct NotAccepted {
+    errors: Vec<String>,
+    stop: bool,
+}
+
+impl RawClient {
+    /// Sends one signed GitHub `pull_request` delivery; answers its acknowledgement time when it
+    /// was accepted (`200 {"ok":true}`). A broken connection is replaced by a new one.
+    async fn deliver(
+        &mut self,
+        address: std::net::SocketAddr,
+        path: &str,
+        body: &[u8],
+        delivery: &str,
+    ) -> Result<Duration, NotAccepted> {
+        let signature = github_signature(body);
+        let headers = [
+            ("X-GitHub-Event", "pull_request"),
+            ("X-GitHub-Delivery", delivery),
+            ("X-Hub-Signature-256", signature.as_str()),
+            ("Content-Type", "application/json"),
+        ];
+        let t = Instant::now();
+        let outcome = tokio::time::timeout(Duration::from_secs(30), self.post(&headers, body)).await;
+        let elapsed = t.elapsed();
+        let refused = |error: String, stop: bool| NotAccepted {
+            errors: vec![error],
+            stop,
+        };
+        match outcome {
+            Ok(Ok((200, response))) if response == br#"{"ok":true}"# => Ok(elapsed),
+            Ok(Ok((status, response))) => Err(refused(
+                format!(
+                    "delivery {delivery}: {status} {}",
+                    snippet(&String::from_utf8_lossy(&response))
+                ),
+                false,
+            )),
+            Ok(Err(e)) => {
+                let mut failed = refused(format!("delivery {delivery}: {e:#}"), false);
+                // The connection is in an unknown state: start a new one.
+                match RawClient::connect(address, path).await {
+                    Ok(fresh) => *self = fresh,
+                    Err(e) => {
+                        failed.errors.push(format!("reconnecting: {e:#}"));
+                        failed.stop = true;
+                    }
+                }
+                Err(failed)
+            }
+            Err(_) => Err(refused(format!("delivery {delivery}: no answer within 30 s"), true)),
+        }
+    }
+}
+
 #[derive(Default)]
 struct IngestWorker {
     latencies: Vec<Duration>,
@@ -1772,40 +1828,17 @@ async fn ingest_round(options: &Options, round: u64, duration: Duration, connect
                 // A distinct pull request per delivery: no two deliveries share an ordering key.
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 let body = pull_request_body(n);
-                let signature = github_signature(&body);
                 let delivery = uuid::Uuid::new_v4().to_string();
-                let headers = [
-                    ("X-GitHub-Event", "pull_request"),
-                    ("X-GitHub-Delivery", delivery.as_str()),
-                    ("X-Hub-Signature-256", signature.as_str()),
-                    ("Content-Type", "application/json"),
-                ];
-                let t = Instant::now();
-                let outcome = tokio::time::timeout(Duration::from_secs(30), client.post(&headers, &body)).await;
-                let elapsed = t.elapsed();
-                match outcome {
-                    Ok(Ok((200, response))) if response == br#"{"ok":true}"# => {
+                match client.deliver(address, &path, &body, &delivery).await {
+                    Ok(elapsed) => {
                         stats.accepted += 1;
                         stats.latencies.push(elapsed);
                     }
-                    Ok(Ok((status, response))) => stats.errors.push(format!(
-                        "delivery {delivery}: {status} {}",
-                        snippet(&String::from_utf8_lossy(&response))
-                    )),
-                    Ok(Err(e)) => {
-                        stats.errors.push(format!("delivery {delivery}: {e:#}"));
-                        // The connection is in an unknown state: start a new one.
-                        match RawClient::connect(address, &path).await {
-                            Ok(fresh) => client = fresh,
-                            Err(e) => {
-                                stats.errors.push(format!("reconnecting: {e:#}"));
-                                break;
-                            }
+                    Err(failed) => {
+                        stats.errors.extend(failed.errors);
+                        if failed.stop {
+                            break;
                         }
-                    }
-                    Err(_) => {
-                        stats.errors.push(format!("delivery {delivery}: no answer within 30 s"));
-                        break;
                     }
                 }
             }

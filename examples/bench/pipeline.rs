@@ -179,38 +179,17 @@ async fn offer(
                 let team = senders.team_of(i);
                 // A distinct pull request per delivery: no two deliveries share an ordering key.
                 let body = pull_request_body_in("acme", &repository(team), i);
-                let signature = github_signature(&body);
-                let delivery = format!("{tag}-{i}");
-                let headers = [
-                    ("X-GitHub-Event", "pull_request"),
-                    ("X-GitHub-Delivery", delivery.as_str()),
-                    ("X-Hub-Signature-256", signature.as_str()),
-                    ("Content-Type", "application/json"),
-                ];
-                let t = Instant::now();
-                match tokio::time::timeout(Duration::from_secs(30), client.post(&headers, &body)).await {
-                    Ok(Ok((200, _))) => {
-                        latencies.push(t.elapsed());
+                match client.deliver(address, &path, &body, &format!("{tag}-{i}")).await {
+                    Ok(elapsed) => {
+                        latencies.push(elapsed);
                         by_team[team as usize] += 1;
                         accepted.fetch_add(1, Ordering::Relaxed);
                     }
-                    Ok(Ok((status, response))) => errors.push(format!(
-                        "delivery {delivery}: {status} {}",
-                        snippet(&String::from_utf8_lossy(&response))
-                    )),
-                    Ok(Err(e)) => {
-                        errors.push(format!("delivery {delivery}: {e:#}"));
-                        match RawClient::connect(address, &path).await {
-                            Ok(fresh) => client = fresh,
-                            Err(e) => {
-                                errors.push(format!("reconnecting: {e:#}"));
-                                break;
-                            }
+                    Err(failed) => {
+                        errors.extend(failed.errors);
+                        if failed.stop {
+                            break;
                         }
-                    }
-                    Err(_) => {
-                        errors.push(format!("delivery {delivery}: no answer within 30 s"));
-                        break;
                     }
                 }
             }
