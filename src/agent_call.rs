@@ -2,12 +2,15 @@
 //! the admin's own authority) and webhook dispatch (with the orchestrator's). A short-lived team
 //! credential is minted, the team's config read with it, and the run's outcome measured alike.
 
-use std::time::Instant;
+use std::future::Future;
+use std::hash::Hash;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use url::Url;
 
+use crate::cache::TtlCache;
 use crate::clients::agent::{AgentAnswer, AgentClient, AgentError, AgentRequest};
 use crate::clients::config_service::ConfigServiceClient;
 use crate::clients::NeighbourError;
@@ -87,6 +90,45 @@ impl TeamAgent {
                 AgentName::planner()
             }
             None => AgentName::planner(),
+        }
+    }
+}
+
+/// A cached impersonation token is renewed this long before it expires.
+const TOKEN_MARGIN: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+
+/// Minted team credentials with their config, each kept for the cache's lifetime while its token
+/// has more than a minute left.
+#[derive(Clone)]
+pub struct TeamAgents<K>(TtlCache<K, TeamAgent>);
+
+impl<K: Hash + Eq + Clone> TeamAgents<K> {
+    pub fn new(ttl: Duration, capacity: usize) -> Self {
+        Self(TtlCache::new(ttl, capacity))
+    }
+
+    /// The cached team under `key`, else what `mint` gives (kept for next time when it succeeds).
+    pub async fn get_or_mint<E>(
+        &self,
+        key: &K,
+        mint: impl Future<Output = Result<TeamAgent, E>>,
+    ) -> Result<TeamAgent, E> {
+        if let Some(team) = self
+            .0
+            .get_if(key, |team| team.token_expires - TOKEN_MARGIN > Utc::now())
+        {
+            return Ok(team);
+        }
+        let team = mint.await?;
+        self.0.insert(key.clone(), team.clone());
+        Ok(team)
+    }
+
+    /// After the agent refused a call: if it refused the credential (revoked before it expired),
+    /// the next call mints a new one.
+    pub fn forget_if_refused(&self, key: &K, error: &AgentError) {
+        if matches!(error, AgentError::Upstream(n) if matches!(n.status(), Some(401 | 403))) {
+            self.0.remove(key);
         }
     }
 }

@@ -4,15 +4,12 @@
 //! principals are cached briefly, keyed by a hash of the token so the cache never holds a
 //! credential. Org scope is enforced here for every admin endpoint.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::HeaderMap;
 use sha2::{Digest, Sha256};
 
+use crate::cache::TtlCache;
 use crate::clients::config_service::{ConfigServiceClient, Principal};
 use crate::clients::NeighbourError;
 use crate::config::{AuthConfig, Secret};
@@ -43,6 +40,8 @@ const ADMIN_STAR: &str = "admin:*";
 pub struct Admin {
     pub principal: Principal,
     pub token: Secret,
+    /// What a cache of something minted with this admin's authority is keyed by.
+    pub token_key: TokenKey,
 }
 
 impl Admin {
@@ -136,32 +135,33 @@ fn required_permission(config: &AuthConfig, capability: Capability) -> &str {
     }
 }
 
-/// Verified principals by SHA-256 of their token, with the time they were verified.
-type PrincipalCache = HashMap<[u8; 32], (Principal, Instant)>;
-
-/// Verifies admin tokens, with a small bounded cache of successful verifications.
+/// Verifies admin tokens, with a small bounded cache of successful verifications, keyed by the
+/// token's SHA-256.
 #[derive(Clone)]
 pub struct AdminVerifier {
     client: ConfigServiceClient,
-    ttl: Duration,
-    capacity: usize,
-    cache: Arc<Mutex<PrincipalCache>>,
+    cache: TtlCache<TokenKey, Principal>,
 }
+
+/// SHA-256 of an admin token: what caches key on, so none holds a credential.
+pub type TokenKey = [u8; 32];
 
 impl AdminVerifier {
     pub fn new(client: ConfigServiceClient, config: &AuthConfig) -> Self {
         Self {
             client,
-            ttl: config.cache_ttl,
-            capacity: config.cache_capacity,
-            cache: Arc::new(Mutex::new(HashMap::new())),
+            cache: TtlCache::new(config.cache_ttl, config.cache_capacity),
         }
     }
 
     pub async fn verify(&self, token: Secret) -> Result<Admin, ApiError> {
-        let key: [u8; 32] = Sha256::digest(token.expose().as_bytes()).into();
-        if let Some(principal) = self.cached(&key) {
-            return Ok(Admin { principal, token });
+        let token_key: TokenKey = Sha256::digest(token.expose().as_bytes()).into();
+        if let Some(principal) = self.cache.get(&token_key) {
+            return Ok(Admin {
+                principal,
+                token,
+                token_key,
+            });
         }
         let principal = match self.client.auth_me(&token).await {
             Ok(principal) => principal,
@@ -192,37 +192,12 @@ impl AdminVerifier {
                 "this token does not belong to an admin",
             ));
         }
-        self.remember(key, principal.clone());
-        Ok(Admin { principal, token })
-    }
-
-    fn cached(&self, key: &[u8; 32]) -> Option<Principal> {
-        if self.ttl.is_zero() {
-            return None;
-        }
-        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        cache
-            .get(key)
-            .filter(|(_, at)| at.elapsed() < self.ttl)
-            .map(|(principal, _)| principal.clone())
-    }
-
-    fn remember(&self, key: [u8; 32], principal: Principal) {
-        if self.ttl.is_zero() {
-            return;
-        }
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= self.capacity {
-            let ttl = self.ttl;
-            cache.retain(|_, (_, at)| at.elapsed() < ttl);
-            if cache.len() >= self.capacity {
-                // Still full of live entries: drop the oldest rather than grow.
-                if let Some(oldest) = cache.iter().min_by_key(|(_, (_, at))| *at).map(|(k, _)| *k) {
-                    cache.remove(&oldest);
-                }
-            }
-        }
-        cache.insert(key, (principal, Instant::now()));
+        self.cache.insert(token_key, principal.clone());
+        Ok(Admin {
+            principal,
+            token,
+            token_key,
+        })
     }
 }
 

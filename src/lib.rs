@@ -11,6 +11,7 @@ pub(crate) mod agent_call;
 pub(crate) mod agent_runs;
 pub(crate) mod audit;
 pub(crate) mod auth;
+pub(crate) mod cache;
 pub mod cli;
 pub mod clients;
 pub mod config;

@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::agent_call::TeamAgents;
 use crate::agent_runs::{self, AgentProxy, ProxyParts};
 use crate::auth::AdminVerifier;
 use crate::clients::agent::AgentClient;
@@ -163,6 +164,7 @@ impl Application {
             internal_admin_token: config.internal_admin_token.clone(),
             namespace,
             limits: config.agent_runs.clone(),
+            credentials: TeamAgents::new(config.auth.cache_ttl, config.auth.cache_capacity),
         });
         let housekeeping = Housekeeping {
             db: db.clone(),

@@ -199,31 +199,33 @@ pub async fn run_agent(
         streaming: wants_stream(&headers),
     };
 
-    // The run is on record, ours and the platform's, before anything acts for the team, so every
-    // failure after this point closes a recorded run. The three are independent: do them at once.
+    // The run is on record before anything acts for the team, so every failure after this point
+    // closes a recorded run. The record and the credential are independent: get them at once.
     // The team credential is minted with the caller's own authority (so the config service's scope
-    // rules apply too), per request, never cached: it is the caller's authority, not ours.
-    let (opened, (), team) = tokio::join!(
-        run::open(proxy, &admin, &record),
-        run::open_in_platform_audit(proxy, &admin, &record),
-        TeamAgent::mint(
-            &proxy.config_service,
-            &admin.token,
-            &request.org_id,
-            &request.team_node_id,
-            &proxy.namespace,
-        ),
+    // rules apply too) and kept only for that caller, for as long as its verified principal is
+    // (ORCHESTRATOR_ADMIN_AUTH_CACHE_TTL_SECONDS): a revoked admin loses it when it loses the rest.
+    let platform = run::open_in_platform_audit(proxy, &admin, &record);
+    let credential_key = (
+        admin.token_key,
+        request.org_id.to_string(),
+        request.team_node_id.to_string(),
+    );
+    let mint = TeamAgent::mint(
+        &proxy.config_service,
+        &admin.token,
+        &request.org_id,
+        &request.team_node_id,
+        &proxy.namespace,
+    );
+    let (opened, team) = tokio::join!(
+        run::open(proxy, &admin, &record, platform),
+        proxy.credentials.get_or_mint(&credential_key, mint),
     );
     let open = match opened {
         Ok(open) => open,
-        Err(error) => {
-            run::close_in_platform_audit(
-                proxy,
-                record.run_id,
-                &request.org_id,
-                &Closing::failed("storage_unavailable", "the run could not be recorded"),
-            )
-            .await;
+        Err((error, platform)) => {
+            let closing = Closing::failed("storage_unavailable", "the run could not be recorded");
+            platform.close(proxy, record.run_id, &request.org_id, &closing).await;
             return Err(error.into());
         }
     };
@@ -260,6 +262,7 @@ pub async fn run_agent(
             Ok(events) => events,
             Err(e) => {
                 agent_call::observe(&proxy.metrics, METRIC_SOURCE, started, agent_call::error_label(&e));
+                proxy.credentials.forget_if_refused(&credential_key, &e);
                 open.finish(Closing::from_error(&e));
                 return Err(agent_error(&e));
             }
@@ -280,6 +283,7 @@ pub async fn run_agent(
             .into_response())
         }
         Err(e) => {
+            proxy.credentials.forget_if_refused(&credential_key, &e);
             open.finish(Closing::from_error(&e));
             Err(agent_error(&e))
         }

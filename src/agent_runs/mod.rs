@@ -15,6 +15,8 @@ use tower_http::timeout::TimeoutLayer;
 use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
 use utoipa_axum::routes;
 
+use crate::agent_call::TeamAgents;
+use crate::auth::TokenKey;
 use crate::clients::agent::AgentClient;
 use crate::clients::config_service::ConfigServiceClient;
 use crate::config::{AgentRunConfig, Secret};
@@ -38,6 +40,8 @@ pub struct ProxyParts {
     /// Where dedicated agents live (their URLs are trusted only in this namespace).
     pub namespace: String,
     pub limits: AgentRunConfig,
+    /// Team credentials minted for an admin, by (SHA-256 of the admin's token, org, team).
+    pub credentials: TeamAgents<(TokenKey, String, String)>,
 }
 
 impl AgentProxy {

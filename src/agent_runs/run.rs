@@ -7,7 +7,6 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::{store, AgentProxy};
-use crate::audit::{self, AuditEntry};
 use crate::auth::Admin;
 use crate::clients::agent::AgentError;
 use crate::domain::AgentRunStatus;
@@ -33,11 +32,9 @@ pub struct RunRecord<'a> {
 /// the task was cancelled) it closes itself as failed in the background.
 pub struct OpenRun {
     proxy: AgentProxy,
-    run_id: Uuid,
-    org_id: String,
-    actor: String,
+    run: Option<store::NewRun>,
     started: Instant,
-    closed: bool,
+    platform: Option<PlatformOpening>,
 }
 
 /// How a run ended, for both audits: ours (`succeeded` or `failed`) and the platform's.
@@ -133,45 +130,63 @@ impl Closing {
 }
 
 /// Records the run (our table and audit trail, in one transaction) for the admin who asked.
-pub async fn open(proxy: &AgentProxy, admin: &Admin, record: &RunRecord<'_>) -> Result<OpenRun, sqlx::Error> {
-    let mut tx = proxy.db.begin().await?;
-    store::open(
-        &mut *tx,
-        &store::NewRun {
-            id: record.run_id,
-            correlation_id: record.correlation_id,
-            org_id: record.org_id,
-            team_node_id: record.team_node_id,
-            agent_name: record.agent_name,
-            actor_subject: admin.subject(),
-            actor_email: admin.email(),
-            streaming: record.streaming,
-        },
-    )
-    .await?;
-    let mut entry = AuditEntry::new(admin.subject(), "agent_run.started", "accepted");
-    entry.actor_email = admin.email();
-    entry.org_id = Some(record.org_id);
-    entry.team_node_id = Some(record.team_node_id);
-    entry.detail = json!({"agent_run_id": record.run_id, "correlation_id": record.correlation_id,
+/// `platform` is its opening in the platform audit, which its closing waits for.
+pub async fn open(
+    proxy: &AgentProxy,
+    admin: &Admin,
+    record: &RunRecord<'_>,
+    platform: PlatformOpening,
+) -> Result<OpenRun, (sqlx::Error, PlatformOpening)> {
+    let detail = json!({"agent_run_id": record.run_id, "correlation_id": record.correlation_id,
         "agent_name": record.agent_name, "streaming": record.streaming});
-    audit::record(&mut *tx, entry).await?;
-    tx.commit().await?;
+    let run = store::NewRun {
+        id: record.run_id,
+        correlation_id: record.correlation_id,
+        org_id: record.org_id.to_string(),
+        team_node_id: record.team_node_id.to_string(),
+        agent_name: record.agent_name.to_string(),
+        actor_subject: admin.subject().to_string(),
+        actor_email: admin.email().map(str::to_string),
+        streaming: record.streaming,
+    };
+    if let Err(e) = store::open(&proxy.db, &run, &detail).await {
+        return Err((e, platform));
+    }
     Ok(OpenRun {
         proxy: proxy.clone(),
-        run_id: record.run_id,
-        org_id: record.org_id.to_string(),
-        actor: admin.subject().to_string(),
+        run: Some(run),
         started: Instant::now(),
-        closed: false,
+        platform: Some(platform),
     })
 }
 
-/// Opens the run in the platform audit, as `contracts.md` gives the body. The platform audit is a
-/// record, not a gate: a failure is logged and the run goes on.
-pub async fn open_in_platform_audit(proxy: &AgentProxy, admin: &Admin, record: &RunRecord<'_>) {
-    let Some(internal) = &proxy.internal_admin_token else {
-        return;
+/// A run's opening in the platform audit, under way in the background: the platform audit is a
+/// record, not a gate, so the agent call never waits for it (it ran beside the run's own record
+/// and the credential, and on a warm credential it was the slowest of the three). Whatever closes
+/// the run there waits for it first, so the platform sees the start before the end.
+pub struct PlatformOpening(Option<tokio::task::JoinHandle<()>>);
+
+impl PlatformOpening {
+    async fn done(self) {
+        if let Some(opening) = self.0 {
+            // A panic in the opening was already reported by the runtime; the close goes on.
+            let _ = opening.await;
+        }
+    }
+
+    /// Closes the run in the platform audit once its opening is done (for a run that never
+    /// opened in our records).
+    pub async fn close(self, proxy: &AgentProxy, run_id: Uuid, org: &str, closing: &Closing) {
+        self.done().await;
+        close_in_platform_audit(proxy, run_id, org, closing).await;
+    }
+}
+
+/// Starts opening the run in the platform audit, as `contracts.md` gives the body. A failure is
+/// logged and the run goes on.
+pub fn open_in_platform_audit(proxy: &AgentProxy, admin: &Admin, record: &RunRecord<'_>) -> PlatformOpening {
+    let Some(internal) = proxy.internal_admin_token.clone() else {
+        return PlatformOpening(None);
     };
     let body = json!({
         "run_id": record.run_id,
@@ -185,69 +200,56 @@ pub async fn open_in_platform_audit(proxy: &AgentProxy, admin: &Admin, record: &
         "agent_name": record.agent_name,
         "metadata": {"context": record.context},
     });
-    if let Err(e) = proxy
-        .config_service
-        .audit_agent_run_start(internal, record.org_id, &body)
-        .await
-    {
-        tracing::warn!(run_id = %record.run_id, error = %e, "recording the run in the platform audit failed");
-    }
+    let (proxy, run_id, org) = (proxy.clone(), record.run_id, record.org_id.to_string());
+    PlatformOpening(Some(tokio::spawn(async move {
+        if let Err(e) = proxy.config_service.audit_agent_run_start(&internal, &org, &body).await {
+            tracing::warn!(%run_id, error = %e, "recording the run in the platform audit failed");
+        }
+    })))
 }
 
 impl OpenRun {
     /// Closes the run in the background: the caller's answer never waits for the bookkeeping. A
     /// crash before it lands leaves the run to the sweeper.
     pub fn finish(mut self, closing: Closing) {
-        self.closed = true;
         self.spawn_close(closing);
     }
 
-    fn spawn_close(&self, closing: Closing) {
-        let proxy = self.proxy.clone();
-        let (run_id, org, actor, started) = (self.run_id, self.org_id.clone(), self.actor.clone(), self.started);
+    fn spawn_close(&mut self, closing: Closing) {
+        let Some(run) = self.run.take() else {
+            return;
+        };
+        let (proxy, started) = (self.proxy.clone(), self.started);
+        let platform = self.platform.take().unwrap_or(PlatformOpening(None));
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move { close(&proxy, run_id, &org, &actor, started, closing).await });
+            runtime.spawn(async move { close(&proxy, &run, started, platform, closing).await });
         }
     }
 }
 
 impl Drop for OpenRun {
     fn drop(&mut self) {
-        if !self.closed {
-            self.spawn_close(Closing::failed(
-                "client_disconnected",
-                "the client went away before the run finished; the agent call was cancelled",
-            ));
-        }
+        self.spawn_close(Closing::failed(
+            "client_disconnected",
+            "the client went away before the run finished; the agent call was cancelled",
+        ));
     }
 }
 
-async fn close(proxy: &AgentProxy, run_id: Uuid, org: &str, actor: &str, started: Instant, closing: Closing) {
+async fn close(proxy: &AgentProxy, run: &store::NewRun, started: Instant, platform: PlatformOpening, closing: Closing) {
     let duration_ms = started.elapsed().as_millis() as i64;
-    let closed: Result<(), sqlx::Error> = async {
-        let mut tx = proxy.db.begin().await?;
-        let closed_now = store::close(
-            &mut *tx,
-            run_id,
-            closing.status,
-            duration_ms,
-            closing.summary.as_ref(),
-            closing.error.as_ref(),
-        )
-        .await?;
-        if closed_now {
-            let mut entry = AuditEntry::new(actor, "agent_run.completed", closing.status.as_str());
-            entry.org_id = Some(org);
-            entry.detail = json!({"agent_run_id": run_id, "duration_ms": duration_ms, "error": closing.error});
-            audit::record(&mut *tx, entry).await?;
-        }
-        tx.commit().await
+    let detail = json!({"agent_run_id": run.id, "duration_ms": duration_ms, "error": closing.error});
+    let end = store::RunEnd {
+        status: closing.status,
+        duration_ms,
+        summary: closing.summary.as_ref(),
+        error: closing.error.as_ref(),
+        audit_detail: &detail,
+    };
+    if let Err(e) = store::close(&proxy.db, run, &end).await {
+        tracing::error!(run_id = %run.id, error = %e, "closing an agent run in the database failed; the sweeper will close it");
     }
-    .await;
-    if let Err(e) = closed {
-        tracing::error!(%run_id, error = %e, "closing an agent run in the database failed; the sweeper will close it");
-    }
-    close_in_platform_audit(proxy, run_id, org, &closing).await;
+    platform.close(proxy, run.id, &run.org_id, &closing).await;
 }
 
 /// Closes the run in the platform audit, in its vocabulary (`contracts.md`).

@@ -89,6 +89,87 @@ async fn runs_the_agent_with_a_minted_team_credential_and_audits_it() {
 }
 
 #[tokio::test]
+async fn a_team_credential_is_kept_for_the_admin_who_minted_it_only() {
+    let app = TestApp::spawn().await;
+    team(&app, "sre");
+    let mints = || app.stack.config_service.calls_to("POST", "/impersonation-token").len();
+    assert_eq!(run(&app, SUPER_ADMIN, &body("sre")).await.status(), 200);
+    assert_eq!(run(&app, SUPER_ADMIN, &body("sre")).await.status(), 200);
+    assert_eq!(mints(), 1, "the same admin's second run reuses its credential");
+    assert_eq!(run(&app, "dev-org-admin-acme", &body("sre")).await.status(), 200);
+    assert_eq!(mints(), 2, "another admin never gets the first one's credential");
+    let tokens: Vec<String> = app
+        .stack
+        .agent
+        .calls_to("POST", "/agents/planner/run")
+        .iter()
+        .map(|c| c.headers["x-incidentfox-team-token"].clone())
+        .collect();
+    assert_eq!(tokens[0], tokens[1]);
+    assert_ne!(tokens[1], tokens[2]);
+
+    // The agent refuses the credential (revoked early): the next run mints a new one.
+    app.stack
+        .agent
+        .faults()
+        .fail_next_matching(Some("POST"), "/agents/", 1, 401);
+    assert_eq!(run(&app, SUPER_ADMIN, &body("sre")).await.status(), 502);
+    assert_eq!(run(&app, SUPER_ADMIN, &body("sre")).await.status(), 200);
+    assert_eq!(mints(), 3);
+
+    // Without the admin cache, nothing minted is kept either.
+    let uncached = app
+        .another(|env| {
+            env.insert("ORCHESTRATOR_ADMIN_AUTH_CACHE_TTL_SECONDS".into(), "0".into());
+        })
+        .await;
+    assert_eq!(run(&uncached, SUPER_ADMIN, &body("sre")).await.status(), 200);
+    assert_eq!(run(&uncached, SUPER_ADMIN, &body("sre")).await.status(), 200);
+    assert_eq!(mints(), 5);
+}
+
+#[tokio::test]
+async fn a_run_whose_opening_was_lost_is_recorded_whole_when_it_closes() {
+    // The opening's commit does not wait for the WAL flush: a database crash right after it can
+    // lose the row. Deleting it while the agent works stands for that crash.
+    let app = TestApp::spawn().await;
+    team(&app, "sre");
+    app.stack.agent.state().set_delay(Duration::from_millis(800));
+    let request = body("sre");
+    let running = run(&app, SUPER_ADMIN, &request);
+    let lose_opening = async {
+        eventually(5, "the run to open", || async {
+            (!agent_run_rows(&app).await.is_empty()).then_some(())
+        })
+        .await;
+        sqlx::query("DELETE FROM orchestrator_agent_runs")
+            .execute(&app.db.pool)
+            .await
+            .unwrap();
+    };
+    let (response, ()) = tokio::join!(running, lose_opening);
+    let answer = json_of(response).await;
+    let row: (String, String, String, i64, bool) = eventually(5, "the run to be recorded again", || async {
+        sqlx::query_as(
+            "SELECT status, team_node_id, agent_name, duration_ms,
+                    finished_at - started_at BETWEEN interval '700 ms' AND interval '5 s'
+             FROM orchestrator_agent_runs WHERE id = $1",
+        )
+        .bind(uuid::Uuid::parse_str(answer["run_id"].as_str().unwrap()).unwrap())
+        .fetch_optional(&app.db.pool)
+        .await
+        .unwrap()
+    })
+    .await;
+    assert_eq!(
+        (row.0.as_str(), row.1.as_str(), row.2.as_str(), row.4),
+        ("succeeded", "sre", "planner", true),
+        "{row:?}"
+    );
+    assert!(row.3 >= 700, "{row:?}");
+}
+
+#[tokio::test]
 async fn a_dedicated_agent_url_that_is_not_the_teams_own_is_never_called() {
     // Team config is writable by org admins: a URL pointing anywhere else must not receive the
     // team credential (or the platform's investigate token).

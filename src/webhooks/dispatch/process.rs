@@ -11,7 +11,7 @@ use super::decision::{self, AfterFailure, DispatchError};
 use super::Dispatcher;
 use crate::agent_call::{self, TeamAgent};
 use crate::audit::{self, AuditEntry};
-use crate::clients::agent::{AgentError, AgentRequest};
+use crate::clients::agent::AgentRequest;
 use crate::config::Secret;
 use crate::domain::EventStatus;
 use crate::webhooks::destinations;
@@ -244,7 +244,7 @@ async fn dispatch(dispatcher: &Dispatcher, source: Source, event: &ClaimedEvent)
 
 async fn route(dispatcher: &Dispatcher, run: &RunPlan) -> Result<Option<(String, String)>, DispatchError> {
     let key = (run.routing_key.to_string(), run.routing_value.clone());
-    let found = match dispatcher.caches.routing(&key) {
+    let found = match dispatcher.caches.routing.get(&key) {
         Some(found) => found,
         None => {
             let mut identifiers = serde_json::Map::new();
@@ -254,7 +254,7 @@ async fn route(dispatcher: &Dispatcher, run: &RunPlan) -> Result<Option<(String,
                 .routing_lookup(&identifiers)
                 .await
                 .map_err(DispatchError::Routing)?;
-            dispatcher.caches.remember_routing(key, found.clone());
+            dispatcher.caches.routing.insert(key, found.clone());
             found
         }
     };
@@ -266,25 +266,20 @@ async fn route(dispatcher: &Dispatcher, run: &RunPlan) -> Result<Option<(String,
 
 /// The team's credential and config, minted with the orchestrator's own admin token and cached.
 async fn team_agent(dispatcher: &Dispatcher, org: &str, team: &str) -> Result<TeamAgent, DispatchError> {
-    let key = (org.to_string(), team.to_string());
-    if let Some(agent) = dispatcher.caches.team(&key) {
-        return Ok(agent);
-    }
     let admin = dispatcher
         .settings
         .internal_admin_token
         .as_ref()
         .ok_or(DispatchError::NoCredential)?;
-    let agent = TeamAgent::mint(
+    let key = (org.to_string(), team.to_string());
+    let mint = TeamAgent::mint(
         &dispatcher.config_service,
         admin,
         org,
         team,
         &dispatcher.settings.namespace,
-    )
-    .await?;
-    dispatcher.caches.remember_team(key, agent.clone());
-    Ok(agent)
+    );
+    Ok(dispatcher.caches.teams.get_or_mint(&key, mint).await?)
 }
 
 async fn run_agent(
@@ -330,10 +325,10 @@ async fn run_agent(
             "output": bounded(answer.output),
         })),
         Err(e) => {
-            if matches!(&e, AgentError::Upstream(n) if matches!(n.status(), Some(401 | 403))) {
-                // The impersonation token may have been revoked: mint a new one next time.
-                dispatcher.caches.forget_team(&(org.to_string(), team.to_string()));
-            }
+            dispatcher
+                .caches
+                .teams
+                .forget_if_refused(&(org.to_string(), team.to_string()), &e);
             Err(DispatchError::Agent(e))
         }
     }
