@@ -1251,6 +1251,74 @@ async fn inbox_state(db: &PgPool) -> Result<(i64, i64)> {
     .await?)
 }
 
+/// Starts provisioning team `recovery-{round}` on the replica at `base` without waiting for it.
+async fn start_provisioning(base: &str, round: u64) -> Result<uuid::Uuid> {
+    let response = reqwest::Client::new()
+        .post(format!("{base}/api/v1/admin/provision/team"))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("Prefer", "respond-async")
+        .json(&json!({
+            "org_id": "acme",
+            "team_node_id": format!("recovery-{round}"),
+            "slack_channel_ids": [format!("CR{round}")],
+            "create_pipeline_schedule": true,
+        }))
+        .send()
+        .await?;
+    let status = response.status();
+    let answer: Value = response.json().await?;
+    answer["provisioning_run_id"]
+        .as_str()
+        .and_then(|id| uuid::Uuid::parse_str(id).ok())
+        .ok_or_else(|| anyhow!("provisioning answered {status}: {answer}"))
+}
+
+/// The steps of `run` that had finished (name and when), while the run is still `running`;
+/// `None` once it is not.
+async fn finished_steps(db: &PgPool, run: uuid::Uuid) -> Result<Option<Vec<(String, String)>>> {
+    let status: String = sqlx::query_scalar("SELECT status FROM orchestrator_provisioning_runs WHERE id = $1")
+        .bind(run)
+        .fetch_one(db)
+        .await?;
+    if status != "running" {
+        return Ok(None);
+    }
+    Ok(Some(
+        sqlx::query_as(
+            "SELECT name, finished_at::text FROM orchestrator_provisioning_steps
+             WHERE run_id = $1 AND status = 'succeeded' ORDER BY position",
+        )
+        .bind(run)
+        .fetch_all(db)
+        .await?,
+    ))
+}
+
+/// After a kill: how long until another replica took `run` over (its execution count went up)
+/// and until it ended, and how it ended.
+async fn watch_takeover(db: PgPool, run: uuid::Uuid, killed: Instant) -> Result<(Duration, Duration, String)> {
+    let mut taken_over = None;
+    let deadline = killed + Duration::from_secs(60);
+    loop {
+        let (executions, status): (i32, String) =
+            sqlx::query_as("SELECT executions, status FROM orchestrator_provisioning_runs WHERE id = $1")
+                .bind(run)
+                .fetch_one(&db)
+                .await?;
+        if executions > 1 && taken_over.is_none() {
+            taken_over = Some(killed.elapsed());
+        }
+        if status != "running" {
+            let taken_over = taken_over.ok_or_else(|| anyhow!("run {run} ended {status} without a take-over"))?;
+            return Ok((taken_over, killed.elapsed(), status));
+        }
+        if Instant::now() > deadline {
+            bail!("provisioning run {run} was still running 60 s after the kill");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Kills a replica (SIGKILL) in the middle of a stream of deliveries, many times, while another
 /// keeps running: how long until everything the dead one held is delivered, whether anything
 /// accepted was lost, and how many agent calls were made twice.
@@ -1265,11 +1333,15 @@ async fn recovery(options: &Options) -> Result<Report> {
     );
     // Agent runs of 500 ms: the victim holds several at each kill.
     bench.stack.agent.state().set_delay(Duration::from_millis(500));
+    // Kubernetes answers in 300 ms: the victim's provisioning run is between steps at each kill.
+    bench.stack.kubernetes.faults().set_latency(Duration::from_millis(300));
     let kubeconfig = bench._scratch.0.join("kubeconfig.json");
     let per_kill = 40;
     let mut accepted = 0u64;
     let mut takeovers = Vec::new();
     let mut held_at_kills = 0i64;
+    let (mut run_takeovers, mut run_ends) = (Vec::new(), Vec::new());
+    let (mut runs_not_succeeded, mut steps_repeated, mut runs_finished_before_kill) = (0u64, 0u64, 0u64);
     for kill in 0..kills {
         let (mut victim, victim_base, _) = spawn_service(
             options,
@@ -1280,12 +1352,26 @@ async fn recovery(options: &Options) -> Result<Report> {
         )
         .await?;
         let from = kill * per_kill;
-        // Half the stream reaches the victim, then it dies mid-stream; the rest goes to the survivor.
+        let run = start_provisioning(&victim_base, kill).await?;
+        // Half the stream reaches the victim, then it dies mid-stream (and mid-run); the rest goes
+        // to the survivor.
         accepted += deliver_stream(&victim_base, from, from + per_kill / 2, 40).await?;
         let (_, held) = inbox_state(&db).await?;
         held_at_kills += held;
+        let mut steps_done = finished_steps(&db, run).await?;
+        while steps_done.as_ref().is_some_and(Vec::is_empty) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            steps_done = finished_steps(&db, run).await?;
+        }
         victim.kill_now();
         let killed = Instant::now();
+        let takeover = match &steps_done {
+            Some(_) => Some(tokio::spawn(watch_takeover(db.clone(), run, killed))),
+            None => {
+                runs_finished_before_kill += 1;
+                None
+            }
+        };
         accepted += deliver_stream(&bench.url(""), from + per_kill / 2, from + per_kill, 40).await?;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -1302,6 +1388,21 @@ async fn recovery(options: &Options) -> Result<Report> {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         takeovers.push(killed.elapsed());
+        if let (Some(takeover), Some(steps_done)) = (takeover, steps_done) {
+            let (taken_over, ended, status) = takeover.await??;
+            run_takeovers.push(taken_over);
+            run_ends.push(ended);
+            runs_not_succeeded += u64::from(status != "succeeded");
+            // A step that had finished before the kill and finished again after it ran twice.
+            let after: Vec<(String, String)> = sqlx::query_as(
+                "SELECT name, finished_at::text FROM orchestrator_provisioning_steps
+                 WHERE run_id = $1 AND status = 'succeeded' ORDER BY position",
+            )
+            .bind(run)
+            .fetch_all(&db)
+            .await?;
+            steps_repeated += steps_done.iter().filter(|step| !after.contains(step)).count() as u64;
+        }
     }
     let (delivered, _) = inbox_state(&db).await?;
     let lost = accepted.saturating_sub(delivered as u64);
@@ -1340,13 +1441,46 @@ async fn recovery(options: &Options) -> Result<Report> {
         repeated as i64 > held_at_kills,
         format!("{repeated} repeated agent calls, more than the {held_at_kills} in flight"),
     );
+    let run_takeovers = Latencies::new(run_takeovers);
+    let run_ends = Latencies::new(run_ends);
+    report.row(
+        "provisioning runs killed mid-way",
+        format!(
+            "{} (finished before the kill: {runs_finished_before_kill})",
+            run_takeovers.0.len()
+        ),
+        "",
+    );
+    report.row(
+        "kill → run taken over: p50 / p99 / max",
+        run_takeovers.p50_p99_max(),
+        "take-over p99 ≤ 10 s",
+    );
+    report.fail_if(
+        run_takeovers.0.is_empty() || run_takeovers.percentile(99.0) > Duration::from_secs(10),
+        "no provisioning run was killed mid-way, or their take-over p99 is over 10 s".into(),
+    );
+    report.row("kill → run succeeded: p50 / p99 / max", run_ends.p50_p99_max(), "");
+    report.row(
+        "runs not succeeded / steps finished twice",
+        format!("{runs_not_succeeded} / {steps_repeated}"),
+        "0 / 0",
+    );
+    report.fail_if(
+        runs_not_succeeded + steps_repeated != 0,
+        format!("{runs_not_succeeded} runs did not succeed, {steps_repeated} steps finished twice"),
+    );
     report.note(format!(
         "Default settings (`ORCHESTRATOR_DISPATCH_LEASE_SECONDS=6`). Each round starts a second replica (the \
          victim), sends it {} signed GitHub deliveries at 40 a second while the agent stand-in takes 500 ms a \
          run, kills it with SIGKILL, sends the survivor {} more, and measures from the kill until the database \
          shows every accepted event delivered: the take-over of what the victim held (its leases expire within \
          6 s, then the survivor claims them) plus one agent run. Repeated calls are counted by the agent \
-         stand-in per correlation id (the event id).",
+         stand-in per correlation id (the event id). Each round also starts provisioning a team on the victim \
+         (Kubernetes stand-in answering in 300 ms) and kills it once a step has finished and the run is still \
+         going: the take-over is the survivor counting a new execution (`ORCHESTRATOR_PROVISION_RESUME_INTERVAL_MS` \
+         5,000 by default: the resumer's scan finds the run once the dead replica's lock session is gone), and a \
+         step finished twice is one whose recorded finish changed after the kill.",
         per_kill / 2,
         per_kill / 2
     ));
