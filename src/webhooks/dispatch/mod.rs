@@ -274,10 +274,8 @@ async fn keep_leases(dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
             continue;
         }
         match store::renew_leases(&dispatcher.queue_db, &held, lease.as_secs_f64()).await {
-            Ok(kept) => {
+            Ok(lost) => {
                 renewed = Instant::now();
-                let kept: std::collections::HashSet<uuid::Uuid> = kept.into_iter().collect();
-                let lost: Vec<uuid::Uuid> = held.iter().map(|l| l.0).filter(|id| !kept.contains(id)).collect();
                 if !lost.is_empty() {
                     tracing::warn!(events = lost.len(), "lost the lease of events being dispatched");
                     dispatcher.leases.lose(lost);
