@@ -923,6 +923,33 @@ async fn the_inbox_depth_gauge_reads_only_open_events() {
 /// stream of deliveries. Nothing acknowledged is lost, what it held is taken over within about a
 /// lease (6 s by default), and only the agent calls in flight at the kill are made again.
 #[tokio::test]
+async fn a_dispatch_whose_lease_is_taken_over_stops() {
+    // Renewals every second; the agent takes 6 s.
+    let app = TestApp::spawn_with(|env| {
+        env.insert("ORCHESTRATOR_DISPATCH_LEASE_SECONDS".into(), "3".into());
+    })
+    .await;
+    own(&app, "sre", json!({"github_repos": ["acme/api"]}));
+    app.stack.agent.state().set_delay(Duration::from_secs(6));
+    let response = deliver(&app, Source::GitHub, &github_pr("acme/api", 1, "slow"), "t-1", &[]).await;
+    assert_eq!(response.status(), 200);
+    eventually(5, "the agent call to start", || async {
+        (!app.stack.agent.calls_to("POST", "/agents/").is_empty()).then_some(())
+    })
+    .await;
+    // Another replica takes the event over (as if this one had stalled past its lease).
+    sqlx::query("UPDATE orchestrator_webhook_events SET lease_owner = gen_random_uuid()")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    eventually(4, "the dispatch to stop and cancel its agent call", || async {
+        (app.stack.agent.state().runs_cancelled() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(app.stack.agent.state().runs_completed(), 0);
+}
+
+#[tokio::test]
 async fn a_replica_killed_mid_stream_loses_nothing_and_its_work_is_taken_over_in_seconds() {
     let app = TestApp::spawn().await;
     let survivor = app.another(|_| {}).await;
