@@ -17,3 +17,16 @@ ensure_sqlx_cli() {
     --features postgres,rustls --root "$root/target/tools" >&2 || return 1
   echo "$root/target/tools/bin/cargo-sqlx"
 }
+
+# A C compiler: Rust links through `cc`, and mimalloc (the service's allocator) compiles its C
+# sources with it. Installs Debian's gcc when missing and this is root; says what to install otherwise.
+ensure_c_compiler() {
+  command -v cc >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[tools] installing Debian's gcc and libc6-dev (a C compiler)" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q gcc libc6-dev >/dev/null 2>&1 || {
+      apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q gcc libc6-dev >/dev/null
+    }
+  fi
+  command -v cc >/dev/null 2>&1 || { echo "[tools] no C compiler (cc): install gcc" >&2; return 1; }
+}
