@@ -170,27 +170,20 @@ async fn apply_pending(conn: &mut sqlx::PgConnection) -> Result<(), MigrateError
             continue;
         }
         let started = std::time::Instant::now();
-        if migration.no_tx {
-            // A file that starts with `-- no-transaction` (a CONCURRENTLY index build) runs on its
-            // own and is recorded after; if it fails, nothing is recorded and it runs again.
+        // A file that starts with `-- no-transaction` (a CONCURRENTLY index build) runs on its own
+        // and is recorded after; if it fails, nothing is recorded and it runs again.
+        let mut tx;
+        let applied = if migration.no_tx {
             conn.execute("SET lock_timeout = '5s'").await?;
             let applied = conn.execute(&*migration.sql).await;
             conn.execute("RESET lock_timeout").await?;
-            if let Err(source) = applied {
-                return Err(MigrateError::Failed {
-                    version: migration.version,
-                    description: migration.description.to_string(),
-                    source,
-                });
-            }
-        }
-        let mut tx = conn.begin().await?;
-        let applied_here = if migration.no_tx {
-            Ok(Default::default())
+            tx = conn.begin().await?;
+            applied
         } else {
+            tx = conn.begin().await?;
             tx.execute(&*migration.sql).await
         };
-        if let Err(source) = applied_here {
+        if let Err(source) = applied {
             return Err(MigrateError::Failed {
                 version: migration.version,
                 description: migration.description.to_string(),

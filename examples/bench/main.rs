@@ -635,20 +635,19 @@ impl Latencies {
 
     /// "p50 / p95 / max" in milliseconds.
     fn p50_p95_max(&self) -> String {
-        format!(
-            "{} / {} / {}",
-            ms(self.percentile(50.0)),
-            ms(self.percentile(95.0)),
-            ms(self.max())
-        )
+        self.p50_and_max_with(95.0)
     }
 
     /// "p50 / p99 / max" in milliseconds.
     fn p50_p99_max(&self) -> String {
+        self.p50_and_max_with(99.0)
+    }
+
+    fn p50_and_max_with(&self, percentile: f64) -> String {
         format!(
             "{} / {} / {}",
             ms(self.percentile(50.0)),
-            ms(self.percentile(99.0)),
+            ms(self.percentile(percentile)),
             ms(self.max())
         )
     }

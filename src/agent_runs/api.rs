@@ -204,7 +204,6 @@ pub async fn run_agent(
     // The team credential is minted with the caller's own authority (so the config service's scope
     // rules apply too) and kept only for that caller, for as long as its verified principal is
     // (ORCHESTRATOR_ADMIN_AUTH_CACHE_TTL_SECONDS): a revoked admin loses it when it loses the rest.
-    let platform = run::open_in_platform_audit(proxy, &admin, &record);
     let credential_key = (
         admin.token_key,
         request.org_id.to_string(),
@@ -218,16 +217,12 @@ pub async fn run_agent(
         &proxy.namespace,
     );
     let (opened, team) = tokio::join!(
-        run::open(proxy, &admin, &record, platform),
+        run::open(proxy, &admin, &record),
         proxy.credentials.get_or_mint(&credential_key, mint),
     );
     let open = match opened {
         Ok(open) => open,
-        Err((error, platform)) => {
-            let closing = Closing::failed("storage_unavailable", "the run could not be recorded");
-            platform.close(proxy, record.run_id, &request.org_id, &closing).await;
-            return Err(error.into());
-        }
+        Err(error) => return Err(error.into()),
     };
     let team = match team {
         Ok(team) => team,

@@ -129,14 +129,11 @@ impl Closing {
     }
 }
 
-/// Records the run (our table and audit trail, in one transaction) for the admin who asked.
-/// `platform` is its opening in the platform audit, which its closing waits for.
-pub async fn open(
-    proxy: &AgentProxy,
-    admin: &Admin,
-    record: &RunRecord<'_>,
-    platform: PlatformOpening,
-) -> Result<OpenRun, (sqlx::Error, PlatformOpening)> {
+/// Records the run (our table and audit trail, in one transaction) for the admin who asked, and
+/// opens it in the platform audit meanwhile. A run that cannot be recorded is closed there as
+/// failed, in the background.
+pub async fn open(proxy: &AgentProxy, admin: &Admin, record: &RunRecord<'_>) -> Result<OpenRun, sqlx::Error> {
+    let platform = open_in_platform_audit(proxy, admin, record);
     let detail = json!({"agent_run_id": record.run_id, "correlation_id": record.correlation_id,
         "agent_name": record.agent_name, "streaming": record.streaming});
     let run = store::NewRun {
@@ -150,7 +147,12 @@ pub async fn open(
         streaming: record.streaming,
     };
     if let Err(e) = store::open(&proxy.db, &run, &detail).await {
-        return Err((e, platform));
+        let (proxy, run_id, org) = (proxy.clone(), run.id, run.org_id);
+        tokio::spawn(async move {
+            let closing = Closing::failed("storage_unavailable", "the run could not be recorded");
+            platform.close(&proxy, run_id, &org, &closing).await;
+        });
+        return Err(e);
     }
     Ok(OpenRun {
         proxy: proxy.clone(),
@@ -164,7 +166,7 @@ pub async fn open(
 /// record, not a gate, so the agent call never waits for it (it ran beside the run's own record
 /// and the credential, and on a warm credential it was the slowest of the three). Whatever closes
 /// the run there waits for it first, so the platform sees the start before the end.
-pub struct PlatformOpening(Option<tokio::task::JoinHandle<()>>);
+struct PlatformOpening(Option<tokio::task::JoinHandle<()>>);
 
 impl PlatformOpening {
     async fn done(self) {
@@ -174,9 +176,8 @@ impl PlatformOpening {
         }
     }
 
-    /// Closes the run in the platform audit once its opening is done (for a run that never
-    /// opened in our records).
-    pub async fn close(self, proxy: &AgentProxy, run_id: Uuid, org: &str, closing: &Closing) {
+    /// Closes the run in the platform audit once its opening is done.
+    async fn close(self, proxy: &AgentProxy, run_id: Uuid, org: &str, closing: &Closing) {
         self.done().await;
         close_in_platform_audit(proxy, run_id, org, closing).await;
     }
@@ -184,7 +185,7 @@ impl PlatformOpening {
 
 /// Starts opening the run in the platform audit, as `contracts.md` gives the body. A failure is
 /// logged and the run goes on.
-pub fn open_in_platform_audit(proxy: &AgentProxy, admin: &Admin, record: &RunRecord<'_>) -> PlatformOpening {
+fn open_in_platform_audit(proxy: &AgentProxy, admin: &Admin, record: &RunRecord<'_>) -> PlatformOpening {
     let Some(internal) = proxy.internal_admin_token.clone() else {
         return PlatformOpening(None);
     };

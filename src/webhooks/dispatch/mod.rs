@@ -52,6 +52,11 @@ const PREFETCH_HORIZON: Duration = Duration::from_millis(10);
 /// machine), because an event that claims first still waits for the next worker to finish.
 const EXPRESS_SHARE: usize = 4;
 
+/// How many express workers a replica with `workers` workers has.
+fn express_workers(workers: usize) -> usize {
+    (workers / EXPRESS_SHARE).max(1)
+}
+
 /// Outcomes a replica may have waiting to be written, per worker: a worker moves on once its
 /// agent has answered, and waits only when the database falls this far behind.
 const OUTCOMES_WAITING_PER_WORKER: usize = 4;
@@ -301,7 +306,7 @@ impl Dispatcher {
         fair_shares: Arc<FairShares>,
     ) -> Self {
         let outcome_writes = settings.workers * OUTCOMES_WAITING_PER_WORKER;
-        let express = (settings.workers / EXPRESS_SHARE).max(1);
+        let express = express_workers(settings.workers);
         Self {
             workers: Arc::new(Semaphore::new(settings.workers)),
             queued: Arc::new(Notify::new()),
@@ -574,10 +579,7 @@ pub async fn run(dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
     // is taken over after it.
     let _ = tokio::time::timeout(Duration::from_secs(10), async {
         let _workers = dispatcher.workers.acquire_many(total as u32).await;
-        let _express = dispatcher
-            .express
-            .acquire_many((total / EXPRESS_SHARE).max(1) as u32)
-            .await;
+        let _express = dispatcher.express.acquire_many(express_workers(total) as u32).await;
         let _writes = dispatcher
             .outcome_writes
             .acquire_many((total * OUTCOMES_WAITING_PER_WORKER) as u32)
