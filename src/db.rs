@@ -37,9 +37,9 @@ pub fn request_pool(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
 /// Their commits do not wait for the WAL flush (`synchronous_commit = off`): a claim, a renewal or
 /// a released lease lost to a database crash (at most the last 0.6 s) only makes its event
 /// claimable again: at worst its agent is called a second time, as when the replica holding it
-/// dies. Outcomes and dead
-/// letters ask for a flushed commit ([`crate::webhooks::store::commit_durably`]). Waiting for the
-/// flush made each claim a disk round trip, and the claim loop one at a time.
+/// dies. Outcomes (and dead letters with them) ask for a flushed commit
+/// ([`crate::webhooks::store::record_outcomes`]). Waiting for the flush made each claim a disk
+/// round trip, and the claim loop one at a time.
 pub fn queue_pool(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
     let options = connect_options(config)?.options([
         ("enable_bitmapscan", "off"),

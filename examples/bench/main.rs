@@ -196,6 +196,13 @@ impl Options {
             .collect()
     }
 
+    fn optional_number(&self, name: &str) -> Result<Option<u64>> {
+        match self.flags.contains_key(name) {
+            true => self.number(name, 0).map(Some),
+            false => Ok(None),
+        }
+    }
+
     fn number(&self, name: &str, default: u64) -> Result<u64> {
         match self.flags.get(name) {
             None => Ok(default),
@@ -539,13 +546,29 @@ fn process_cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) / clock_ticks())
 }
 
-/// CPU time used up to one instant: by the whole machine (/proc/stat), by the orchestrator, and by
-/// this process (the load generator and the in-process stand-ins).
+/// CPU time used by every local process named `postgres` (the server's backends and helpers; none
+/// when the database is elsewhere). A backend that exits takes its time with it, but the service's
+/// connections live as long as it does.
+fn postgres_cpu_seconds() -> f64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "postgres"))
+        .filter_map(process_cpu_seconds)
+        .sum()
+}
+
+/// CPU time used up to one instant: by the whole machine (/proc/stat, steal included), by the
+/// orchestrator, by this process (the load generator and the in-process stand-ins) and by Postgres.
 struct CpuSnapshot {
     at: Instant,
     machine: f64,
     service: f64,
     own: f64,
+    postgres: f64,
 }
 
 impl CpuSnapshot {
@@ -565,7 +588,21 @@ impl CpuSnapshot {
             machine,
             service: process_cpu_seconds(service_pid).unwrap_or(0.0),
             own: process_cpu_seconds(std::process::id()).unwrap_or(0.0),
+            postgres: postgres_cpu_seconds(),
         }
+    }
+
+    /// CPU time per event since `before`, in microseconds: the orchestrator's, Postgres', and both.
+    /// Less noisy than a rate on a shared machine: a neighbour's load slows both revisions' rates
+    /// but hardly changes the work each event costs.
+    fn per_event_since(&self, before: &CpuSnapshot, events: f64) -> String {
+        let micros = |seconds: f64| seconds / events.max(1.0) * 1e6;
+        let service = micros(self.service - before.service);
+        let postgres = micros(self.postgres - before.postgres);
+        format!(
+            "orchestrator {service:.0} µs, Postgres {postgres:.0} µs, both {:.0} µs",
+            service + postgres
+        )
     }
 
     /// Cores busy on average since `before`, and who used them.
@@ -574,11 +611,12 @@ impl CpuSnapshot {
         let machine = (self.machine - before.machine) / secs;
         let service = (self.service - before.service) / secs;
         let own = (self.own - before.own) / secs;
+        let postgres = (self.postgres - before.postgres) / secs;
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
         format!(
             "{machine:.2} of {cores} cores busy: orchestrator {service:.2}, load generator + stand-ins {own:.2}, \
-             Postgres and everything else {:.2}",
-            (machine - service - own).max(0.0)
+             Postgres {postgres:.2}, everything else (steal included) {:.2}",
+            (machine - service - own - postgres).max(0.0)
         )
     }
 

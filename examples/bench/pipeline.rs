@@ -76,6 +76,11 @@ impl Offered {
         self.accepted.iter().sum()
     }
 
+    /// Agent runs started while the load was offered.
+    fn dispatched(&self) -> u64 {
+        self.samples.last().map_or(0, |s| s.dispatched)
+    }
+
     /// The backlog (accepted, no agent call yet) at each sample.
     fn backlog(&self) -> impl Iterator<Item = (f64, f64)> + '_ {
         self.samples
@@ -285,6 +290,7 @@ struct Step {
     waits: Latencies,
     drained: bool,
     cpu: String,
+    cpu_per_event: String,
 }
 
 impl Step {
@@ -306,6 +312,14 @@ pub(super) async fn pipeline(options: &Options) -> Result<Report> {
     let duration = Duration::from_secs(options.number("duration", 60)?);
     let connections = options.number("connections", 32)?;
     let fractions = options.fractions("fractions", &[0.4, 0.5, 0.6, 0.7])?;
+    // A fixed rate instead (one step): the same work for two revisions compared back to back,
+    // whatever the ceiling of the minute.
+    let fixed_rate = options.optional_number("rate")?;
+    let fractions = if fixed_rate.is_some() {
+        vec![fractions[0]]
+    } else {
+        fractions
+    };
     let pgbench = std::env::var("PGBENCH").unwrap_or_else(|_| "pgbench".into());
     let db = bench_db(options).await?;
     let bench = Bench::start(options).await?;
@@ -327,16 +341,19 @@ pub(super) async fn pipeline(options: &Options) -> Result<Report> {
         let Some(tps) = ceiling_before.as_ref().map(|c| c.tps) else {
             bail!("the pgbench ceiling could not be measured");
         };
-        let rate = tps * fraction;
+        let rate = fixed_rate.map_or(tps * fraction, |r| r as f64);
+        let fraction = rate / tps;
         println!(
-            "[bench] step {}: {rate:.0} deliveries/s ({fraction} of {tps:.0} tps) for {duration:?}",
+            "[bench] step {}: {rate:.0} deliveries/s ({fraction:.2} of {tps:.0} tps) for {duration:?}",
             i + 1
         );
         let tag = format!("pipeline-{i}");
         let runs_before = bench.stack.agent.state().runs_completed();
         let cpu_before = bench.cpu();
         let offered = offer(&bench, &tag, rate, duration, connections, senders).await?;
-        let cpu = bench.cpu().usage_since(&cpu_before);
+        let cpu_after = bench.cpu();
+        let cpu = cpu_after.usage_since(&cpu_before);
+        let cpu_per_event = cpu_after.per_event_since(&cpu_before, offered.dispatched() as f64);
         let drained = drained(&bench, runs_before, offered.total(), DRAIN_TIMEOUT).await;
         let waits = waits_by_team(&bench, &db, &tag, 1).await?.remove(0);
         let ceiling_after = ceiling("after the load").await;
@@ -349,6 +366,7 @@ pub(super) async fn pipeline(options: &Options) -> Result<Report> {
             waits,
             drained,
             cpu,
+            cpu_per_event,
         };
         println!(
             "[bench] step {}: accepted {:.0}/s, dispatched {:.0}/s after {WARM_UP} s, backlog slope {:.1}/s, \
@@ -430,6 +448,11 @@ pub(super) async fn pipeline(options: &Options) -> Result<Report> {
             "",
         );
         report.row(&format!("step {}: CPU during the load", i + 1), step.cpu.clone(), "");
+        report.row(
+            &format!("step {}: CPU per event dispatched during the load", i + 1),
+            step.cpu_per_event.clone(),
+            "",
+        );
         report.fail_if(
             !o.errors.is_empty(),
             format!("step {}: {} deliveries were not accepted", i + 1, o.errors.len()),

@@ -261,22 +261,13 @@ impl OutcomeRow {
     }
 }
 
-/// Makes this transaction wait for its commit to be flushed, on the queue pool whose connections
-/// do not ([`crate::db::queue_pool`]): an outcome is what an operator and the audit see, and one
-/// lost to a database crash would send its event to the agent again.
-pub async fn commit_durably(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>) -> Result<(), sqlx::Error> {
-    sqlx::query!("SET LOCAL synchronous_commit = on")
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
-}
-
 /// The outcome batch ([`record_outcomes`]); public for the test that pins its plan.
 pub const RECORD_OUTCOMES_SQL: &str = include_str!("sql/record_outcomes.sql");
 
-/// Writes outcomes in one statement. Each result says whether that row's lease was still its
-/// owner's (and so whether it was written), in the order of `rows`. Run on
-/// [`crate::db::queue_pool`], where a lookup per row is the only plan it can get.
+/// Writes outcomes in one statement, whose commit waits for the WAL flush even on
+/// [`crate::db::queue_pool`] (whose connections' commits do not). Each result says whether that
+/// row's lease was still its owner's (and so whether it was written), in the order of `rows`. Run
+/// on the queue pool, where a lookup per row is the only plan it can get.
 pub async fn record_outcomes(executor: impl PgExecutor<'_>, rows: &[OutcomeRow]) -> Result<Vec<bool>, sqlx::Error> {
     let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
     let owners: Vec<Uuid> = rows.iter().map(|r| r.owner).collect();

@@ -183,7 +183,8 @@ fn failed(dispatcher: &Dispatcher, source: Source, event: &ClaimedEvent, failure
     }
 }
 
-/// A dead letter and its audit row commit together (rare: not group-committed).
+/// A dead letter and its audit row commit together (rare: not group-committed); the outcome's
+/// statement makes the commit wait for the flush.
 async fn record_dead_letter(
     dispatcher: &Dispatcher,
     source: Source,
@@ -192,7 +193,6 @@ async fn record_dead_letter(
 ) -> Result<bool, String> {
     let write = async {
         let mut tx = dispatcher.queue_db.begin().await?;
-        store::commit_durably(&mut tx).await?;
         let written = store::record_outcomes(&mut *tx, std::slice::from_ref(&outcome)).await?[0];
         if written {
             let mut entry = AuditEntry::new("orchestrator", "webhook.dead_lettered", "dead_letter");
