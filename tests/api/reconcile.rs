@@ -82,7 +82,13 @@ async fn a_deleted_cronjob_comes_back_and_the_audit_row_shows_it() {
     assert_eq!(rows[0]["actor_subject"], "reconciler");
     assert_eq!(rows[0]["team_node_id"], "rec-del");
 
-    let team = app.admin_json("/api/v1/admin/teams/acme/rec-del").await;
+    // The team's view records the pass once its repairs are accounted for, a statement after the
+    // audit row.
+    let team = eventually(5, "the team's last drift", || async {
+        let team = app.admin_json("/api/v1/admin/teams/acme/rec-del").await;
+        (!team["last_drift"].is_null()).then_some(team)
+    })
+    .await;
     assert_eq!(team["last_drift"]["drift"][0]["drift"], "missing");
     assert_eq!(team["last_drift"]["drift"][0]["repaired"], true);
     let metrics = app.get("/metrics").await.text().await.unwrap();
