@@ -8,6 +8,7 @@
 use serde_json::{json, Value};
 
 use super::signature::Source;
+use super::sources::at;
 
 /// Where the event came from, as far as answering it goes.
 #[derive(Clone, Debug, PartialEq)]
@@ -38,8 +39,7 @@ pub fn resolve(
     if let Some(explicit) = explicit.filter(|list| !list.is_empty()) {
         return explicit.to_vec();
     }
-    let bot_token = team_config
-        .pointer("/integrations/slack/bot_token")
+    let bot_token = at(team_config, "/integrations/slack/bot_token")
         .and_then(Value::as_str)
         .filter(|t| !t.is_empty())
         .or(fallback_bot_token);
@@ -54,15 +54,13 @@ pub fn resolve(
         destination
     };
     let defaults = || -> Vec<Value> {
-        team_config
-            .pointer("/output_config/default_destinations")
+        at(team_config, "/output_config/default_destinations")
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default()
     };
     let config_str = |pointer: &str| {
-        team_config
-            .pointer(pointer)
+        at(team_config, pointer)
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
     };
