@@ -3,8 +3,9 @@
 use std::str::FromStr;
 
 use sqlx::migrate::Migrator;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Connection, Executor, PgPool};
+use sqlx::{Connection, Executor, PgConnection, PgPool, Postgres};
 
 use crate::config::DatabaseConfig;
 
@@ -75,6 +76,83 @@ fn pinged_when_idle(options: PgPoolOptions) -> PgPoolOptions {
 
 /// An idle connection older than this is pinged before use.
 const PING_IF_IDLE_FOR: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A few of a pool's connections kept out of it between uses, for statements on a latency-critical
+/// path. sqlx pings every connection its pool takes back (`return_to_pool`, still in 0.9.1): a round
+/// trip after every use, run beside whatever the request does next. A perf profile of
+/// `scripts/bench proxy` put 8% of the service's CPU per proxied run in those pings, the first one
+/// beside the agent call. A connection kept here longer than [`PING_IF_IDLE_FOR`] goes back to
+/// the pool, which checks it; one whose statement failed is not kept.
+pub struct HeldConnections {
+    pool: PgPool,
+    idle: std::sync::Mutex<Vec<(PoolConnection<Postgres>, std::time::Instant)>>,
+    most: usize,
+}
+
+impl HeldConnections {
+    pub fn new(pool: PgPool, most: usize) -> Self {
+        Self {
+            pool,
+            idle: std::sync::Mutex::new(Vec::new()),
+            most,
+        }
+    }
+
+    /// The most recently used held connection, or one from the pool.
+    pub async fn take(&self) -> Result<HeldConnection<'_>, sqlx::Error> {
+        let (reused, stale) = {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            // The oldest are at the front: those idle too long go back to the pool.
+            let stale = idle
+                .iter()
+                .take_while(|(_, since)| since.elapsed() >= PING_IF_IDLE_FOR)
+                .count();
+            let stale: Vec<_> = idle.drain(..stale).collect();
+            (idle.pop().map(|(connection, _)| connection), stale)
+        };
+        drop(stale);
+        let connection = match reused {
+            Some(connection) => connection,
+            None => self.pool.acquire().await?,
+        };
+        Ok(HeldConnection {
+            home: self,
+            connection: Some(connection),
+        })
+    }
+}
+
+/// A connection from [`HeldConnections`]: [`HeldConnection::keep`] it after a successful
+/// statement; dropped otherwise, it returns to the pool (which checks it).
+pub struct HeldConnection<'a> {
+    home: &'a HeldConnections,
+    connection: Option<PoolConnection<Postgres>>,
+}
+
+impl HeldConnection<'_> {
+    pub fn keep(mut self) {
+        let Some(connection) = self.connection.take() else {
+            return;
+        };
+        let mut idle = self.home.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < self.home.most {
+            idle.push((connection, std::time::Instant::now()));
+        }
+    }
+}
+
+impl std::ops::Deref for HeldConnection<'_> {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        self.connection.as_ref().expect("present until kept")
+    }
+}
+
+impl std::ops::DerefMut for HeldConnection<'_> {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        self.connection.as_mut().expect("present until kept")
+    }
+}
 
 /// Connections that hold session-level advisory locks for the length of a provisioning run.
 /// Separate from the request pool so long-held locks can never starve request handling.

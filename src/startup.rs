@@ -23,6 +23,7 @@ use crate::clients::config_service::ConfigServiceClient;
 use crate::clients::kubernetes::KubeClient;
 use crate::clients::Transport;
 use crate::config::Config;
+use crate::db::HeldConnections;
 use crate::metrics::Metrics;
 use crate::provisioning::engine::{Engine, EngineHandles};
 use crate::provisioning::reconcile::{self, Parts as ReconcileParts, Reconciler};
@@ -34,6 +35,9 @@ use crate::webhooks::fairness::FairShares;
 use crate::webhooks::ingress::RateLimits;
 use crate::webhooks::writer::InboxWriter;
 use crate::{db, http};
+
+/// Connections the agent-run proxy keeps for its statements: admin runs are few at once.
+const PROXY_HELD_CONNECTIONS: usize = 4;
 
 /// Replacements for what the application would otherwise build from the environment; tests use
 /// them to point the Kubernetes client at the stand-in API server.
@@ -158,6 +162,7 @@ impl Application {
         let rate_limits = RateLimits::new(&config.webhooks);
         let agent_proxy = AgentProxy::new(ProxyParts {
             db: db.clone(),
+            held: HeldConnections::new(db.clone(), PROXY_HELD_CONNECTIONS),
             config_service: config_service.clone(),
             agent,
             metrics: metrics.clone(),

@@ -20,6 +20,7 @@ use crate::auth::TokenKey;
 use crate::clients::agent::AgentClient;
 use crate::clients::config_service::ConfigServiceClient;
 use crate::config::{AgentRunConfig, Secret};
+use crate::db::HeldConnections;
 use crate::metrics::Metrics;
 use crate::state::AppState;
 
@@ -32,6 +33,8 @@ pub struct AgentProxy(Arc<ProxyParts>);
 
 pub struct ProxyParts {
     pub db: PgPool,
+    /// A few of `db`'s connections for the run's two statements, which are on every run's path.
+    pub held: HeldConnections,
     pub config_service: ConfigServiceClient,
     pub agent: AgentClient,
     pub metrics: Arc<Metrics>,

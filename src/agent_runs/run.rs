@@ -146,7 +146,13 @@ pub async fn open(proxy: &AgentProxy, admin: &Admin, record: &RunRecord<'_>) -> 
         actor_email: admin.email().map(str::to_string),
         streaming: record.streaming,
     };
-    if let Err(e) = store::open(&proxy.db, &run, &detail).await {
+    let opened = async {
+        let mut connection = proxy.held.take().await?;
+        store::open(&mut *connection, &run, &detail).await?;
+        connection.keep();
+        Ok::<_, sqlx::Error>(())
+    };
+    if let Err(e) = opened.await {
         let (proxy, run_id, org) = (proxy.clone(), run.id, run.org_id);
         tokio::spawn(async move {
             let closing = Closing::failed("storage_unavailable", "the run could not be recorded");
@@ -247,7 +253,13 @@ async fn close(proxy: &AgentProxy, run: &store::NewRun, started: Instant, platfo
         error: closing.error.as_ref(),
         audit_detail: &detail,
     };
-    if let Err(e) = store::close(&proxy.db, run, &end).await {
+    let closed = async {
+        let mut connection = proxy.held.take().await?;
+        store::close(&mut *connection, run, &end).await?;
+        connection.keep();
+        Ok::<_, sqlx::Error>(())
+    };
+    if let Err(e) = closed.await {
         tracing::error!(run_id = %run.id, error = %e, "closing an agent run in the database failed; the sweeper will close it");
     }
     platform.close(proxy, run.id, &run.org_id, &closing).await;
