@@ -7,6 +7,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
+use sqlx::{ConnectOptions, Connection};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -38,8 +39,27 @@ fn unavailable(code: &'static str, detail: &str) -> Response {
 }
 
 async fn database_answers(state: &AppState) -> bool {
-    let ping = sqlx::query_scalar!("SELECT 1 AS alive").fetch_one(&state.db);
-    matches!(tokio::time::timeout(PROBE_TIMEOUT, ping).await, Ok(Ok(_)))
+    let ping = async {
+        if sqlx::query_scalar!("SELECT 1 AS alive")
+            .fetch_one(&state.db)
+            .await
+            .is_ok()
+        {
+            return true;
+        }
+        // The pool's idle connections may all be ones the database closed (a restart): each fails
+        // once and is discarded. A connection of its own answers for the database itself.
+        let Ok(mut fresh) = state.db.connect_options().connect().await else {
+            return false;
+        };
+        let answered = sqlx::query_scalar!("SELECT 1 AS alive")
+            .fetch_one(&mut fresh)
+            .await
+            .is_ok();
+        let _ = fresh.close().await;
+        answered
+    };
+    matches!(tokio::time::timeout(PROBE_TIMEOUT, ping).await, Ok(true))
 }
 
 /// Liveness: the process serves and its database answers.

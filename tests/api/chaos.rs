@@ -189,7 +189,8 @@ async fn while_the_database_restarts_deliveries_answer_503_quickly_and_nothing_a
     };
     assert!(lost.is_empty(), "acknowledged deliveries {lost:?} were lost");
     let health = app.get("/health").await;
-    assert_eq!(health.status(), 200);
+    let status = health.status();
+    assert_eq!(status, 200, "{}", health.text().await.unwrap_or_default());
 }
 
 /// The agent, then the config service, down for a while under a stream of deliveries: nothing
