@@ -146,7 +146,7 @@ impl Application {
         });
         let fair_shares = Arc::new(FairShares::starting_at(0, config.webhooks.dispatch_fair_shares));
         let dispatcher = Arc::new(Dispatcher::new(
-            queue_db,
+            queue_db.clone(),
             db.clone(),
             DispatchSettings::new(
                 &config.webhooks,
@@ -182,7 +182,7 @@ impl Application {
         let (routes, openapi) = http::routes(&config);
         let state = AppState::new(Handles {
             admin_verifier: AdminVerifier::new(config_service, &config.auth),
-            inbox: InboxWriter::inbox(db.clone(), dispatcher.wake_on_store()),
+            inbox: InboxWriter::inbox(queue_db, dispatcher.hand_off()),
             fair_shares,
             config,
             db,

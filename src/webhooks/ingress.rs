@@ -182,7 +182,7 @@ pub async fn ingest(
         }
     };
     match stored {
-        Ok(Inserted::New(_)) => {
+        Ok(Inserted::New(_) | Inserted::Leased { .. }) => {
             outcome("accepted");
             Json(Ack {
                 ok: true,

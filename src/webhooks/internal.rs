@@ -134,7 +134,7 @@ pub async fn slack_trigger(
             .inc()
     };
     let (event_id, duplicate) = match state.inbox.submit(new).await {
-        Ok(Inserted::New(id)) => {
+        Ok(Inserted::New(id) | Inserted::Leased { id, .. }) => {
             outcome("accepted");
             (id, false)
         }

@@ -39,17 +39,31 @@ pub struct NewEvent {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Inserted {
     New(Uuid),
+    /// Stored with the lease it was offered: the caller dispatches it.
+    Leased {
+        id: Uuid,
+        lease: Uuid,
+        received_at: DateTime<Utc>,
+    },
     /// The delivery id was seen before; the event it created.
     Duplicate(Uuid),
 }
 
-/// Stores a batch of events and their delivery ids in one statement (one transaction). A delivery
-/// id seen before, in the table or earlier in the batch, stores nothing. Results are in the order
-/// of `events`. Other replicas are told separately ([`notify`]): a NOTIFY in this transaction
-/// would make every batch commit under one database-wide lock, held until its WAL is flushed.
+/// Stores a batch of events and their delivery ids in one statement (one transaction,
+/// `sql/insert_events.sql`). A delivery id seen before stores nothing. Results are in the order of
+/// `events`. Other replicas are told separately ([`notify`]): a NOTIFY in this transaction would
+/// make every batch commit under one database-wide lock, held until its WAL is flushed.
+///
+/// An event offered a lease (`leases`, in the order of `events`; `lease_seconds` long) is stored
+/// with it unless its conversation has an unfinished event: the claim's in-order rule, checked
+/// against what is committed when the statement starts. Two deliveries of one conversation stored
+/// at the same moment by two replicas can both be leased, exactly as a claim between their two
+/// commits would take both.
 pub async fn insert_events(
     executor: impl PgExecutor<'_> + Copy,
     events: &[NewEvent],
+    leases: &[Option<Uuid>],
+    lease_seconds: f64,
 ) -> Result<Vec<Inserted>, sqlx::Error> {
     let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
     let sources: Vec<&str> = events.iter().map(|e| e.source.as_str()).collect();
@@ -59,22 +73,9 @@ pub async fn insert_events(
     let bodies: Vec<&[u8]> = events.iter().map(|e| e.body.as_slice()).collect();
     let ordering: Vec<Option<&str>> = events.iter().map(|e| e.ordering_key.as_deref()).collect();
     let tags: Vec<i64> = events.iter().map(|e| e.fair_tag).collect();
-    // WITH ORDINALITY keeps the request order, so the first of two deliveries with the same id wins.
-    let inserted: Vec<Uuid> = sqlx::query_scalar!(
-        r#"WITH input AS (
-             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[], $7::text[],
-                                  $8::bigint[])
-                 WITH ORDINALITY AS t(id, source, kind, delivery_id, headers, body, ordering_key, fair_tag, n)),
-         delivery AS (
-             INSERT INTO orchestrator_webhook_deliveries (source, delivery_id, event_id)
-             SELECT source, delivery_id, id FROM input ORDER BY n
-             ON CONFLICT DO NOTHING RETURNING event_id),
-         event AS (
-             INSERT INTO orchestrator_webhook_events (id, source, kind, delivery_id, headers, body, ordering_key, fair_tag)
-             SELECT i.id, i.source, i.kind, i.delivery_id, i.headers::jsonb, i.body, i.ordering_key, i.fair_tag
-             FROM input i JOIN delivery d ON d.event_id = i.id ORDER BY i.n
-             RETURNING id)
-         SELECT id AS "id!" FROM event"#,
+    let owners: Vec<Option<Uuid>> = (0..events.len()).map(|i| leases.get(i).copied().flatten()).collect();
+    let inserted = sqlx::query_file!(
+        "src/webhooks/sql/insert_events.sql",
         &ids,
         &sources as &[&str],
         &kinds as &[&str],
@@ -83,11 +84,28 @@ pub async fn insert_events(
         &bodies as &[&[u8]],
         &ordering as &[Option<&str>],
         &tags,
+        &owners as &[Option<Uuid>],
+        lease_seconds,
     )
     .fetch_all(executor)
     .await?;
-    if inserted.len() == events.len() {
-        return Ok(ids.into_iter().map(Inserted::New).collect());
+    // RETURNING's order is not promised: each event finds its row by id.
+    let stored: std::collections::HashMap<Uuid, Inserted> = inserted
+        .into_iter()
+        .map(|row| {
+            let result = match row.lease_owner {
+                Some(lease) => Inserted::Leased {
+                    id: row.id,
+                    lease,
+                    received_at: row.received_at,
+                },
+                None => Inserted::New(row.id),
+            };
+            (row.id, result)
+        })
+        .collect();
+    if stored.len() == events.len() {
+        return Ok(ids.iter().map(|id| stored[id]).collect());
     }
     // Some were duplicates: find the events their delivery ids already name.
     let existing = sqlx::query!(
@@ -101,8 +119,8 @@ pub async fn insert_events(
     Ok(events
         .iter()
         .map(|event| {
-            if inserted.contains(&event.id) {
-                return Inserted::New(event.id);
+            if let Some(result) = stored.get(&event.id) {
+                return *result;
             }
             let original = existing
                 .iter()
@@ -112,6 +130,9 @@ pub async fn insert_events(
         })
         .collect())
 }
+
+/// The statement of [`insert_events`]; public for the test that pins its plan.
+pub const INSERT_EVENTS_SQL: &str = include_str!("sql/insert_events.sql");
 
 #[derive(Clone, Debug)]
 pub struct ClaimedEvent {

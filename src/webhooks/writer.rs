@@ -10,9 +10,12 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use sqlx::PgPool;
-use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use super::store::{self, Inserted, NewEvent, OutcomeRow};
+use uuid::Uuid;
+
+use super::dispatch::HandOff;
+use super::store::{self, ClaimedEvent, Inserted, NewEvent, OutcomeRow};
 use crate::error::is_database_unavailable;
 
 /// Rows in one statement at most.
@@ -27,8 +30,10 @@ const INBOX_IN_FLIGHT: usize = 1;
 const OUTCOMES_IN_FLIGHT: usize = 2;
 const QUEUE: usize = 10_000;
 
-/// Writes a batch in one statement; results are in the order of the items.
-pub type WriteBatch<T, R> = for<'a> fn(&'a PgPool, &'a [T]) -> BoxFuture<'a, Result<Vec<R>, sqlx::Error>>;
+/// How one kind of row is written: a batch in one statement, results in the order of the items.
+pub trait Batch<T, R>: Send + Sync + 'static {
+    fn write<'a>(&'a self, pool: &'a PgPool, items: &'a [T]) -> BoxFuture<'a, Result<Vec<R>, sqlx::Error>>;
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("the write could not be committed: {0}")]
@@ -58,19 +63,64 @@ pub type InboxWriter = GroupCommit<NewEvent, Inserted>;
 pub type OutcomeWriter = GroupCommit<OutcomeRow, bool>;
 
 impl InboxWriter {
-    /// After every batch, `stored` is woken, so this replica's claim loop starts at once, and the
-    /// dispatchers of other replicas are told with a NOTIFY of their own.
-    pub fn inbox(pool: PgPool, stored: Arc<Notify>) -> Self {
-        fn write<'a>(pool: &'a PgPool, events: &'a [NewEvent]) -> BoxFuture<'a, Result<Vec<Inserted>, sqlx::Error>> {
-            Box::pin(store::insert_events(pool, events))
-        }
+    /// Events this replica's dispatch has room for are stored leased and handed to it
+    /// ([`HandOff`]): they cost no claim. After a batch that stored others, this replica's claim
+    /// loop is woken, and the dispatchers of other replicas are told with a NOTIFY of their own.
+    pub fn inbox(pool: PgPool, hand_off: HandOff) -> Self {
         let announce = announcer(pool.clone());
-        let committed: OnCommit = Arc::new(move || {
-            stored.notify_one();
-            // Full means a NOTIFY is already due, which covers this batch too.
-            let _ = announce.try_send(());
-        });
-        Self::spawn(pool, write, INBOX_IN_FLIGHT, Some(committed))
+        Self::spawn(pool, Arc::new(Inbox { hand_off, announce }), INBOX_IN_FLIGHT)
+    }
+}
+
+struct Inbox {
+    hand_off: HandOff,
+    announce: mpsc::Sender<()>,
+}
+
+impl Batch<NewEvent, Inserted> for Inbox {
+    fn write<'a>(
+        &'a self,
+        pool: &'a PgPool,
+        events: &'a [NewEvent],
+    ) -> BoxFuture<'a, Result<Vec<Inserted>, sqlx::Error>> {
+        Box::pin(async move {
+            let offered = self.hand_off.reserve(events.len());
+            let leases: Vec<Option<Uuid>> = (0..events.len()).map(|i| (i < offered).then(Uuid::new_v4)).collect();
+            let results = store::insert_events(pool, events, &leases, self.hand_off.lease_seconds()).await;
+            let Ok(inserted) = &results else {
+                // Committed after all (the answer was lost)? Its leases expire and a claim takes it.
+                self.hand_off.deliver(offered, Vec::new());
+                return results;
+            };
+            let mut handed = Vec::new();
+            let mut unclaimed = false;
+            for (event, result) in events.iter().zip(inserted) {
+                match *result {
+                    Inserted::Leased { id, lease, received_at } => handed.push(ClaimedEvent {
+                        id,
+                        lease,
+                        source: event.source.clone(),
+                        kind: event.kind.clone(),
+                        delivery_id: event.delivery_id.clone(),
+                        headers: event.headers.clone(),
+                        body: Some(event.body.clone()),
+                        received_at,
+                        attempts: 1,
+                        ordering_key: event.ordering_key.clone(),
+                        fair_tag: event.fair_tag,
+                    }),
+                    Inserted::New(_) => unclaimed = true,
+                    Inserted::Duplicate(_) => {}
+                }
+            }
+            self.hand_off.deliver(offered, handed);
+            if unclaimed {
+                self.hand_off.stored_unclaimed();
+                // Full means a NOTIFY is already due, which covers this batch too.
+                let _ = self.announce.try_send(());
+            }
+            results
+        })
     }
 }
 
@@ -96,24 +146,26 @@ fn announcer(pool: PgPool) -> mpsc::Sender<()> {
 /// Other replicas hear of new events at most this much later than this replica's own dispatcher.
 const ANNOUNCE_SPACING: std::time::Duration = std::time::Duration::from_millis(10);
 
-/// Called after each batch.
-pub type OnCommit = Arc<dyn Fn() + Send + Sync>;
-
 impl OutcomeWriter {
     pub fn outcomes(pool: PgPool) -> Self {
-        fn write<'a>(pool: &'a PgPool, rows: &'a [OutcomeRow]) -> BoxFuture<'a, Result<Vec<bool>, sqlx::Error>> {
-            // One statement, committed on its own: BEGIN, SET LOCAL and COMMIT around it were three
-            // more round trips per batch.
-            Box::pin(store::record_outcomes(pool, rows))
-        }
-        Self::spawn(pool, write, OUTCOMES_IN_FLIGHT, None)
+        Self::spawn(pool, Arc::new(Outcomes), OUTCOMES_IN_FLIGHT)
+    }
+}
+
+struct Outcomes;
+
+impl Batch<OutcomeRow, bool> for Outcomes {
+    fn write<'a>(&'a self, pool: &'a PgPool, rows: &'a [OutcomeRow]) -> BoxFuture<'a, Result<Vec<bool>, sqlx::Error>> {
+        // One statement, committed on its own: BEGIN, SET LOCAL and COMMIT around it were three
+        // more round trips per batch.
+        Box::pin(store::record_outcomes(pool, rows))
     }
 }
 
 impl<T: Send + Sync + 'static, R: Send + 'static> GroupCommit<T, R> {
-    pub fn spawn(pool: PgPool, write: WriteBatch<T, R>, in_flight: usize, committed: Option<OnCommit>) -> Self {
+    pub fn spawn(pool: PgPool, batch: Arc<dyn Batch<T, R>>, in_flight: usize) -> Self {
         let (queue, receiver) = mpsc::channel(QUEUE);
-        tokio::spawn(collect(pool, write, receiver, in_flight, committed));
+        tokio::spawn(collect(pool, batch, receiver, in_flight));
         Self { queue }
     }
 
@@ -132,10 +184,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> GroupCommit<T, R> {
 
 async fn collect<T: Send + Sync + 'static, R: Send + 'static>(
     pool: PgPool,
-    write: WriteBatch<T, R>,
+    batch_writer: Arc<dyn Batch<T, R>>,
     mut receiver: mpsc::Receiver<Pending<T, R>>,
     in_flight: usize,
-    committed: Option<OnCommit>,
 ) {
     let slots = Arc::new(Semaphore::new(in_flight));
     loop {
@@ -153,20 +204,21 @@ async fn collect<T: Send + Sync + 'static, R: Send + 'static>(
             }
         }
         let pool = pool.clone();
-        let committed = committed.clone();
+        let batch_writer = batch_writer.clone();
         tokio::spawn(async move {
-            write_batch(&pool, write, batch).await;
-            if let Some(committed) = committed {
-                committed();
-            }
+            write_batch(&pool, &*batch_writer, batch).await;
             drop(slot);
         });
     }
 }
 
-async fn write_batch<T, R>(pool: &PgPool, write: WriteBatch<T, R>, batch: Vec<Pending<T, R>>) {
+async fn write_batch<T: Send + Sync + 'static, R: Send + 'static>(
+    pool: &PgPool,
+    writer: &dyn Batch<T, R>,
+    batch: Vec<Pending<T, R>>,
+) {
     let (items, replies): (Vec<T>, Vec<_>) = batch.into_iter().map(|p| (p.item, p.reply)).unzip();
-    match write(pool, &items).await {
+    match writer.write(pool, &items).await {
         Ok(results) => {
             for (reply, result) in replies.into_iter().zip(results) {
                 let _ = reply.send(Ok(result));
@@ -182,7 +234,8 @@ async fn write_batch<T, R>(pool: &PgPool, write: WriteBatch<T, R>, batch: Vec<Pe
             // One row the database refuses must not fail its neighbours: write them one by one.
             tracing::warn!(error = %e, rows = items.len(), "a batch failed; writing its rows one by one");
             for (item, reply) in items.iter().zip(replies) {
-                let result = write(pool, std::slice::from_ref(item))
+                let result = writer
+                    .write(pool, std::slice::from_ref(item))
                     .await
                     .map_err(|e| WriteError(e.to_string()))
                     .and_then(|mut r| r.pop().ok_or_else(|| WriteError("no result for the row".into())));

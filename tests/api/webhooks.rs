@@ -757,18 +757,110 @@ async fn retention_purges_old_events_but_keeps_their_delivery_ids_for_dedupe() {
 }
 
 #[tokio::test]
-async fn other_replicas_hear_of_a_stored_delivery() {
+async fn a_delivery_with_room_goes_straight_to_dispatch_and_other_replicas_hear_of_the_rest() {
     let app = TestApp::spawn().await;
+    own(&app, "sre", json!({"github_repos": ["acme/api"]}));
     // What another replica's dispatcher listens on.
     let mut listener = sqlx::postgres::PgListener::connect_with(&app.db.pool).await.unwrap();
     listener.listen("orchestrator_webhook_inbox").await.unwrap();
-    let response = deliver(&app, Source::GitHub, &github_pr("acme/api", 9, "Heard"), "n-1", &[]).await;
+
+    // Idle workers: stored leased to this replica and dispatched without a claim; nobody else
+    // needs to hear of it.
+    let response = deliver(&app, Source::GitHub, &github_pr("acme/api", 9, "Handed"), "n-1", &[]).await;
+    assert_eq!(response.status(), 200);
+    wait_for_event_status(&app, "delivered", 1).await;
+    assert_eq!(agent_messages(&app).len(), 1);
+    let attempts: i32 = sqlx::query_scalar("SELECT attempts FROM orchestrator_webhook_events")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(attempts, 1, "taken once, by the hand-over");
+    let heard = tokio::time::timeout(Duration::from_millis(300), listener.recv()).await;
+    assert!(heard.is_err(), "a NOTIFY for an event handed over: {heard:?}");
+
+    // A pull request with an unfinished event waits its turn: stored unleased, and announced.
+    sqlx::query(
+        "INSERT INTO orchestrator_webhook_events (id, source, kind, delivery_id, body, ordering_key, next_attempt_at)
+         VALUES (gen_random_uuid(), 'github', 'pull_request', 'earlier', '\\x7b7d', 'github:acme/api#10',
+                 now() + interval '1 hour')",
+    )
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    let response = deliver(&app, Source::GitHub, &github_pr("acme/api", 10, "Waits"), "n-2", &[]).await;
     assert_eq!(response.status(), 200);
     let heard = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await;
     assert!(
         matches!(heard, Ok(Ok(_))),
-        "no NOTIFY after a stored delivery: {heard:?}"
+        "no NOTIFY after storing an event for any replica to claim: {heard:?}"
     );
+    let leased: Option<uuid::Uuid> =
+        sqlx::query_scalar("SELECT lease_owner FROM orchestrator_webhook_events WHERE delivery_id = 'n-2'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(leased, None);
+}
+
+#[tokio::test]
+async fn an_offered_lease_is_taken_only_by_the_first_unfinished_event_of_its_conversation() {
+    use orchestrator::webhooks::store::{insert_events, Inserted, NewEvent};
+    let db = TestDb::create().await;
+    sqlx::query(
+        "INSERT INTO orchestrator_webhook_events (id, source, kind, delivery_id, body, ordering_key)
+         VALUES (gen_random_uuid(), 'slack', 'app_mention', 'before', '\\x7b7d', 'slack:C1:busy')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let event = |delivery: &str, conversation: Option<&str>| NewEvent {
+        id: uuid::Uuid::now_v7(),
+        source: "slack".into(),
+        kind: "app_mention".into(),
+        delivery_id: delivery.into(),
+        headers: json!({}),
+        body: b"{}".to_vec(),
+        ordering_key: conversation.map(str::to_string),
+        fair_tag: 0,
+    };
+    let events = [
+        event("alone", None),
+        event("first", Some("slack:C1:t1")),
+        event("second", Some("slack:C1:t1")),
+        event("behind", Some("slack:C1:busy")),
+        event("not-offered", Some("slack:C1:t2")),
+        event("twin", None),
+        event("twin", None),
+    ];
+    let leases: Vec<Option<uuid::Uuid>> = (0..events.len()).map(|i| (i != 4).then(uuid::Uuid::new_v4)).collect();
+    let results = insert_events(&db.pool, &events, &leases, 30.0).await.unwrap();
+    let leased: Vec<bool> = results.iter().map(|r| matches!(r, Inserted::Leased { .. })).collect();
+    assert_eq!(leased, [true, true, false, false, false, true, false]);
+    assert!(matches!(results[6], Inserted::Duplicate(id) if id == events[5].id));
+    if let Inserted::Leased { lease, .. } = results[0] {
+        assert_eq!(Some(lease), leases[0]);
+    }
+    let live: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM orchestrator_webhook_events
+         WHERE lease_until > now() + interval '20 seconds' AND attempts = 1 AND status = 'pending'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(live, 3);
+}
+
+/// The service's queue pool ([`orchestrator::db::queue_pool`]) on a test database.
+fn queue_pool_of(db: &TestDb) -> sqlx::PgPool {
+    let config = orchestrator::config::DatabaseConfig {
+        display_url: String::new(),
+        url: Secret::new(db.url.clone()),
+        pool_size: 1,
+        acquire_timeout: Duration::from_secs(10),
+        lock_pool_size: 1,
+        auto_migrate: false,
+    };
+    orchestrator::db::queue_pool(&config).unwrap()
 }
 
 /// The plan Postgres picks for `sql` with these parameters on `pool`, as text.
@@ -798,15 +890,7 @@ async fn claims_and_outcomes_keep_their_plans_when_the_statistics_say_the_inbox_
     .execute(&db.pool)
     .await
     .unwrap();
-    let config = orchestrator::config::DatabaseConfig {
-        display_url: String::new(),
-        url: Secret::new(db.url.clone()),
-        pool_size: 1,
-        acquire_timeout: Duration::from_secs(10),
-        lock_pool_size: 1,
-        auto_migrate: false,
-    };
-    let queue = orchestrator::db::queue_pool(&config).unwrap();
+    let queue = queue_pool_of(&db);
 
     let claim = plan_of(&queue, CLAIM_SQL, |q| q.bind(32_i64).bind(60.0_f64).bind(i64::MAX)).await;
     assert!(
@@ -848,6 +932,59 @@ async fn claims_and_outcomes_keep_their_plans_when_the_statistics_say_the_inbox_
             "an outcome batch must not read the whole table:\n{outcomes}"
         );
     }
+    queue.close().await;
+}
+
+#[tokio::test]
+async fn storing_events_probes_each_conversation_whatever_the_statistics_say() {
+    use orchestrator::webhooks::store::INSERT_EVENTS_SQL;
+    let db = TestDb::create().await;
+    // Statistics taken while every event was finished, then a backlog they have not seen. Written
+    // as NOT EXISTS, the probe became one read of every pending entry, hashed (no key condition).
+    sqlx::query(
+        "INSERT INTO orchestrator_webhook_events (id, source, kind, delivery_id, body, ordering_key, status)
+         SELECT gen_random_uuid(), 'github', 'pull_request', 'done-' || g, '\\x7b7d', 'github:acme/api#' || g,
+                'delivered'
+         FROM generate_series(1, 20000) g",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE orchestrator_webhook_events")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO orchestrator_webhook_events (id, source, kind, delivery_id, body, ordering_key)
+         SELECT gen_random_uuid(), 'github', 'pull_request', 'open-' || g, '\\x7b7d', 'github:acme/web#' || g
+         FROM generate_series(1, 5000) g",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let queue = queue_pool_of(&db);
+    let n = 12;
+    let plan = plan_of(&queue, INSERT_EVENTS_SQL, |q| {
+        q.bind((0..n).map(|_| uuid::Uuid::now_v7()).collect::<Vec<_>>())
+            .bind(vec!["github"; n])
+            .bind(vec!["pull_request"; n])
+            .bind((0..n).map(|i| format!("new-{i}")).collect::<Vec<_>>())
+            .bind(vec!["{}"; n])
+            .bind(vec![b"{}".to_vec(); n])
+            .bind((0..n).map(|i| format!("github:acme/web#{i}")).collect::<Vec<_>>())
+            .bind(vec![0_i64; n])
+            .bind((0..n).map(|_| Some(uuid::Uuid::new_v4())).collect::<Vec<_>>())
+            .bind(6.0_f64)
+    })
+    .await;
+    assert!(
+        plan.contains("Index Cond: (ordering_key = i.ordering_key)"),
+        "each event must probe its own conversation:\n{plan}"
+    );
+    assert!(
+        !plan.contains("Seq Scan on orchestrator_webhook_events"),
+        "storing a batch must not read every pending event:\n{plan}"
+    );
     queue.close().await;
 }
 

@@ -9,7 +9,7 @@ mod process;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -166,6 +166,16 @@ pub struct Dispatcher {
     express: Arc<Semaphore>,
     /// Learns from each claim how far dispatch has got.
     fair_shares: Arc<FairShares>,
+    /// Events stored leased for this replica ([`HandOff`]) that the claim loop has not taken yet.
+    handed: Mutex<Vec<ClaimedEvent>>,
+    /// Wakes the claim loop for them.
+    handed_in: Notify,
+    /// Room promised to the inbox writer and not given back or taken by the claim loop yet.
+    reserved: AtomicUsize,
+    /// How many events the claim loop last meant to keep claimed ahead ([`ClaimAhead`]).
+    ahead_target: AtomicUsize,
+    /// Off once the claim loop stops: nothing more is handed to it.
+    taking_hand_offs: AtomicBool,
 }
 
 /// A claimed event waiting for a worker, ordered by its fair-share tag, then by arrival.
@@ -194,6 +204,58 @@ impl PartialOrd for Waiting {
 impl Ord for Waiting {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         self.order().cmp(&other.order())
+    }
+}
+
+/// Gives events the inbox writer has just stored straight to this replica's dispatch while it has
+/// room for them: stored with a lease, as if claimed in the same statement, they cost no claim (a
+/// plan, a walk of the fair index, an update and a commit per batch: about a third of Postgres'
+/// time per event in `scripts/bench pipeline`). Without room (every worker busy and enough
+/// claimed ahead) events are stored unleased and claimed in fair-share order as before, so a
+/// flood still waits for itself. A replica that dies holding them leaves leases that expire.
+#[derive(Clone)]
+pub struct HandOff {
+    dispatcher: Arc<Dispatcher>,
+}
+
+impl HandOff {
+    /// Promises room for up to `wanted` events; every promise is settled with [`Self::deliver`].
+    pub fn reserve(&self, wanted: usize) -> usize {
+        let dispatcher = &self.dispatcher;
+        if !dispatcher.taking_hand_offs.load(Ordering::Relaxed) {
+            return 0;
+        }
+        let granted = dispatcher.room().min(wanted);
+        if granted > 0 {
+            dispatcher.reserved.fetch_add(granted, Ordering::Relaxed);
+        }
+        granted
+    }
+
+    /// The events stored leased out of `reserved` promised: the rest of the room is given back.
+    pub fn deliver(&self, reserved: usize, events: Vec<ClaimedEvent>) {
+        let dispatcher = &self.dispatcher;
+        dispatcher
+            .reserved
+            .fetch_sub(reserved.saturating_sub(events.len()), Ordering::Relaxed);
+        if events.is_empty() {
+            return;
+        }
+        dispatcher
+            .handed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(events);
+        dispatcher.handed_in.notify_one();
+    }
+
+    /// Events were stored that dispatch has to claim: this replica's claim loop starts at once.
+    pub fn stored_unclaimed(&self) {
+        self.dispatcher.queued.notify_one();
+    }
+
+    pub fn lease_seconds(&self) -> f64 {
+        self.dispatcher.settings.lease.as_secs_f64()
     }
 }
 
@@ -326,6 +388,36 @@ impl Dispatcher {
             outcome_writes: Arc::new(Semaphore::new(outcome_writes)),
             express: Arc::new(Semaphore::new(express)),
             fair_shares,
+            handed: Mutex::new(Vec::new()),
+            handed_in: Notify::new(),
+            reserved: AtomicUsize::new(0),
+            ahead_target: AtomicUsize::new(0),
+            taking_hand_offs: AtomicBool::new(true),
+        }
+    }
+
+    /// Room for more events: free workers and what is claimed ahead for them, less the events
+    /// waiting and those promised to the inbox writer.
+    fn room(&self) -> usize {
+        (self.workers.available_permits() + self.ahead_target.load(Ordering::Relaxed))
+            .saturating_sub(self.ready().len() + self.reserved.load(Ordering::Relaxed))
+    }
+
+    /// Takes the events handed over since the last look: from now on they are this replica's
+    /// claimed events like any other.
+    fn take_handed(self: &Arc<Self>) {
+        let handed = std::mem::take(&mut *self.handed.lock().unwrap_or_else(|p| p.into_inner()));
+        if handed.is_empty() {
+            return;
+        }
+        self.reserved.fetch_sub(handed.len(), Ordering::Relaxed);
+        self.claimed(handed);
+    }
+
+    /// What the inbox writer hands new events over with.
+    pub fn hand_off(self: &Arc<Self>) -> HandOff {
+        HandOff {
+            dispatcher: self.clone(),
         }
     }
 
@@ -415,7 +507,9 @@ impl Dispatcher {
     /// Gives back the leases of events no worker started (at shutdown): another replica may take
     /// them at once instead of after their lease.
     async fn release_waiting(&self) {
-        let waiting: Vec<ClaimedEvent> = self.ready().drain().map(|Reverse(Waiting(e))| e).collect();
+        self.taking_hand_offs.store(false, Ordering::Relaxed);
+        let mut waiting: Vec<ClaimedEvent> = self.ready().drain().map(|Reverse(Waiting(e))| e).collect();
+        waiting.append(&mut self.handed.lock().unwrap_or_else(|p| p.into_inner()));
         if waiting.is_empty() {
             return;
         }
@@ -437,11 +531,6 @@ impl Dispatcher {
 
     fn take_next_retry(&self) -> Option<tokio::time::Instant> {
         self.next_retry.lock().unwrap_or_else(|p| p.into_inner()).take()
-    }
-
-    /// What wakes the claim loop when this replica stores events.
-    pub fn wake_on_store(&self) -> Arc<Notify> {
-        self.queued.clone()
     }
 
     /// Closes the queue pool once the dispatcher has stopped.
@@ -490,6 +579,7 @@ pub async fn run(dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
         if stop.is_cancelled() {
             break;
         }
+        dispatcher.take_handed();
         dispatcher.start_ready();
         if arrived && maybe_due && dispatcher.workers.available_permits() == 0 {
             // New events while every worker is busy: those of senders within their share go at once.
@@ -498,7 +588,8 @@ pub async fn run(dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
         }
         let room = |dispatcher: &Dispatcher, ahead: &mut ClaimAhead| {
             let target = ahead.target(dispatcher.finished.load(Ordering::Relaxed));
-            dispatcher.workers.available_permits() + target.saturating_sub(dispatcher.ready().len())
+            dispatcher.ahead_target.store(target, Ordering::Relaxed);
+            dispatcher.room()
         };
         let mut wanted = room(&dispatcher, &mut ahead);
         if maybe_due && !arrived && wanted > 0 && wanted < claim_batch && dispatcher.workers.available_permits() < total
@@ -564,6 +655,8 @@ pub async fn run(dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
                 maybe_due = true;
                 arrived = true;
             }
+            // Stored leased for this replica: started above, no claim needed.
+            () = dispatcher.handed_in.notified() => {}
             // Only worth a claim if events are waiting for a worker; a retry it scheduled
             // brings the next look forward.
             () = dispatcher.freed.notified() => {
