@@ -176,6 +176,9 @@ pub struct Dispatcher {
     ahead_target: AtomicUsize,
     /// Off once the claim loop stops: nothing more is handed to it.
     taking_hand_offs: AtomicBool,
+    /// The claim loop's last look found nothing else due, and nothing was stored unleased since:
+    /// only then are new events handed over, so that they never overtake a backlog in fair order.
+    nothing_due: AtomicBool,
 }
 
 /// A claimed event waiting for a worker, ordered by its fair-share tag, then by arrival.
@@ -210,9 +213,11 @@ impl Ord for Waiting {
 /// Gives events the inbox writer has just stored straight to this replica's dispatch while it has
 /// room for them: stored with a lease, as if claimed in the same statement, they cost no claim (a
 /// plan, a walk of the fair index, an update and a commit per batch: about a third of Postgres'
-/// time per event in `scripts/bench pipeline`). Without room (every worker busy and enough
-/// claimed ahead) events are stored unleased and claimed in fair-share order as before, so a
-/// flood still waits for itself. A replica that dies holding them leaves leases that expire.
+/// time per event in `scripts/bench pipeline`). Only while nothing else is due: with a backlog
+/// (or without room: every worker busy and enough claimed ahead) events are stored unleased and
+/// claimed in fair-share order, so a flood still waits for itself (`scripts/bench fairness`
+/// measured a quiet team's p95 at 983 ms beside a flood when a freed worker went to whichever
+/// delivery arrived next). A replica that dies holding them leaves leases that expire.
 #[derive(Clone)]
 pub struct HandOff {
     dispatcher: Arc<Dispatcher>,
@@ -222,7 +227,7 @@ impl HandOff {
     /// Promises room for up to `wanted` events; every promise is settled with [`Self::deliver`].
     pub fn reserve(&self, wanted: usize) -> usize {
         let dispatcher = &self.dispatcher;
-        if !dispatcher.taking_hand_offs.load(Ordering::Relaxed) {
+        if !dispatcher.taking_hand_offs.load(Ordering::Relaxed) || !dispatcher.nothing_due.load(Ordering::Relaxed) {
             return 0;
         }
         let granted = dispatcher.room().min(wanted);
@@ -251,6 +256,7 @@ impl HandOff {
 
     /// Events were stored that dispatch has to claim: this replica's claim loop starts at once.
     pub fn stored_unclaimed(&self) {
+        self.dispatcher.nothing_due.store(false, Ordering::Relaxed);
         self.dispatcher.queued.notify_one();
     }
 
@@ -393,6 +399,7 @@ impl Dispatcher {
             reserved: AtomicUsize::new(0),
             ahead_target: AtomicUsize::new(0),
             taking_hand_offs: AtomicBool::new(true),
+            nothing_due: AtomicBool::new(false),
         }
     }
 
@@ -610,6 +617,7 @@ pub async fn run(dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
                 Ok(next) => {
                     let (due_now, wait) = next_wait(next, chrono::Utc::now(), &dispatcher.settings);
                     maybe_due = due_now;
+                    dispatcher.nothing_due.store(!due_now, Ordering::Relaxed);
                     recheck_at = tokio::time::Instant::now() + wait;
                 }
                 Err(e) => {
@@ -628,6 +636,7 @@ pub async fn run(dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
                     // lease (a replica that claims after this look leases for that long).
                     claimed_all = events.len() == wanted;
                     maybe_due = claimed_all;
+                    dispatcher.nothing_due.store(!claimed_all, Ordering::Relaxed);
                     if !claimed_all {
                         recheck = true;
                     }
@@ -654,6 +663,7 @@ pub async fn run(dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
             () = dispatcher.queued.notified() => {
                 maybe_due = true;
                 arrived = true;
+                dispatcher.nothing_due.store(false, Ordering::Relaxed);
             }
             // Stored leased for this replica: started above, no claim needed.
             () = dispatcher.handed_in.notified() => {}
