@@ -760,20 +760,28 @@ async fn retention_purges_old_events_but_keeps_their_delivery_ids_for_dedupe() {
 async fn a_delivery_with_room_goes_straight_to_dispatch_and_other_replicas_hear_of_the_rest() {
     let app = TestApp::spawn().await;
     own(&app, "sre", json!({"github_repos": ["acme/api"]}));
+    // Until its first look has found nothing else due (at start-up), the claim loop takes no
+    // hand-offs: one delivery dispatched either way comes first.
+    let response = deliver(&app, Source::GitHub, &github_pr("acme/api", 8, "First"), "n-0", &[]).await;
+    assert_eq!(response.status(), 200);
+    wait_for_event_status(&app, "delivered", 1).await;
+    // Its NOTIFY reaches this replica too and makes the claim loop look once more; let it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     // What another replica's dispatcher listens on.
     let mut listener = sqlx::postgres::PgListener::connect_with(&app.db.pool).await.unwrap();
     listener.listen("orchestrator_webhook_inbox").await.unwrap();
 
-    // Idle workers: stored leased to this replica and dispatched without a claim; nobody else
-    // needs to hear of it.
+    // Idle workers, nothing due: stored leased to this replica and dispatched without a claim;
+    // nobody else needs to hear of it.
     let response = deliver(&app, Source::GitHub, &github_pr("acme/api", 9, "Handed"), "n-1", &[]).await;
     assert_eq!(response.status(), 200);
-    wait_for_event_status(&app, "delivered", 1).await;
-    assert_eq!(agent_messages(&app).len(), 1);
-    let attempts: i32 = sqlx::query_scalar("SELECT attempts FROM orchestrator_webhook_events")
-        .fetch_one(&app.db.pool)
-        .await
-        .unwrap();
+    wait_for_event_status(&app, "delivered", 2).await;
+    assert_eq!(agent_messages(&app).len(), 2);
+    let attempts: i32 =
+        sqlx::query_scalar("SELECT attempts FROM orchestrator_webhook_events WHERE delivery_id = 'n-1'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
     assert_eq!(attempts, 1, "taken once, by the hand-over");
     let heard = tokio::time::timeout(Duration::from_millis(300), listener.recv()).await;
     assert!(heard.is_err(), "a NOTIFY for an event handed over: {heard:?}");
