@@ -1146,3 +1146,63 @@ async fn a_replica_killed_mid_stream_loses_nothing_and_its_work_is_taken_over_in
     assert!(taken_over < Duration::from_secs(20), "took {taken_over:?}");
     survivor.stop().await;
 }
+
+#[tokio::test]
+async fn an_event_waiting_behind_its_thread_does_not_keep_the_claim_loop_busy() {
+    // The service's own poll interval: an event that waited for it would show.
+    let app = TestApp::spawn_with(|env| {
+        env.insert("ORCHESTRATOR_DISPATCH_POLL_INTERVAL_MS".into(), "2000".into());
+    })
+    .await;
+    own(&app, "sre", json!({"slack_channel_ids": ["C9"]}));
+    app.stack.agent.state().set_delay(Duration::from_secs(4));
+    for i in 0..2 {
+        let body = json!({"type": "event_callback", "team_id": "T1", "event_id": format!("Ev-wait-{i}"),
+            "event": {"type": "app_mention", "channel": "C9", "user": "U2", "text": format!("message {i}"), "ts": format!("300.{i}"), "thread_ts": "300.0"}});
+        deliver(&app, Source::Slack, body.to_string().as_bytes(), "", &[]).await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while app.stack.agent.state().runs_started() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first event never reached the agent"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The second event is due but waits for the first: while it does, the claim loop looks at
+    // the inbox once a poll interval, not in a loop (once it spun: 5,174 transactions in 2 s).
+    // Backends report their counts late, so start-up's own transactions may land in the window.
+    let commits = || async {
+        sqlx::query_scalar::<_, i64>("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap()
+    };
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let before = commits().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during = commits().await - before;
+    assert!(
+        during < 200,
+        "{during} transactions in 2 s while one event waited for its thread"
+    );
+    // And it goes as soon as the first is done, without waiting for the poll interval (2 s).
+    let agent = app.stack.agent.state();
+    while agent.runs_completed() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline + Duration::from_secs(5),
+            "the first run never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let first_done = tokio::time::Instant::now();
+    while agent.runs_started() < 2 {
+        assert!(
+            first_done.elapsed() < Duration::from_secs(1),
+            "the second event of the thread waited over a second after the first was done"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    wait_for_event_status(&app, "delivered", 2).await;
+    assert_eq!(agent_messages(&app), vec!["message 0", "message 1"]);
+}

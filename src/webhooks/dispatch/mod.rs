@@ -179,6 +179,12 @@ pub struct Dispatcher {
     /// The claim loop's last look found nothing else due, and nothing was stored unleased since:
     /// only then are new events handed over, so that they never overtake a backlog in fair order.
     nothing_due: AtomicBool,
+    /// The claim loop's last look found events due that the claim just before it did not get:
+    /// they wait behind an earlier event of their conversation (or were stored since, which wakes
+    /// the loop anyway). An outcome of an event with a conversation then wakes it (`unblocked`)
+    /// to claim again: not a claim and a look per millisecond while a thread's first event runs.
+    waiting_behind: AtomicBool,
+    unblocked: Notify,
 }
 
 /// A claimed event waiting for a worker, ordered by its fair-share tag, then by arrival.
@@ -400,6 +406,8 @@ impl Dispatcher {
             ahead_target: AtomicUsize::new(0),
             taking_hand_offs: AtomicBool::new(true),
             nothing_due: AtomicBool::new(false),
+            waiting_behind: AtomicBool::new(false),
+            unblocked: Notify::new(),
         }
     }
 
@@ -536,6 +544,14 @@ impl Dispatcher {
         *next = Some(next.map_or(at, |current| current.min(at)));
     }
 
+    /// An event of a conversation was finished (or scheduled for a retry): the next event of its
+    /// conversation may be claimable now.
+    fn conversation_moved_on(&self) {
+        if self.waiting_behind.swap(false, Ordering::Relaxed) {
+            self.unblocked.notify_one();
+        }
+    }
+
     fn take_next_retry(&self) -> Option<tokio::time::Instant> {
         self.next_retry.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
@@ -578,6 +594,9 @@ pub async fn run(dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
     // check (one cheap read) or a claim.
     let mut recheck_at = tokio::time::Instant::now();
     let mut recheck = false;
+    // The next look follows a claim that got fewer than it asked for: anything it finds due now
+    // is waiting behind an earlier event of its conversation (or was stored since).
+    let mut look_follows_claim = false;
     // Events were just stored: claim without gathering, so that a quiet sender's event goes out
     // with the next worker to finish even while a flood keeps every worker busy.
     let mut arrived = false;
@@ -611,14 +630,26 @@ pub async fn run(dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
             dispatcher.start_ready();
             wanted = room(&dispatcher, &mut ahead);
         }
+        // This look found events due now: if the claim after it gets fewer than it asks for, the
+        // rest wait behind their conversations, and looking again would only say so again.
+        let mut looked_due_now = false;
         if recheck {
             recheck = false;
+            let follows_claim = std::mem::take(&mut look_follows_claim);
             match store::next_claimable(&dispatcher.queue_db).await {
                 Ok(next) => {
                     let (due_now, wait) = next_wait(next, chrono::Utc::now(), &dispatcher.settings);
-                    maybe_due = due_now;
-                    dispatcher.nothing_due.store(!due_now, Ordering::Relaxed);
                     recheck_at = tokio::time::Instant::now() + wait;
+                    if due_now && follows_claim {
+                        // Not claimable after all: claim again when a conversation moves on
+                        // here, new events come, or after the poll interval.
+                        maybe_due = false;
+                        dispatcher.waiting_behind.store(true, Ordering::Relaxed);
+                    } else {
+                        maybe_due = due_now;
+                        looked_due_now = due_now;
+                        dispatcher.nothing_due.store(!due_now, Ordering::Relaxed);
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "reading when webhook events are due failed");
@@ -638,7 +669,12 @@ pub async fn run(dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
                     maybe_due = claimed_all;
                     dispatcher.nothing_due.store(!claimed_all, Ordering::Relaxed);
                     if !claimed_all {
-                        recheck = true;
+                        if looked_due_now {
+                            dispatcher.waiting_behind.store(true, Ordering::Relaxed);
+                        } else {
+                            recheck = true;
+                            look_follows_claim = true;
+                        }
                     }
                     dispatcher.claimed(events);
                     dispatcher.start_ready();
@@ -667,6 +703,7 @@ pub async fn run(dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
             }
             // Stored leased for this replica: started above, no claim needed.
             () = dispatcher.handed_in.notified() => {}
+            () = dispatcher.unblocked.notified() => maybe_due = true,
             // Only worth a claim if events are waiting for a worker; a retry it scheduled
             // brings the next look forward.
             () = dispatcher.freed.notified() => {

@@ -123,6 +123,9 @@ async fn write_outcome(dispatcher: &Dispatcher, source: Source, event: &ClaimedE
     match write {
         // Written: the claim loop may wake for the retry (it is claimable from now on).
         Ok(true) => {
+            if event.ordering_key.is_some() {
+                dispatcher.conversation_moved_on();
+            }
             if let Some(at) = retry_at {
                 dispatcher.retry_scheduled((at - Utc::now()).to_std().unwrap_or_default());
             }
