@@ -132,16 +132,22 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
-/// Errors that mean "the database cannot be reached right now", as opposed to a bad query.
+/// Errors that mean "the database cannot be reached right now", as opposed to a bad query: the
+/// connection is gone, or the server ended the session (SQLSTATE class 08, a connection
+/// exception; 57P01 to 57P05: shut down, restarting, the session terminated by an operator or a
+/// timeout; 53300: too many connections).
 pub fn is_database_unavailable(e: &sqlx::Error) -> bool {
-    matches!(
-        e,
+    match e {
         sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::WorkerCrashed
-    )
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("08") || code.starts_with("57P") || code == "53300"),
+        _ => false,
+    }
 }
 
 /// The error already rendered by a handler; the envelope middleware adds the request id.

@@ -15,7 +15,7 @@ use super::run::{self, Closing, RunRecord};
 use super::{stream, METRIC_SOURCE};
 use crate::agent_call::{self, TeamAgent, TeamAgentError};
 use crate::auth::{Admin, Capability};
-use crate::clients::agent::{AgentError, AgentRequest};
+use crate::clients::agent::{AgentAnswer, AgentError, AgentRequest, EventStream};
 use crate::config::AgentRunConfig;
 use crate::domain::{AgentName, OrgId, TeamNodeId};
 use crate::error::{ApiError, ApiJson, ApiResult, ErrorBody, OrInvalidField};
@@ -199,8 +199,6 @@ pub async fn run_agent(
         streaming: wants_stream(&headers),
     };
 
-    // The run is on record before anything acts for the team, so every failure after this point
-    // closes a recorded run. The record and the credential are independent: get them at once.
     // The team credential is minted with the caller's own authority (so the config service's scope
     // rules apply too) and kept only for that caller, for as long as its verified principal is
     // (ORCHESTRATOR_ADMIN_AUTH_CACHE_TTL_SECONDS): a revoked admin loses it when it loses the rest.
@@ -209,64 +207,76 @@ pub async fn run_agent(
         request.org_id.to_string(),
         request.team_node_id.to_string(),
     );
-    let mint = TeamAgent::mint(
-        &proxy.config_service,
-        &admin.token,
-        &request.org_id,
-        &request.team_node_id,
-        &proxy.namespace,
-    );
-    let (opened, team) = tokio::join!(
-        run::open(proxy, &admin, &record),
-        proxy.credentials.get_or_mint(&credential_key, mint),
-    );
-    let open = match opened {
-        Ok(open) => open,
-        Err(error) => return Err(error.into()),
-    };
-    let team = match team {
-        Ok(team) => team,
-        Err(e) => {
-            let error = config_service_error(&e);
-            open.finish(Closing::failed(&error.code, &error.detail));
-            return Err(error);
+    let correlation = record.correlation_id.to_string();
+    let session = format!("admin:{}", record.run_id);
+    let call = async {
+        let mint = TeamAgent::mint(
+            &proxy.config_service,
+            &admin.token,
+            &request.org_id,
+            &request.team_node_id,
+            &proxy.namespace,
+        );
+        let team = proxy
+            .credentials
+            .get_or_mint(&credential_key, mint)
+            .await
+            .map_err(CallFailure::Credential)?;
+        let agent_request = AgentRequest {
+            agent_name: &request.agent_name,
+            message: &request.message,
+            context: &request.context,
+            timeout: request.timeout,
+            max_turns: request.max_turns,
+            correlation_id: &correlation,
+            session_id: &session,
+            output_destinations: None,
+            trigger_source: "api",
+            org_id: &request.org_id,
+            team_id: &request.team_node_id,
+            team_token: &team.token,
+            base_url: team.dedicated.as_ref(),
+        };
+        if !record.streaming {
+            return agent_call::run(&proxy.agent, &proxy.metrics, METRIC_SOURCE, &agent_request)
+                .await
+                .map(Called::Answer)
+                .map_err(CallFailure::Agent);
+        }
+        let started = Instant::now();
+        match proxy.agent.stream(&agent_request).await {
+            Ok(events) => Ok(Called::Stream(events, started)),
+            Err(e) => {
+                agent_call::observe(&proxy.metrics, METRIC_SOURCE, started, agent_call::error_label(&e));
+                Err(CallFailure::Agent(e))
+            }
         }
     };
 
-    let correlation = record.correlation_id.to_string();
-    let session = format!("admin:{}", record.run_id);
-    let agent_request = AgentRequest {
-        agent_name: &request.agent_name,
-        message: &request.message,
-        context: &request.context,
-        timeout: request.timeout,
-        max_turns: request.max_turns,
-        correlation_id: &correlation,
-        session_id: &session,
-        output_destinations: None,
-        trigger_source: "api",
-        org_id: &request.org_id,
-        team_id: &request.team_node_id,
-        team_token: &team.token,
-        base_url: team.dedicated.as_ref(),
+    // The run's record is written to Postgres before the agent hears of the run (the statement
+    // is sent on the first poll, and `biased` polls it first) and has committed before anything
+    // is answered; the two overlap instead of adding a round trip to Postgres to every run (about
+    // 0.2 ms, most of what `scripts/bench proxy` measured the proxy to add). A record that fails
+    // drops the call, which cancels it. Every failure after it closes a recorded run.
+    let opening = run::begin(proxy, &admin, &record).await?;
+    let recording = opening.record();
+    tokio::pin!(recording, call);
+    let mut called = None;
+    let opened = loop {
+        tokio::select! {
+            biased;
+            opened = &mut recording => break opened,
+            result = &mut call, if called.is_none() => called = Some(result),
+        }
+    };
+    let open = opened?;
+    let called = match called {
+        Some(called) => called,
+        None => call.await,
     };
 
-    if record.streaming {
-        let started = Instant::now();
-        let events = match proxy.agent.stream(&agent_request).await {
-            Ok(events) => events,
-            Err(e) => {
-                agent_call::observe(&proxy.metrics, METRIC_SOURCE, started, agent_call::error_label(&e));
-                proxy.credentials.forget_if_refused(&credential_key, &e);
-                open.finish(Closing::from_error(&e));
-                return Err(agent_error(&e));
-            }
-        };
-        return Ok(stream::respond(proxy.clone(), open, events, request.timeout, started).into_response());
-    }
-
-    match agent_call::run(&proxy.agent, &proxy.metrics, METRIC_SOURCE, &agent_request).await {
-        Ok(answer) => {
+    match called {
+        Ok(Called::Answer(answer)) => {
             open.finish(Closing::answered(&answer.raw, &answer.output));
             Ok(Json(AgentRunResponse {
                 run_id: record.run_id,
@@ -277,10 +287,30 @@ pub async fn run_agent(
             })
             .into_response())
         }
-        Err(e) => {
+        Ok(Called::Stream(events, started)) => {
+            Ok(stream::respond(proxy.clone(), open, events, request.timeout, started).into_response())
+        }
+        Err(CallFailure::Credential(e)) => {
+            let error = config_service_error(&e);
+            open.finish(Closing::failed(&error.code, &error.detail));
+            Err(error)
+        }
+        Err(CallFailure::Agent(e)) => {
             proxy.credentials.forget_if_refused(&credential_key, &e);
             open.finish(Closing::from_error(&e));
             Err(agent_error(&e))
         }
     }
+}
+
+/// What the agent call gave: its answer, or its events as they come.
+enum Called {
+    Answer(AgentAnswer),
+    Stream(EventStream, Instant),
+}
+
+/// Where the call failed: minting the team's credential, or the agent.
+enum CallFailure {
+    Credential(TeamAgentError),
+    Agent(AgentError),
 }

@@ -1,5 +1,6 @@
-//! A run on record: opened in both audits before anything acts for the team, and closed in both
-//! on every path, the client going away included.
+//! A run on record: its record sent before anything acts for the team and committed before
+//! anything is answered, opened in the platform audit meanwhile, and closed in both on every
+//! path, the client going away included.
 
 use std::time::Instant;
 
@@ -9,6 +10,7 @@ use uuid::Uuid;
 use super::{store, AgentProxy};
 use crate::auth::Admin;
 use crate::clients::agent::AgentError;
+use crate::db::HeldConnection;
 use crate::domain::AgentRunStatus;
 
 /// The platform audit shows a one-line summary: longer answers are cut here.
@@ -129,10 +131,24 @@ impl Closing {
     }
 }
 
-/// Records the run (our table and audit trail, in one transaction) for the admin who asked, and
-/// opens it in the platform audit meanwhile. A run that cannot be recorded is closed there as
-/// failed, in the background.
-pub async fn open(proxy: &AgentProxy, admin: &Admin, record: &RunRecord<'_>) -> Result<OpenRun, sqlx::Error> {
+/// A run about to be recorded: the connection its record is written on is in hand, and its
+/// opening in the platform audit is under way.
+pub struct Opening<'p> {
+    proxy: &'p AgentProxy,
+    run: store::NewRun,
+    detail: Value,
+    connection: HeldConnection<'p>,
+    platform: PlatformOpening,
+    started: Instant,
+}
+
+/// Opens the run in the platform audit (in the background) and takes the connection its record
+/// will be written on. A run that cannot get one is closed there as failed, in the background.
+pub async fn begin<'p>(
+    proxy: &'p AgentProxy,
+    admin: &Admin,
+    record: &RunRecord<'_>,
+) -> Result<Opening<'p>, sqlx::Error> {
     let platform = open_in_platform_audit(proxy, admin, record);
     let detail = json!({"agent_run_id": record.run_id, "correlation_id": record.correlation_id,
         "agent_name": record.agent_name, "streaming": record.streaming});
@@ -146,26 +162,60 @@ pub async fn open(proxy: &AgentProxy, admin: &Admin, record: &RunRecord<'_>) -> 
         actor_email: admin.email().map(str::to_string),
         streaming: record.streaming,
     };
-    let opened = async {
-        let mut connection = proxy.held.take().await?;
-        store::open(&mut *connection, &run, &detail).await?;
-        connection.keep();
-        Ok::<_, sqlx::Error>(())
-    };
-    if let Err(e) = opened.await {
-        let (proxy, run_id, org) = (proxy.clone(), run.id, run.org_id);
-        tokio::spawn(async move {
-            let closing = Closing::failed("storage_unavailable", "the run could not be recorded");
-            platform.close(&proxy, run_id, &org, &closing).await;
-        });
-        return Err(e);
+    match proxy.held.take().await {
+        Ok(connection) => Ok(Opening {
+            proxy,
+            run,
+            detail,
+            connection,
+            platform,
+            started: Instant::now(),
+        }),
+        Err(e) => {
+            not_recorded(proxy, run, platform);
+            Err(e)
+        }
     }
-    Ok(OpenRun {
-        proxy: proxy.clone(),
-        run: Some(run),
-        started: Instant::now(),
-        platform: Some(platform),
-    })
+}
+
+impl Opening<'_> {
+    /// Records the run (our table and audit trail, in one statement) for the admin who asked.
+    /// The statement is written to Postgres when this future is first polled, so polled before
+    /// the agent call starts, it is on its way before the agent hears of the run.
+    pub async fn record(self) -> Result<OpenRun, sqlx::Error> {
+        let Opening {
+            proxy,
+            run,
+            detail,
+            mut connection,
+            platform,
+            started,
+        } = self;
+        match store::open(&mut *connection, &run, &detail).await {
+            Ok(()) => {
+                connection.keep();
+                Ok(OpenRun {
+                    proxy: proxy.clone(),
+                    run: Some(run),
+                    started,
+                    platform: Some(platform),
+                })
+            }
+            Err(e) => {
+                not_recorded(proxy, run, platform);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A run that could not be recorded is closed in the platform audit as failed, in the background.
+fn not_recorded(proxy: &AgentProxy, run: store::NewRun, platform: PlatformOpening) {
+    let (proxy, run_id, org) = (proxy.clone(), run.id, run.org_id);
+    tokio::spawn(async move {
+        let closing = Closing::failed("storage_unavailable", "the run could not be recorded");
+        platform.close(&proxy, run_id, &org, &closing).await;
+    });
 }
 
 /// A run's opening in the platform audit, under way in the background: the platform audit is a

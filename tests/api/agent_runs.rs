@@ -128,6 +128,100 @@ async fn a_team_credential_is_kept_for_the_admin_who_minted_it_only() {
     assert_eq!(mints(), 5);
 }
 
+/// Holds the agent-run table locked until told to let go, so a run's record waits.
+async fn hold_runs_table(app: &TestApp) -> (sqlx::Transaction<'static, sqlx::Postgres>, i32) {
+    let mut tx = app.db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE orchestrator_agent_runs IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    (tx, pid)
+}
+
+/// The backend whose statement waits for the lock held by `holder`.
+async fn waiting_behind(app: &TestApp, holder: i32) -> i32 {
+    eventually(5, "the run's record to wait for the lock", || async {
+        sqlx::query_scalar::<_, i32>("SELECT pid FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))")
+            .bind(holder)
+            .fetch_optional(&app.db.pool)
+            .await
+            .unwrap()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_record_and_the_agent_call_overlap_but_nothing_is_answered_before_the_record() {
+    let app = TestApp::spawn().await;
+    team(&app, "sre");
+    // Warm: the team's credential and a kept connection, as in steady use.
+    assert_eq!(run(&app, SUPER_ADMIN, &body("sre")).await.status(), 200);
+
+    // The record waits; the agent is called meanwhile, and its answer waits for the record.
+    let (held, holder) = hold_runs_table(&app).await;
+    let running = tokio::spawn({
+        let (client, url) = (app.client.clone(), app.at("/api/v1/admin/agents/run"));
+        async move {
+            client
+                .post(url)
+                .bearer_auth(SUPER_ADMIN)
+                .json(&body("sre"))
+                .send()
+                .await
+                .unwrap()
+        }
+    });
+    waiting_behind(&app, holder).await;
+    eventually(5, "the agent to be called while the record waits", || async {
+        (app.stack.agent.state().runs_completed() == 2).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!running.is_finished(), "answered before the run was on record");
+    held.commit().await.unwrap();
+    let response = running.await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(agent_run_rows(&app).await.len(), 2);
+
+    // A record that fails cancels the call still under way, and the caller gets a 503.
+    app.stack.agent.state().set_delay(Duration::from_secs(5));
+    let (held, holder) = hold_runs_table(&app).await;
+    let running = tokio::spawn({
+        let (client, url) = (app.client.clone(), app.at("/api/v1/admin/agents/run"));
+        async move {
+            client
+                .post(url)
+                .bearer_auth(SUPER_ADMIN)
+                .json(&body("sre"))
+                .send()
+                .await
+                .unwrap()
+        }
+    });
+    let recording = waiting_behind(&app, holder).await;
+    eventually(5, "the agent to be called", || async {
+        (app.stack.agent.state().in_flight() == 1).then_some(())
+    })
+    .await;
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(recording)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let response = running.await.unwrap();
+    assert_eq!(response.status(), 503, "{:?}", response.text().await);
+    eventually(5, "the agent call to be cancelled", || async {
+        (app.stack.agent.state().runs_cancelled() == 1).then_some(())
+    })
+    .await;
+    held.rollback().await.unwrap();
+    assert_eq!(agent_run_rows(&app).await.len(), 2, "the failed run is not on record");
+}
+
 #[tokio::test]
 async fn a_run_whose_opening_was_lost_is_recorded_whole_when_it_closes() {
     // The opening's commit does not wait for the WAL flush: a database crash right after it can
