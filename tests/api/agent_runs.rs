@@ -142,6 +142,20 @@ async fn hold_runs_table(app: &TestApp) -> (sqlx::Transaction<'static, sqlx::Pos
     (tx, pid)
 }
 
+/// Starts a run in the background, as a client that waits for its answer.
+fn spawn_run(app: &TestApp, body: Value) -> tokio::task::JoinHandle<reqwest::Response> {
+    let (client, url) = (app.client.clone(), app.at("/api/v1/admin/agents/run"));
+    tokio::spawn(async move {
+        client
+            .post(url)
+            .bearer_auth(SUPER_ADMIN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    })
+}
+
 /// The backend whose statement waits for the lock held by `holder`.
 async fn waiting_behind(app: &TestApp, holder: i32) -> i32 {
     eventually(5, "the run's record to wait for the lock", || async {
@@ -163,18 +177,7 @@ async fn the_record_and_the_agent_call_overlap_but_nothing_is_answered_before_th
 
     // The record waits; the agent is called meanwhile, and its answer waits for the record.
     let (held, holder) = hold_runs_table(&app).await;
-    let running = tokio::spawn({
-        let (client, url) = (app.client.clone(), app.at("/api/v1/admin/agents/run"));
-        async move {
-            client
-                .post(url)
-                .bearer_auth(SUPER_ADMIN)
-                .json(&body("sre"))
-                .send()
-                .await
-                .unwrap()
-        }
-    });
+    let running = spawn_run(&app, body("sre"));
     waiting_behind(&app, holder).await;
     eventually(5, "the agent to be called while the record waits", || async {
         (app.stack.agent.state().runs_completed() == 2).then_some(())
@@ -190,18 +193,7 @@ async fn the_record_and_the_agent_call_overlap_but_nothing_is_answered_before_th
     // A record that fails cancels the call still under way, and the caller gets a 503.
     app.stack.agent.state().set_delay(Duration::from_secs(5));
     let (held, holder) = hold_runs_table(&app).await;
-    let running = tokio::spawn({
-        let (client, url) = (app.client.clone(), app.at("/api/v1/admin/agents/run"));
-        async move {
-            client
-                .post(url)
-                .bearer_auth(SUPER_ADMIN)
-                .json(&body("sre"))
-                .send()
-                .await
-                .unwrap()
-        }
-    });
+    let running = spawn_run(&app, body("sre"));
     let recording = waiting_behind(&app, holder).await;
     eventually(5, "the agent to be called", || async {
         (app.stack.agent.state().in_flight() == 1).then_some(())
