@@ -25,8 +25,8 @@ pub fn request_pool(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
 }
 
 /// Connections for the inbox queue's hot statements: stored batches, claims, outcomes, lease
-/// renewals. Their plans
-/// are pinned by disabling what the planner must never choose for them, on these connections only.
+/// renewals. Their plans are pinned by disabling what the planner must never choose for them, on
+/// these connections only.
 /// The planner costs a plan from the table's statistics, and those say the backlog is tiny
 /// whenever it has just grown (a burst into an inbox whose events are all finished, or a new
 /// database). It then reads every due event and sorts them for a claim, and joins an outcome batch
@@ -40,7 +40,8 @@ pub fn request_pool(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
 /// a released lease lost to a database crash (at most the last 0.6 s) only makes its event
 /// claimable again: at worst its agent is called a second time, as when the replica holding it
 /// dies. Stored batches (acknowledged after it) and outcomes (and dead letters with them) ask for
-/// a flushed commit ([`crate::webhooks::store::insert_events`], [`crate::webhooks::store::record_outcomes`]). Waiting for the flush made each claim a disk
+/// a flushed commit ([`crate::webhooks::store::insert_events`],
+/// [`crate::webhooks::store::record_outcomes`]). Waiting for the flush made each claim a disk
 /// round trip, and the claim loop one at a time.
 pub fn queue_pool(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
     let options = connect_options(config)?.options([

@@ -73,7 +73,7 @@ pub async fn insert_events(
     let bodies: Vec<&[u8]> = events.iter().map(|e| e.body.as_slice()).collect();
     let ordering: Vec<Option<&str>> = events.iter().map(|e| e.ordering_key.as_deref()).collect();
     let tags: Vec<i64> = events.iter().map(|e| e.fair_tag).collect();
-    let owners: Vec<Option<Uuid>> = (0..events.len()).map(|i| leases.get(i).copied().flatten()).collect();
+    debug_assert_eq!(leases.len(), events.len(), "one lease offer (or none) per event");
     let inserted = sqlx::query_file!(
         "src/webhooks/sql/insert_events.sql",
         &ids,
@@ -84,7 +84,7 @@ pub async fn insert_events(
         &bodies as &[&[u8]],
         &ordering as &[Option<&str>],
         &tags,
-        &owners as &[Option<Uuid>],
+        leases as &[Option<Uuid>],
         lease_seconds,
     )
     .fetch_all(executor)
