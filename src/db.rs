@@ -100,7 +100,8 @@ const PING_IF_IDLE_FOR: std::time::Duration = std::time::Duration::from_secs(5);
 pub struct HeldConnections {
     pool: PgPool,
     idle: std::sync::Mutex<Vec<(PoolConnection<Postgres>, std::time::Instant)>>,
-    most: usize,
+    /// How many are kept at most; 0 once released.
+    most: std::sync::atomic::AtomicUsize,
 }
 
 impl HeldConnections {
@@ -108,8 +109,17 @@ impl HeldConnections {
         Self {
             pool,
             idle: std::sync::Mutex::new(Vec::new()),
-            most,
+            most: most.into(),
         }
+    }
+
+    /// Gives every held connection back to the pool and keeps none from now on. Called before
+    /// the pool is closed: `close` waits for every connection taken from the pool, held ones
+    /// included, so a shutdown after the last use would otherwise wait forever.
+    pub fn release(&self) {
+        self.most.store(0, std::sync::atomic::Ordering::Relaxed);
+        let released = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()));
+        drop(released);
     }
 
     /// The most recently used held connection, or one from the pool.
@@ -149,7 +159,7 @@ impl HeldConnection<'_> {
             return;
         };
         let mut idle = self.home.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < self.home.most {
+        if idle.len() < self.home.most.load(std::sync::atomic::Ordering::Relaxed) {
             idle.push((connection, std::time::Instant::now()));
         }
     }

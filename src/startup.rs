@@ -302,8 +302,9 @@ impl Application {
         if !engine.stop(BACKGROUND_STOP_GRACE).await {
             tracing::warn!("provisioning runs did not stop in time; they will be resumed");
         }
+        state.agent_proxy.held.release();
         state.db.close().await;
-        dispatcher.close().await;
+        dispatcher.close(&state.inbox).await;
         lock_db.close().await;
         tracing::info!("stopped");
         match failed_worker {

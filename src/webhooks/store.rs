@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
-use sqlx::{PgExecutor, Postgres, QueryBuilder};
+use sqlx::{PgConnection, PgExecutor, Postgres, QueryBuilder};
 
 use crate::db::{storable_json, storable_text};
 use crate::domain::EventStatus;
@@ -60,7 +60,7 @@ pub enum Inserted {
 /// at the same moment by two replicas can both be leased, exactly as a claim between their two
 /// commits would take both.
 pub async fn insert_events(
-    executor: impl PgExecutor<'_> + Copy,
+    connection: &mut PgConnection,
     events: &[NewEvent],
     leases: &[Option<Uuid>],
     lease_seconds: f64,
@@ -87,7 +87,7 @@ pub async fn insert_events(
         leases as &[Option<Uuid>],
         lease_seconds,
     )
-    .fetch_all(executor)
+    .fetch_all(&mut *connection)
     .await?;
     // RETURNING's order is not promised: each event finds its row by id.
     let stored: std::collections::HashMap<Uuid, Inserted> = inserted
@@ -114,7 +114,7 @@ pub async fn insert_events(
         &sources as &[&str],
         &delivery_ids as &[&str],
     )
-    .fetch_all(executor)
+    .fetch_all(&mut *connection)
     .await?;
     Ok(events
         .iter()

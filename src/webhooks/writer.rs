@@ -9,13 +9,14 @@
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use uuid::Uuid;
 
 use super::dispatch::HandOff;
 use super::store::{self, ClaimedEvent, Inserted, NewEvent, OutcomeRow};
+use crate::db::HeldConnections;
 use crate::error::is_database_unavailable;
 
 /// Rows in one statement at most.
@@ -32,7 +33,11 @@ const QUEUE: usize = 10_000;
 
 /// How one kind of row is written: a batch in one statement, results in the order of the items.
 pub trait Batch<T, R>: Send + Sync + 'static {
-    fn write<'a>(&'a self, pool: &'a PgPool, items: &'a [T]) -> BoxFuture<'a, Result<Vec<R>, sqlx::Error>>;
+    fn write<'a>(
+        &'a self,
+        connection: &'a mut PgConnection,
+        items: &'a [T],
+    ) -> BoxFuture<'a, Result<Vec<R>, sqlx::Error>>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,12 +52,14 @@ struct Pending<T, R> {
 /// A cheap handle; the writer task lives as long as any handle does.
 pub struct GroupCommit<T, R> {
     queue: mpsc::Sender<Pending<T, R>>,
+    connections: Arc<HeldConnections>,
 }
 
 impl<T, R> Clone for GroupCommit<T, R> {
     fn clone(&self) -> Self {
         Self {
             queue: self.queue.clone(),
+            connections: self.connections.clone(),
         }
     }
 }
@@ -80,13 +87,13 @@ struct Inbox {
 impl Batch<NewEvent, Inserted> for Inbox {
     fn write<'a>(
         &'a self,
-        pool: &'a PgPool,
+        connection: &'a mut PgConnection,
         events: &'a [NewEvent],
     ) -> BoxFuture<'a, Result<Vec<Inserted>, sqlx::Error>> {
         Box::pin(async move {
             let offered = self.hand_off.reserve(events.len());
             let leases: Vec<Option<Uuid>> = (0..events.len()).map(|i| (i < offered).then(Uuid::new_v4)).collect();
-            let results = store::insert_events(pool, events, &leases, self.hand_off.lease_seconds()).await;
+            let results = store::insert_events(connection, events, &leases, self.hand_off.lease_seconds()).await;
             let Ok(inserted) = &results else {
                 // Committed after all (the answer was lost)? Its leases expire and a claim takes it.
                 self.hand_off.deliver(offered, Vec::new());
@@ -155,18 +162,31 @@ impl OutcomeWriter {
 struct Outcomes;
 
 impl Batch<OutcomeRow, bool> for Outcomes {
-    fn write<'a>(&'a self, pool: &'a PgPool, rows: &'a [OutcomeRow]) -> BoxFuture<'a, Result<Vec<bool>, sqlx::Error>> {
+    fn write<'a>(
+        &'a self,
+        connection: &'a mut PgConnection,
+        rows: &'a [OutcomeRow],
+    ) -> BoxFuture<'a, Result<Vec<bool>, sqlx::Error>> {
         // One statement, committed on its own: BEGIN, SET LOCAL and COMMIT around it were three
         // more round trips per batch.
-        Box::pin(store::record_outcomes(pool, rows))
+        Box::pin(store::record_outcomes(connection, rows))
     }
 }
 
 impl<T: Send + Sync + 'static, R: Send + 'static> GroupCommit<T, R> {
     pub fn spawn(pool: PgPool, batch: Arc<dyn Batch<T, R>>, in_flight: usize) -> Self {
         let (queue, receiver) = mpsc::channel(QUEUE);
-        tokio::spawn(collect(pool, batch, receiver, in_flight));
-        Self { queue }
+        // A connection the pool takes back is pinged there: a round trip per batch, as many as
+        // the batches themselves. Each batch in flight keeps its connection instead.
+        let connections = Arc::new(HeldConnections::new(pool, in_flight));
+        tokio::spawn(collect(connections.clone(), batch, receiver, in_flight));
+        Self { queue, connections }
+    }
+
+    /// Gives the writer's connections back to its pool before the pool closes (see
+    /// [`HeldConnections::release`]); a batch written after it returns its connection at once.
+    pub fn release_connections(&self) {
+        self.connections.release();
     }
 
     /// Returns when the item's batch is committed.
@@ -183,7 +203,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> GroupCommit<T, R> {
 }
 
 async fn collect<T: Send + Sync + 'static, R: Send + 'static>(
-    pool: PgPool,
+    connections: Arc<HeldConnections>,
     batch_writer: Arc<dyn Batch<T, R>>,
     mut receiver: mpsc::Receiver<Pending<T, R>>,
     in_flight: usize,
@@ -203,22 +223,37 @@ async fn collect<T: Send + Sync + 'static, R: Send + 'static>(
                 Err(_) => break,
             }
         }
-        let pool = pool.clone();
+        let connections = connections.clone();
         let batch_writer = batch_writer.clone();
         tokio::spawn(async move {
-            write_batch(&pool, &*batch_writer, batch).await;
+            write_batch(&connections, &*batch_writer, batch).await;
             drop(slot);
         });
     }
 }
 
+/// Writes `items` on a held connection, kept for the next batch only if the write succeeded (a
+/// failed one goes back to the pool, which checks it).
+async fn write_on_held<T: Send + Sync + 'static, R: Send + 'static>(
+    connections: &HeldConnections,
+    writer: &dyn Batch<T, R>,
+    items: &[T],
+) -> Result<Vec<R>, sqlx::Error> {
+    let mut connection = connections.take().await?;
+    let written = writer.write(&mut connection, items).await;
+    if written.is_ok() {
+        connection.keep();
+    }
+    written
+}
+
 async fn write_batch<T: Send + Sync + 'static, R: Send + 'static>(
-    pool: &PgPool,
+    connections: &HeldConnections,
     writer: &dyn Batch<T, R>,
     batch: Vec<Pending<T, R>>,
 ) {
     let (items, replies): (Vec<T>, Vec<_>) = batch.into_iter().map(|p| (p.item, p.reply)).unzip();
-    match writer.write(pool, &items).await {
+    match write_on_held(connections, writer, &items).await {
         Ok(results) => {
             for (reply, result) in replies.into_iter().zip(results) {
                 let _ = reply.send(Ok(result));
@@ -234,8 +269,7 @@ async fn write_batch<T: Send + Sync + 'static, R: Send + 'static>(
             // One row the database refuses must not fail its neighbours: write them one by one.
             tracing::warn!(error = %e, rows = items.len(), "a batch failed; writing its rows one by one");
             for (item, reply) in items.iter().zip(replies) {
-                let result = writer
-                    .write(pool, std::slice::from_ref(item))
+                let result = write_on_held(connections, writer, std::slice::from_ref(item))
                     .await
                     .map_err(|e| WriteError(e.to_string()))
                     .and_then(|mut r| r.pop().ok_or_else(|| WriteError("no result for the row".into())));

@@ -86,6 +86,13 @@ async fn runs_the_agent_with_a_minted_team_credential_and_audits_it() {
         (agent_run_rows(&app).await == vec![("succeeded".to_string(), None)]).then_some(())
     })
     .await;
+    // The connection the run was recorded on is kept for the next run, not in the pool: a
+    // graceful shutdown gives it back before closing the pool, whose close can wait for the
+    // connections taken from it (the inbox's and outcomes' kept connections once made a
+    // shutdown wait forever).
+    tokio::time::timeout(Duration::from_secs(10), app.stop())
+        .await
+        .expect("the service stopped after a proxied run");
 }
 
 #[tokio::test]

@@ -849,7 +849,8 @@ async fn an_offered_lease_is_taken_only_by_the_first_unfinished_event_of_its_con
         event("twin", None),
     ];
     let leases: Vec<Option<uuid::Uuid>> = (0..events.len()).map(|i| (i != 4).then(uuid::Uuid::new_v4)).collect();
-    let results = insert_events(&db.pool, &events, &leases, 30.0).await.unwrap();
+    let mut connection = db.pool.acquire().await.unwrap();
+    let results = insert_events(&mut connection, &events, &leases, 30.0).await.unwrap();
     let leased: Vec<bool> = results.iter().map(|r| matches!(r, Inserted::Leased { .. })).collect();
     assert_eq!(leased, [true, true, false, false, false, true, false]);
     assert!(matches!(results[6], Inserted::Duplicate(id) if id == events[5].id));
