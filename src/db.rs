@@ -114,8 +114,8 @@ impl HeldConnections {
     }
 
     /// Gives every held connection back to the pool and keeps none from now on. Called before
-    /// the pool is closed: `close` waits for every connection taken from the pool, held ones
-    /// included, so a shutdown after the last use would otherwise wait forever.
+    /// the pool is closed: `close` can wait for the connections taken from the pool, held ones
+    /// included (the queue pool's, full with them, made a shutdown wait forever).
     pub fn release(&self) {
         self.most.store(0, std::sync::atomic::Ordering::Relaxed);
         let released = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()));
