@@ -118,8 +118,7 @@ impl HeldConnections {
     /// included (the queue pool's, full with them, made a shutdown wait forever).
     pub fn release(&self) {
         self.most.store(0, std::sync::atomic::Ordering::Relaxed);
-        let released = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()));
-        drop(released);
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// The most recently used held connection, or one from the pool.

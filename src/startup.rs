@@ -304,7 +304,8 @@ impl Application {
         }
         state.agent_proxy.held.release();
         state.db.close().await;
-        dispatcher.close(&state.inbox).await;
+        state.inbox.release_connections();
+        dispatcher.close().await;
         lock_db.close().await;
         tracing::info!("stopped");
         match failed_worker {

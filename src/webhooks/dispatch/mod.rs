@@ -25,7 +25,7 @@ pub use housekeeping::{run as housekeeping, Housekeeping};
 use super::fairness::FairShares;
 use super::signature::Source;
 use super::store::{self, ClaimedEvent};
-use super::writer::{InboxWriter, OutcomeWriter};
+use super::writer::OutcomeWriter;
 use crate::clients::agent::AgentClient;
 use crate::clients::config_service::ConfigServiceClient;
 use crate::config::{Secret, WebhookConfig};
@@ -556,9 +556,9 @@ impl Dispatcher {
         self.next_retry.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
-    /// Closes the queue pool once the dispatcher has stopped; `inbox` writes there too.
-    pub async fn close(&self, inbox: &InboxWriter) {
-        inbox.release_connections();
+    /// Closes the queue pool once the dispatcher has stopped (and the inbox writer, which
+    /// writes there too, has given its connections back).
+    pub async fn close(&self) {
         self.outcomes.release_connections();
         self.queue_db.close().await;
     }
