@@ -622,6 +622,9 @@ pub async fn run(dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
     // Events were just stored: claim without gathering, so that a quiet sender's event goes out
     // with the next worker to finish even while a flood keeps every worker busy.
     let mut arrived = false;
+    // A floored claim got less than it asked for: when to claim from the index's start, for
+    // what may be claimable below the floor.
+    let mut claim_whole_at: Option<tokio::time::Instant> = None;
 
     loop {
         if stop.is_cancelled() {
@@ -631,8 +634,8 @@ pub async fn run(dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
         dispatcher.start_ready();
         if arrived && maybe_due && dispatcher.workers.available_permits() == 0 {
             // New events while every worker is busy: those of senders within their share go at once.
-            let floor = scan.floor(dispatcher.fair_shares.reached());
-            dispatcher.claim_express(lease_secs, floor).await;
+            let from = scan.floored(dispatcher.fair_shares.reached());
+            dispatcher.claim_express(lease_secs, from).await;
             arrived = false;
         }
         let room = |dispatcher: &Dispatcher, ahead: &mut ClaimAhead| {
@@ -688,7 +691,9 @@ pub async fn run(dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
             let from = scan.next_from(dispatcher.fair_shares.reached());
             let started = Instant::now();
             let claim = store::claim(&dispatcher.queue_db, wanted as i64, lease_secs, from..=i64::MAX).await;
-            scan.claimed_from(from, started.elapsed());
+            if let Ok(events) = &claim {
+                scan.claimed(from, started.elapsed(), events, wanted);
+            }
             match claim {
                 Ok(events) => {
                     // Fewer than asked for: nothing else is due right now; look again when
@@ -700,8 +705,8 @@ pub async fn run(dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
                     if !claimed_all {
                         if from > i64::MIN {
                             // Nothing more above the floor. What may be claimable below it waits
-                            // for the next full scan: the look and the claim after it.
-                            recheck_at = recheck_at.min(scan.next_full_at());
+                            // for the next full scan (a look follows only if that one is short).
+                            claim_whole_at = Some(scan.next_full_at());
                         } else if looked_due_now {
                             dispatcher.waiting_behind.store(true, Ordering::Relaxed);
                         } else {
@@ -750,6 +755,11 @@ pub async fn run(dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
                 }
             }
             () = tokio::time::sleep_until(recheck_at) => recheck = true,
+            () = sleep_until_some(claim_whole_at) => {
+                claim_whole_at = None;
+                maybe_due = true;
+                scan.scan_whole_next();
+            }
         }
     }
     dispatcher.release_waiting().await;
@@ -766,6 +776,14 @@ pub async fn run(dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
     .await;
 }
 
+/// Sleeps until `at`, or forever without it.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Where a claim starts walking the fair index. Its start holds the entries of finished events
 /// until a vacuum removes them (an outcome changes `status`, the partial index's condition, so the
 /// row's old version leaves its entry behind), and autovacuum comes at most once a minute
@@ -780,9 +798,14 @@ pub async fn run(dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
 /// event of a conversation, another replica's event tagged behind this one's reach. A claim that
 /// starts at the index's start finds those: the claim after each look at when events are due,
 /// after a conversation moved on here, and every [`FULL_SCAN_EVERY`] while claiming (or
-/// [`FULL_SCAN_SPACING`] times as long as the last one took, if longer).
+/// [`FULL_SCAN_SPACING`] times as long as the last one took, if longer). Where a claim got all it
+/// asked for, the next one goes on from its highest tag if that is lower than the floor: a backlog
+/// found below the floor (dispatch on this replica went past it with events handed over, or a full
+/// scan found it) drains in cheap steps, not one full scan at a time.
 struct ClaimScan {
     floor: i64,
+    /// The highest tag of the last claim if it got all it asked for (`i64::MAX`: it did not).
+    resume_at: i64,
     /// Where dispatch had reached at `sampled_at`: the next floor.
     candidate: i64,
     sampled_at: Instant,
@@ -795,6 +818,7 @@ impl ClaimScan {
     fn new() -> Self {
         Self {
             floor: i64::MIN,
+            resume_at: i64::MAX,
             candidate: i64::MIN,
             sampled_at: Instant::now(),
             next_full: None,
@@ -812,23 +836,33 @@ impl ClaimScan {
         self.floor
     }
 
-    /// The lowest tag the next claim looks at: the floor, or `i64::MIN` when a full scan is due.
+    /// Where a claim that does not walk the whole index starts.
+    fn floored(&mut self, reached: i64) -> i64 {
+        self.floor(reached).min(self.resume_at)
+    }
+
+    /// The lowest tag the next claim looks at: `i64::MIN` when a full scan is due.
     fn next_from(&mut self, reached: i64) -> i64 {
-        let floor = self.floor(reached);
+        let floored = self.floored(reached);
         let full_due = self.whole_next || self.next_full.is_none_or(|at| Instant::now() >= at);
         if full_due {
             i64::MIN
         } else {
-            floor
+            floored
         }
     }
 
-    /// A claim from `from` took `took`.
-    fn claimed_from(&mut self, from: i64, took: Duration) {
+    /// A claim from `from`, which took `took`, got `events` of the `wanted`.
+    fn claimed(&mut self, from: i64, took: Duration, events: &[ClaimedEvent], wanted: usize) {
         if from == i64::MIN {
             self.whole_next = false;
             self.next_full = Some(Instant::now() + FULL_SCAN_EVERY.max(took * FULL_SCAN_SPACING));
         }
+        self.resume_at = match events.iter().map(|e| e.fair_tag).max() {
+            // Tags are per sender: another event may share the highest one, hence inclusive.
+            Some(highest) if events.len() >= wanted => highest,
+            _ => i64::MAX,
+        };
     }
 
     fn scan_whole_next(&mut self) {
@@ -930,25 +964,50 @@ async fn listen(db: PgPool, wake: Arc<Notify>, stop: CancellationToken) {
 mod tests {
     use super::*;
 
+    fn claimed_with_tags(tags: &[i64]) -> Vec<ClaimedEvent> {
+        tags.iter()
+            .map(|&fair_tag| ClaimedEvent {
+                id: uuid::Uuid::new_v4(),
+                lease: uuid::Uuid::new_v4(),
+                source: "github".into(),
+                kind: "pull_request".into(),
+                delivery_id: fair_tag.to_string(),
+                headers: serde_json::Value::Null,
+                body: None,
+                received_at: chrono::Utc::now(),
+                attempts: 1,
+                ordering_key: None,
+                fair_tag,
+            })
+            .collect()
+    }
+
     #[test]
     fn claims_start_where_dispatch_was_and_walk_the_whole_index_when_asked_or_after_a_while() {
         let mut scan = ClaimScan::new();
         // Nothing known yet: the first claim walks the whole index.
         assert_eq!(scan.next_from(10), i64::MIN);
-        // A slow full scan (50 ms) is followed by floored claims for a second.
-        scan.claimed_from(i64::MIN, Duration::from_millis(50));
+        // A slow full scan (50 ms) that found nothing is followed by floored claims for a second.
+        scan.claimed(i64::MIN, Duration::from_millis(50), &[], 4);
         std::thread::sleep(FLOOR_LAG);
         scan.next_from(20);
         std::thread::sleep(FLOOR_LAG);
         // The floor is where dispatch had reached one to two lags ago.
         assert_eq!(scan.next_from(30), 20);
-        scan.claimed_from(20, Duration::from_millis(1));
+        scan.claimed(20, Duration::from_millis(1), &claimed_with_tags(&[25]), 4);
         assert_eq!(scan.next_from(40), 20);
         // After a look at when events are due (a retry, an expired lease below the floor).
         scan.scan_whole_next();
         assert_eq!(scan.next_from(40), i64::MIN);
-        scan.claimed_from(i64::MIN, Duration::from_millis(1));
-        assert_eq!(scan.next_from(40), 20);
+        // It found a backlog below the floor: the next claims go on from where it stopped.
+        scan.claimed(i64::MIN, Duration::from_millis(1), &claimed_with_tags(&[3, 5, 4, 5]), 4);
         assert!(scan.next_full_at() > tokio::time::Instant::now() + FULL_SCAN_EVERY / 2);
+        assert_eq!(scan.next_from(40), 5);
+        scan.claimed(5, Duration::from_millis(1), &claimed_with_tags(&[5, 6, 8, 9]), 4);
+        assert_eq!(scan.next_from(40), 9);
+        assert_eq!(scan.floored(40), 9);
+        // The backlog is drained: back to the floor.
+        scan.claimed(9, Duration::from_millis(1), &claimed_with_tags(&[11]), 4);
+        assert_eq!(scan.next_from(40), 20);
     }
 }
