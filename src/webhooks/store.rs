@@ -157,22 +157,29 @@ pub struct ClaimedEvent {
 /// dispatched is one whose lease is live.
 const STATUS_EXPR: &str = "CASE WHEN status = 'pending' AND lease_until > now() THEN 'processing' ELSE status END";
 
-/// The claim, `$1` the limit, `$2` the lease in seconds and `$3` the highest tag ([`claim`]); public for the test that
-/// pins its plan.
+/// The claim, `$1` the limit, `$2` the lease in seconds, `$3` and `$4` the lowest and highest tags
+/// ([`claim`]); public for the test that pins its plan.
 pub const CLAIM_SQL: &str = include_str!("sql/claim.sql");
 
-/// Claims up to `limit` due events tagged at most `up_to_tag` (`i64::MAX`: any), each with a fresh
-/// lease token. Run on [`crate::db::queue_pool`], where walking the fair index in order is the only
-/// plan it can get.
+/// Claims up to `limit` due events tagged within `tags` (`i64::MIN..=i64::MAX`: any), each with a
+/// fresh lease token. Run on [`crate::db::queue_pool`], where walking the fair index in order is
+/// the only plan it can get.
 pub async fn claim(
     executor: impl PgExecutor<'_>,
     limit: i64,
     lease_secs: f64,
-    up_to_tag: i64,
+    tags: std::ops::RangeInclusive<i64>,
 ) -> Result<Vec<ClaimedEvent>, sqlx::Error> {
-    sqlx::query_file_as!(ClaimedEvent, "src/webhooks/sql/claim.sql", limit, lease_secs, up_to_tag)
-        .fetch_all(executor)
-        .await
+    sqlx::query_file_as!(
+        ClaimedEvent,
+        "src/webhooks/sql/claim.sql",
+        limit,
+        lease_secs,
+        tags.start(),
+        tags.end()
+    )
+    .fetch_all(executor)
+    .await
 }
 
 /// Renews every lease this replica holds, in one statement, and answers the events whose lease

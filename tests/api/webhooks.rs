@@ -909,7 +909,10 @@ async fn claims_and_outcomes_keep_their_plans_when_the_statistics_say_the_inbox_
     .unwrap();
     let queue = queue_pool_of(&db);
 
-    let claim = plan_of(&queue, CLAIM_SQL, |q| q.bind(32_i64).bind(60.0_f64).bind(i64::MAX)).await;
+    let claim = plan_of(&queue, CLAIM_SQL, |q| {
+        q.bind(32_i64).bind(60.0_f64).bind(i64::MIN).bind(i64::MAX)
+    })
+    .await;
     assert!(
         claim.contains("Index Scan using orchestrator_webhook_events_fair_idx"),
         "{claim}"

@@ -1,5 +1,6 @@
--- Claims up to $1 due events tagged at most $3 with a lease of $2 seconds, in fair-share tag order
--- (src/webhooks/fairness.rs). Only the lease columns change, so with free room on the page the
+-- Claims up to $1 due events tagged from $3 to $4 with a lease of $2 seconds, in fair-share tag
+-- order (src/webhooks/fairness.rs). The lower bound skips the start of the fair index, where the
+-- entries of finished events stay until a vacuum (see `ClaimScan` in src/webhooks/dispatch/mod.rs). Only the lease columns change, so with free room on the page the
 -- update is HOT. An event waits while an earlier event with the
 -- same ordering key is unfinished (a thread's events in order). Run on the queue pool, where
 -- walking the fair index in order is the only plan it can get.
@@ -8,7 +9,7 @@ SET lease_owner = gen_random_uuid(), lease_until = now() + make_interval(secs =>
     attempts = e.attempts + 1, updated_at = now()
 WHERE e.id IN (
     SELECT c.id FROM orchestrator_webhook_events c
-    WHERE c.fair_tag <= $3
+    WHERE c.fair_tag >= $3 AND c.fair_tag <= $4
       AND c.next_attempt_at <= now()
       AND c.status = 'pending'
       AND (c.lease_until IS NULL OR c.lease_until < now())
