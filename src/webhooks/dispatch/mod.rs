@@ -755,10 +755,10 @@ pub async fn run(dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
                 }
             }
             () = tokio::time::sleep_until(recheck_at) => recheck = true,
+            // The next claim walks the whole index: its time has come.
             () = sleep_until_some(claim_whole_at) => {
                 claim_whole_at = None;
                 maybe_due = true;
-                scan.scan_whole_next();
             }
         }
     }
@@ -809,8 +809,9 @@ struct ClaimScan {
     /// Where dispatch had reached at `sampled_at`: the next floor.
     candidate: i64,
     sampled_at: Instant,
-    /// When the next claim walks the whole index; `None`: the next one does.
-    next_full: Option<Instant>,
+    /// When the next claim walks the whole index (the claim loop's clock, which it sleeps on);
+    /// `None`: the next one does.
+    next_full: Option<tokio::time::Instant>,
     whole_next: bool,
 }
 
@@ -844,7 +845,7 @@ impl ClaimScan {
     /// The lowest tag the next claim looks at: `i64::MIN` when a full scan is due.
     fn next_from(&mut self, reached: i64) -> i64 {
         let floored = self.floored(reached);
-        let full_due = self.whole_next || self.next_full.is_none_or(|at| Instant::now() >= at);
+        let full_due = self.whole_next || self.next_full.is_none_or(|at| tokio::time::Instant::now() >= at);
         if full_due {
             i64::MIN
         } else {
@@ -856,7 +857,7 @@ impl ClaimScan {
     fn claimed(&mut self, from: i64, took: Duration, events: &[ClaimedEvent], wanted: usize) {
         if from == i64::MIN {
             self.whole_next = false;
-            self.next_full = Some(Instant::now() + FULL_SCAN_EVERY.max(took * FULL_SCAN_SPACING));
+            self.next_full = Some(tokio::time::Instant::now() + FULL_SCAN_EVERY.max(took * FULL_SCAN_SPACING));
         }
         self.resume_at = match events.iter().map(|e| e.fair_tag).max() {
             // Tags are per sender: another event may share the highest one, hence inclusive.
@@ -871,9 +872,7 @@ impl ClaimScan {
 
     /// When the next full scan is due.
     fn next_full_at(&self) -> tokio::time::Instant {
-        let now = tokio::time::Instant::now();
-        self.next_full
-            .map_or(now, |at| now + at.saturating_duration_since(Instant::now()))
+        self.next_full.unwrap_or_else(tokio::time::Instant::now)
     }
 }
 
