@@ -182,6 +182,8 @@ pub async fn claim(
     .await
 }
 
+pub const RENEW_LEASES_SQL: &str = include_str!("sql/renew_leases.sql");
+
 /// Renews every lease this replica holds, in one statement, and answers the events whose lease
 /// another replica has taken over. An event whose outcome has just been written is not among them:
 /// its lease is merely about to be let go (before, every renewal under load reported dozens of
@@ -202,41 +204,21 @@ pub async fn renew_leases(
 ) -> Result<Vec<Uuid>, sqlx::Error> {
     let ids: Vec<Uuid> = leases.iter().map(|l| l.0).collect();
     let owners: Vec<Uuid> = leases.iter().map(|l| l.1).collect();
-    sqlx::query_scalar!(
-        r#"WITH held AS (
-             SELECT e.id FROM orchestrator_webhook_events e
-             JOIN unnest($1::uuid[], $2::uuid[]) AS l(id, owner) ON e.id = l.id AND e.lease_owner = l.owner
-             WHERE e.status = 'pending'
-             FOR UPDATE OF e SKIP LOCKED),
-         renewed AS (
-             UPDATE orchestrator_webhook_events e SET lease_until = now() + make_interval(secs => $3)
-             FROM held WHERE e.id = held.id)
-         SELECT e.id AS "lost!" FROM orchestrator_webhook_events e
-         JOIN unnest($1::uuid[], $2::uuid[]) AS l(id, owner) ON e.id = l.id
-         WHERE e.status = 'pending' AND e.lease_owner <> l.owner"#,
-        &ids,
-        &owners,
-        lease_secs
-    )
-    .fetch_all(executor)
-    .await
+    sqlx::query_file_scalar!("src/webhooks/sql/renew_leases.sql", &ids, &owners, lease_secs)
+        .fetch_all(executor)
+        .await
 }
+
+pub const RELEASE_LEASES_SQL: &str = include_str!("sql/release_leases.sql");
 
 /// Gives back leases of claimed events no worker started: they are claimable again at once, and
 /// the claim does not count as an attempt.
 pub async fn release_leases(executor: impl PgExecutor<'_>, leases: &[(Uuid, Uuid)]) -> Result<(), sqlx::Error> {
     let ids: Vec<Uuid> = leases.iter().map(|l| l.0).collect();
     let owners: Vec<Uuid> = leases.iter().map(|l| l.1).collect();
-    sqlx::query!(
-        "UPDATE orchestrator_webhook_events e
-         SET lease_owner = NULL, lease_until = NULL, attempts = greatest(e.attempts - 1, 0), updated_at = now()
-         FROM unnest($1::uuid[], $2::uuid[]) AS l(id, owner)
-         WHERE e.id = l.id AND e.lease_owner = l.owner AND e.status = 'pending'",
-        &ids,
-        &owners
-    )
-    .execute(executor)
-    .await?;
+    sqlx::query_file!("src/webhooks/sql/release_leases.sql", &ids, &owners)
+        .execute(executor)
+        .await?;
     Ok(())
 }
 

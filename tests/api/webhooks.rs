@@ -956,6 +956,49 @@ async fn claims_and_outcomes_keep_their_plans_when_the_statistics_say_the_inbox_
 }
 
 #[tokio::test]
+async fn claims_and_leases_keep_their_index_lookups_on_a_new_inbox() {
+    use orchestrator::webhooks::store::{CLAIM_SQL, RELEASE_LEASES_SQL, RENEW_LEASES_SQL};
+    // A new inbox, never analyzed (a fresh database, or wherever autovacuum is off): every partial
+    // index of pending events looks as cheap as a lookup, and the queue pool's generic plans,
+    // made once per connection, keep what was chosen then. The claim's probe for an earlier event
+    // of the conversation walked the whole fair index once per candidate, and a renewal the whole
+    // ordering index once per lease.
+    let db = TestDb::create().await;
+    let queue = queue_pool_of(&db);
+    let claim = plan_of(&queue, CLAIM_SQL, |q| {
+        q.bind(32_i64).bind(60.0_f64).bind(i64::MIN).bind(i64::MAX)
+    })
+    .await;
+    assert!(
+        claim.contains("Index Scan using orchestrator_webhook_events_ordering_idx"),
+        "{claim}"
+    );
+    assert_eq!(
+        claim.matches("orchestrator_webhook_events_fair_idx").count(),
+        1,
+        "only the claim's own walk reads the fair index:\n{claim}"
+    );
+
+    let leases = vec![uuid::Uuid::new_v4(); 3];
+    let renew = plan_of(&queue, RENEW_LEASES_SQL, |q| {
+        q.bind(leases.clone()).bind(leases.clone()).bind(6.0_f64)
+    })
+    .await;
+    let release = plan_of(&queue, RELEASE_LEASES_SQL, |q| {
+        q.bind(leases.clone()).bind(leases.clone())
+    })
+    .await;
+    for (name, plan) in [("renewal", renew), ("release", release)] {
+        let scans: Vec<&str> = plan.lines().filter(|l| l.contains("Index Scan")).collect();
+        assert!(
+            !scans.is_empty() && scans.iter().all(|l| l.contains("orchestrator_webhook_events_pkey")),
+            "a {name} looks each lease up by its event id:\n{plan}"
+        );
+    }
+    queue.close().await;
+}
+
+#[tokio::test]
 async fn storing_events_probes_each_conversation_whatever_the_statistics_say() {
     use orchestrator::webhooks::store::INSERT_EVENTS_SQL;
     let db = TestDb::create().await;
