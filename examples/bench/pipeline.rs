@@ -127,6 +127,9 @@ impl Offered {
     }
 }
 
+/// The first pull request number the next load uses.
+static NEXT_PULL_REQUEST: AtomicU64 = AtomicU64::new(0);
+
 /// Offers `rate` deliveries a second for `duration` from `connections` keep-alive connections:
 /// delivery `i` is sent at `i / rate` seconds after the start (or as soon as a connection is free,
 /// when the service falls behind), with a delivery id `{tag}-{i}`.
@@ -144,6 +147,10 @@ async fn offer(
     let accepted = Arc::new(AtomicU64::new(0));
     let started = tokio::time::Instant::now();
     let slots = (rate * duration.as_secs_f64()) as u64;
+    // Pull requests numbered past every earlier load's: a step that reused them would find each
+    // conversation's finished event from the step before in the ordering index (a visit to its
+    // row, where no vacuum has removed it), which no delivery of a real stream does.
+    let first_pull_request = NEXT_PULL_REQUEST.fetch_add(slots, Ordering::Relaxed);
     let agent = bench.stack.agent.state();
     let dispatched_before = agent.runs_started() as u64;
 
@@ -183,7 +190,7 @@ async fn offer(
                 tokio::time::sleep_until(started + Duration::from_secs_f64(i as f64 / rate)).await;
                 let team = senders.team_of(i);
                 // A distinct pull request per delivery: no two deliveries share an ordering key.
-                let body = pull_request_body_in("acme", &repository(team), i);
+                let body = pull_request_body_in("acme", &repository(team), first_pull_request + i);
                 match client.deliver(address, &path, &body, &format!("{tag}-{i}")).await {
                     Ok(elapsed) => {
                         latencies.push(elapsed);
