@@ -8,7 +8,7 @@
 //!
 //! ```text
 //! bench <provision|deprovision|ingest|pipeline|fairness|proxy|reconcile|idle|recovery> [--teams N] [--concurrency N]
-//!       [--duration SECS] [--connections N] [--rounds N] [--runs N] [--warmup N] [--fractions F,F..] [--rate N]
+//!       [--duration SECS] [--connections N] [--senders N] [--rounds N] [--runs N] [--warmup N] [--fractions F,F..] [--rate N]
 //!       [--delay-ms N] [--no-write] [--results PATH] [--orchestrator PATH]
 //! ```
 //!
@@ -122,7 +122,7 @@ impl Options {
         {
             bail!(
                 "usage: bench <provision|deprovision|ingest|proxy|reconcile|idle|recovery|pipeline|fairness> [--teams N] [--concurrency N] [--deletions N] [--duration SECS] \
-                 [--connections N] [--rounds N] [--runs N] [--warmup N] [--no-write] [--results PATH] [--orchestrator PATH]"
+                 [--connections N] [--senders N] [--rounds N] [--runs N] [--warmup N] [--no-write] [--results PATH] [--orchestrator PATH]"
             );
         }
         let mut flags = BTreeMap::new();
@@ -146,6 +146,7 @@ impl Options {
             "kills",
             "duration",
             "connections",
+            "senders",
             "runs",
             "rounds",
             "warmup",
