@@ -887,11 +887,20 @@ async fn plan_of(pool: &sqlx::PgPool, sql: &str, bind: impl FnOnce(PlanQuery<'_>
     rows.join("\n")
 }
 
+/// The plan of a claim of 32 from the whole fair index.
+async fn claim_plan(pool: &sqlx::PgPool) -> String {
+    use orchestrator::webhooks::store::CLAIM_SQL;
+    plan_of(pool, CLAIM_SQL, |q| {
+        q.bind(32_i64).bind(60.0_f64).bind(i64::MIN).bind(i64::MAX)
+    })
+    .await
+}
+
 type PlanQuery<'q> = sqlx::query::QueryScalar<'q, sqlx::Postgres, String, sqlx::postgres::PgArguments>;
 
 #[tokio::test]
 async fn claims_and_outcomes_keep_their_plans_when_the_statistics_say_the_inbox_is_empty() {
-    use orchestrator::webhooks::store::{CLAIM_SQL, RECORD_OUTCOMES_SQL};
+    use orchestrator::webhooks::store::RECORD_OUTCOMES_SQL;
     let db = TestDb::create().await;
     // Statistics taken while the inbox was empty, then a burst they have not seen.
     sqlx::query("ANALYZE orchestrator_webhook_events")
@@ -909,10 +918,7 @@ async fn claims_and_outcomes_keep_their_plans_when_the_statistics_say_the_inbox_
     .unwrap();
     let queue = queue_pool_of(&db);
 
-    let claim = plan_of(&queue, CLAIM_SQL, |q| {
-        q.bind(32_i64).bind(60.0_f64).bind(i64::MIN).bind(i64::MAX)
-    })
-    .await;
+    let claim = claim_plan(&queue).await;
     assert!(
         claim.contains("Index Scan using orchestrator_webhook_events_fair_idx"),
         "{claim}"
@@ -957,7 +963,7 @@ async fn claims_and_outcomes_keep_their_plans_when_the_statistics_say_the_inbox_
 
 #[tokio::test]
 async fn claims_and_leases_keep_their_index_lookups_on_a_new_inbox() {
-    use orchestrator::webhooks::store::{CLAIM_SQL, RELEASE_LEASES_SQL, RENEW_LEASES_SQL};
+    use orchestrator::webhooks::store::{RELEASE_LEASES_SQL, RENEW_LEASES_SQL};
     // A new inbox, never analyzed (a fresh database, or wherever autovacuum is off): every partial
     // index of pending events looks as cheap as a lookup, and the queue pool's generic plans,
     // made once per connection, keep what was chosen then. The claim's probe for an earlier event
@@ -965,10 +971,7 @@ async fn claims_and_leases_keep_their_index_lookups_on_a_new_inbox() {
     // ordering index once per lease.
     let db = TestDb::create().await;
     let queue = queue_pool_of(&db);
-    let claim = plan_of(&queue, CLAIM_SQL, |q| {
-        q.bind(32_i64).bind(60.0_f64).bind(i64::MIN).bind(i64::MAX)
-    })
-    .await;
+    let claim = claim_plan(&queue).await;
     assert!(
         claim.contains("Index Scan using orchestrator_webhook_events_ordering_idx"),
         "{claim}"
