@@ -324,7 +324,7 @@ pub(super) async fn pipeline(options: &Options) -> Result<Report> {
     // 7 ms of a loaded 2-core guest) whatever rate was asked, and steps of 60% and 70% were
     // reported as offered while they were not (4,125 and 4,287 a second accepted of 4,984 and
     // 6,304). Webhook senders are not limited to a few connections to one endpoint.
-    let senders = options.number("senders", 64)?;
+    let load_connections = options.number("senders", 64)?;
     let fractions = options.fractions("fractions", &[0.4, 0.5, 0.6, 0.7])?;
     // A fixed rate instead (one step): the same work for two revisions compared back to back,
     // whatever the ceiling of the minute.
@@ -338,7 +338,7 @@ pub(super) async fn pipeline(options: &Options) -> Result<Report> {
     let db = bench_db(options).await?;
     let bench = Bench::start(options).await?;
     route_teams(&bench, 1).await;
-    let teams = Senders { quiet: 0, flood: true };
+    let senders = Senders { quiet: 0, flood: true };
     let ceiling = |when: &'static str| {
         let (db, pgbench) = (&db, &pgbench);
         async move {
@@ -364,7 +364,7 @@ pub(super) async fn pipeline(options: &Options) -> Result<Report> {
         let tag = format!("pipeline-{i}");
         let runs_before = bench.stack.agent.state().runs_completed();
         let cpu_before = bench.cpu();
-        let offered = offer(&bench, &tag, rate, duration, senders, teams).await?;
+        let offered = offer(&bench, &tag, rate, duration, load_connections, senders).await?;
         let cpu_after = bench.cpu();
         let cpu = cpu_after.usage_since(&cpu_before);
         let cpu_per_event = cpu_after.per_event_since(&cpu_before, offered.dispatched() as f64);
@@ -492,7 +492,7 @@ pub(super) async fn pipeline(options: &Options) -> Result<Report> {
     report.note(format!(
         "Each step measures the pgbench ceiling (`ingest`'s: the service's insert, {connections} connections, 10 s) \
          with the service idle, offers a fraction of it as signed GitHub `pull_request` deliveries (2 KB, one \
-         repository routed to one team, a distinct pull request each) from {senders} keep-alive connections, \
+         repository routed to one team, a distinct pull request each) from {load_connections} keep-alive connections, \
          delivery i sent i/rate seconds after the start, then waits for every accepted delivery to reach the agent \
          stand-in (no delay) and measures the ceiling again. The sustained rate is the agent calls a second after \
          the first {WARM_UP:.0} s, compared with the mean of the two ceilings; bounded means that after the first \

@@ -202,8 +202,7 @@ pub async fn renew_leases(
     leases: &[(Uuid, Uuid)],
     lease_secs: f64,
 ) -> Result<Vec<Uuid>, sqlx::Error> {
-    let ids: Vec<Uuid> = leases.iter().map(|l| l.0).collect();
-    let owners: Vec<Uuid> = leases.iter().map(|l| l.1).collect();
+    let (ids, owners): (Vec<Uuid>, Vec<Uuid>) = leases.iter().copied().unzip();
     sqlx::query_file_scalar!("src/webhooks/sql/renew_leases.sql", &ids, &owners, lease_secs)
         .fetch_all(executor)
         .await
@@ -214,8 +213,7 @@ pub const RELEASE_LEASES_SQL: &str = include_str!("sql/release_leases.sql");
 /// Gives back leases of claimed events no worker started: they are claimable again at once, and
 /// the claim does not count as an attempt.
 pub async fn release_leases(executor: impl PgExecutor<'_>, leases: &[(Uuid, Uuid)]) -> Result<(), sqlx::Error> {
-    let ids: Vec<Uuid> = leases.iter().map(|l| l.0).collect();
-    let owners: Vec<Uuid> = leases.iter().map(|l| l.1).collect();
+    let (ids, owners): (Vec<Uuid>, Vec<Uuid>) = leases.iter().copied().unzip();
     sqlx::query_file!("src/webhooks/sql/release_leases.sql", &ids, &owners)
         .execute(executor)
         .await?;

@@ -812,7 +812,6 @@ struct ClaimScan {
     /// When the next claim walks the whole index (the claim loop's clock, which it sleeps on);
     /// `None`: the next one does.
     next_full: Option<tokio::time::Instant>,
-    whole_next: bool,
 }
 
 impl ClaimScan {
@@ -823,7 +822,6 @@ impl ClaimScan {
             candidate: i64::MIN,
             sampled_at: Instant::now(),
             next_full: None,
-            whole_next: true,
         }
     }
 
@@ -845,7 +843,7 @@ impl ClaimScan {
     /// The lowest tag the next claim looks at: `i64::MIN` when a full scan is due.
     fn next_from(&mut self, reached: i64) -> i64 {
         let floored = self.floored(reached);
-        let full_due = self.whole_next || self.next_full.is_none_or(|at| tokio::time::Instant::now() >= at);
+        let full_due = self.next_full.is_none_or(|at| tokio::time::Instant::now() >= at);
         if full_due {
             i64::MIN
         } else {
@@ -856,7 +854,6 @@ impl ClaimScan {
     /// A claim from `from`, which took `took`, got `events` of the `wanted`.
     fn claimed(&mut self, from: i64, took: Duration, events: &[ClaimedEvent], wanted: usize) {
         if from == i64::MIN {
-            self.whole_next = false;
             self.next_full = Some(tokio::time::Instant::now() + FULL_SCAN_EVERY.max(took * FULL_SCAN_SPACING));
         }
         self.resume_at = match events.iter().map(|e| e.fair_tag).max() {
@@ -867,7 +864,7 @@ impl ClaimScan {
     }
 
     fn scan_whole_next(&mut self) {
-        self.whole_next = true;
+        self.next_full = None;
     }
 
     /// When the next full scan is due.
